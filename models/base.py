@@ -1,0 +1,235 @@
+"""The predictor seam: what every risk predictor promises the loop.
+
+A `RiskPredictor` holds per-prompt state in tensors sized to the pool and answers two calls:
+`predict(ids, step)` returns a `SuccessPosterior` for those prompts (made before their outcomes
+are seen) and `observe(ids, successes, trials, step)` folds a batch of outcomes in. Inputs are
+checked here, once, before any subclass touches its state, so a rejected call changes nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+
+class PredictorOptions(BaseModel):
+    """Base of every predictor's options; unknown keys are errors, not silent defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPool:
+    """What a predictor may know about the prompts before any rollout.
+
+    `features` are optional per-prompt vectors (text embeddings, or the simulator's
+    embedding-like features); `clusters` optional integer groups used for pooling.
+    Both may be callables so that a 10^6-prompt pool pays for them only when asked.
+    """
+
+    size: int
+    features: Tensor | None = None
+    clusters: Tensor | None = None
+    texts: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ValueError(f"prompt pool is empty (size={self.size}); a pool needs at least one prompt")
+        for name in ("features", "clusters"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != self.size:
+                raise ValueError(f"pool.{name} has {value.shape[0]} rows but the pool has {self.size} prompts")
+
+
+class SuccessPosterior(abc.ABC):
+    """Belief about each prompt's success probability p, for a batch of n prompts.
+
+    Every method is vectorised over the batch. `log_prob` and `p_informative` are for the
+    posterior predictive of S ~ Binomial(trials, p) with p integrated out.
+    """
+
+    @property
+    @abc.abstractmethod
+    def mean(self) -> Tensor:
+        """E[p], shape [n]."""
+
+    @property
+    @abc.abstractmethod
+    def variance(self) -> Tensor:
+        """Var[p], shape [n]."""
+
+    @abc.abstractmethod
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draws of p, shape [num_samples, n]; deterministic given the generator."""
+
+    @abc.abstractmethod
+    def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
+        """log P(S = successes | trials) under the posterior predictive, shape [n]."""
+
+    @abc.abstractmethod
+    def interval(self, level: float) -> tuple[Tensor, Tensor]:
+        """Central credible interval for p holding `level` of the posterior mass."""
+
+    def p_informative(self, k: int | Tensor) -> Tensor:
+        """P(0 < S < k): the chance a group of k rollouts carries a GRPO signal."""
+        k = torch.as_tensor(k, dtype=self.mean.dtype).expand_as(self.mean)
+        p_zero = self.log_prob(torch.zeros_like(k), k).exp()
+        p_all = self.log_prob(k, k).exp()
+        return (1.0 - p_zero - p_all).clamp_(0.0, 1.0)
+
+    def predictive_pit(self, successes: Tensor, trials: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Randomised probability integral transform of observed counts (uniform when calibrated).
+
+        PIT = F(s-1) + U * P(s) for a discrete predictive F; needs trials <= 4096 per prompt.
+        """
+        successes = successes.to(self.mean.dtype)
+        trials = trials.to(self.mean.dtype)
+        k_max = int(trials.max().item()) if trials.numel() else 0
+        counts = torch.arange(k_max + 1, dtype=self.mean.dtype).unsqueeze(1)  # [k+1, 1]
+        valid = counts <= trials.unsqueeze(0)
+        expanded = counts.expand(k_max + 1, trials.shape[0])
+        pmf = torch.where(valid, self.log_prob_grid(expanded, trials).exp(), torch.zeros(()))
+        below = (pmf * (counts < successes.unsqueeze(0))).sum(0)
+        at = (pmf * (counts == successes.unsqueeze(0))).sum(0)
+        u = torch.rand(trials.shape, generator=generator, dtype=self.mean.dtype)
+        return (below + u * at).clamp_(0.0, 1.0)
+
+    def log_prob_grid(self, successes: Tensor, trials: Tensor) -> Tensor:
+        """log_prob for successes of shape [m, n] against one trials row [n]."""
+        return torch.stack([self.log_prob(row, trials) for row in successes])
+
+    def take(self, index: Tensor) -> "SuccessPosterior":
+        """The posterior of a sub-batch: every per-prompt tensor field is indexed."""
+        if not dataclasses.is_dataclass(self):
+            raise TypeError(f"{type(self).__name__} must implement take() or be a dataclass")
+        n = self.mean.shape[0]
+        updates = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+                updates[field.name] = value[index]
+        return dataclasses.replace(self, **updates)
+
+    def __len__(self) -> int:
+        return int(self.mean.shape[0])
+
+
+class RiskPredictor(abc.ABC):
+    """A probabilistic model of each prompt's success rate under the current policy.
+
+    Subclasses set `name` (the config/CLI name) and `Options` (a `PredictorOptions`), and
+    implement `_predict`, `_observe`, `_state` and `_load_state`. Inputs are validated here.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[PredictorOptions]] = PredictorOptions
+
+    def __init__(self, pool: PromptPool, options: PredictorOptions | None = None, seed: int = 0):
+        self.pool = pool
+        self.num_prompts = pool.size
+        self.options = options if options is not None else self.Options()
+        self.seed = seed
+
+    # -- the public calls (validate, then delegate) -------------------------------------
+    def predict(self, ids: Tensor, step: int) -> SuccessPosterior:
+        ids = self.check_ids(ids)
+        return self._predict(ids, int(step))
+
+    def observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
+        """Fold in outcomes; returns diagnostics (e.g. {"elbo": [...]}) for logging."""
+        ids, successes, trials = self.check_outcomes(ids, successes, trials)
+        return self._observe(ids, successes, trials, int(step)) or {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_prompts": self.num_prompts,
+                "options": self.options.model_dump(), "state": self._state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state is for predictor {state.get('name')!r}, not {self.name!r}")
+        if state.get("num_prompts") != self.num_prompts:
+            raise ValueError(f"state has {state.get('num_prompts')} prompts, this predictor has {self.num_prompts}")
+        self._load_state(state["state"])
+
+    def state_nbytes(self) -> int:
+        """Bytes of tensor state (for the benchmark's bytes-per-prompt figure)."""
+        return _tensor_bytes(self._state())
+
+    # -- to implement ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def _predict(self, ids: Tensor, step: int) -> SuccessPosterior: ...
+
+    @abc.abstractmethod
+    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    def _state(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def _load_state(self, state: dict[str, Any]) -> None: ...
+
+    # -- validation -------------------------------------------------------------------------
+    def check_ids(self, ids: Tensor) -> Tensor:
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 1:
+            raise ValueError(f"prompt ids must be a 1-D tensor, got shape {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"prompt ids must be integers, got dtype {ids.dtype}")
+        if ids.numel() == 0:
+            raise ValueError("prompt ids are empty: nothing to predict or observe")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.num_prompts:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"unknown prompt id {bad}: the pool has ids 0..{self.num_prompts - 1}")
+        return ids.long()
+
+    def check_outcomes(self, ids: Tensor, successes: Tensor, trials: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ids = self.check_ids(ids)
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError("prompt ids repeat within one observe() call; aggregate outcomes per prompt first")
+        successes = _as_counts("successes", successes, ids.shape[0])
+        trials = _as_counts("trials", trials, ids.shape[0])
+        if bool((trials < 1).any()):
+            raise ValueError(f"trials must be >= 1 for every prompt; got {trials.min().item():g}")
+        if bool((successes > trials).any()):
+            i = int(torch.nonzero(successes > trials)[0])
+            raise ValueError(f"successes > trials for prompt id {int(ids[i])}: "
+                             f"{successes[i].item():g} > {trials[i].item():g}")
+        return ids, successes, trials
+
+
+def _as_counts(field: str, value: Tensor, n: int) -> Tensor:
+    value = torch.as_tensor(value)
+    if value.shape != (n,):
+        raise ValueError(f"{field} must have shape ({n},) to match the prompt ids, got {tuple(value.shape)}")
+    value = value.to(torch.float32)
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{field} contains NaN or infinite values")
+    if bool((value < 0).any()):
+        raise ValueError(f"{field} contains negative values (min {value.min().item():g})")
+    if not bool((value == value.round()).all()):
+        raise ValueError(f"{field} must be whole counts; got a fractional value")
+    return value
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def log_binomial_coefficient(trials: Tensor, successes: Tensor) -> Tensor:
+    return torch.lgamma(trials + 1) - torch.lgamma(successes + 1) - torch.lgamma(trials - successes + 1)
+
+
+LOG_2PI = math.log(2 * math.pi)

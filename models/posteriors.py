@@ -1,0 +1,149 @@
+"""Concrete `SuccessPosterior` families shared by the predictors.
+
+- `BetaPosterior`: conjugate; Beta-Binomial predictive in closed form.
+- `LogitNormalPosterior`: p = sigmoid(f), f ~ Normal(loc, scale); integrals by Gauss-Hermite
+  quadrature (for GP and latent-variable predictors).
+- `PointMassPosterior`: p known exactly (the simulator's oracle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from scipy import special
+from torch import Tensor
+
+from .base import SuccessPosterior, log_binomial_coefficient
+
+
+def _lbeta(a: Tensor, b: Tensor) -> Tensor:
+    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+
+
+def _sample_with(generator: torch.Generator | None, draw):
+    """Run a torch.distributions sampler deterministically from `generator`.
+
+    torch.distributions samplers take no generator; a forked global RNG seeded from the
+    generator keeps draws reproducible without disturbing anyone else's random stream.
+    """
+    if generator is None:
+        return draw()
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return draw()
+
+
+@dataclasses.dataclass(frozen=True)
+class BetaPosterior(SuccessPosterior):
+    alpha: Tensor
+    beta: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        return self.alpha / (self.alpha + self.beta)
+
+    @property
+    def variance(self) -> Tensor:
+        total = self.alpha + self.beta
+        return self.alpha * self.beta / (total.square() * (total + 1))
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        dist = torch.distributions.Beta(self.alpha, self.beta)
+        return _sample_with(generator, lambda: dist.sample((num_samples,)))
+
+    def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
+        s = successes.to(self.alpha.dtype)
+        n = trials.to(self.alpha.dtype)
+        return (log_binomial_coefficient(n, s) + _lbeta(s + self.alpha, n - s + self.beta)
+                - _lbeta(self.alpha, self.beta))
+
+    def log_prob_grid(self, successes: Tensor, trials: Tensor) -> Tensor:
+        return self.log_prob(successes, trials.expand_as(successes))
+
+    def p_informative(self, k) -> Tensor:
+        k = torch.as_tensor(k, dtype=self.alpha.dtype)
+        base = _lbeta(self.alpha, self.beta)
+        p_zero = (_lbeta(self.alpha, self.beta + k) - base).exp()
+        p_all = (_lbeta(self.alpha + k, self.beta) - base).exp()
+        return (1.0 - p_zero - p_all).clamp(0.0, 1.0)
+
+    def interval(self, level: float) -> tuple[Tensor, Tensor]:
+        tail = (1.0 - level) / 2
+        a, b = self.alpha.double().numpy(), self.beta.double().numpy()
+        lo = special.betaincinv(a, b, tail)
+        hi = special.betaincinv(a, b, 1.0 - tail)
+        return torch.from_numpy(lo).to(self.alpha.dtype), torch.from_numpy(hi).to(self.alpha.dtype)
+
+
+_GH_POINTS = 32
+_gh_x, _gh_w = np.polynomial.hermite_e.hermegauss(_GH_POINTS)  # probabilists' Hermite: weight exp(-x^2/2)
+_GH_X = torch.tensor(_gh_x, dtype=torch.float64)
+_GH_LOGW = torch.tensor(np.log(_gh_w / np.sqrt(2 * np.pi)), dtype=torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitNormalPosterior(SuccessPosterior):
+    """p = sigmoid(f), f ~ Normal(loc, scale), per prompt."""
+
+    loc: Tensor
+    scale: Tensor
+
+    def _nodes(self) -> Tensor:
+        """Logits at the quadrature nodes, shape [Q, n] (float64 for stable sums)."""
+        return self.loc.double().unsqueeze(0) + self.scale.double().unsqueeze(0) * _GH_X.unsqueeze(1)
+
+    def _expect(self, values: Tensor) -> Tensor:
+        return (values * _GH_LOGW.exp().unsqueeze(1)).sum(0)
+
+    @property
+    def mean(self) -> Tensor:
+        return self._expect(torch.sigmoid(self._nodes())).to(self.loc.dtype)
+
+    @property
+    def variance(self) -> Tensor:
+        p = torch.sigmoid(self._nodes())
+        m = self._expect(p)
+        return (self._expect(p.square()) - m.square()).clamp_min(0.0).to(self.loc.dtype)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn((num_samples,) + tuple(self.loc.shape), generator=generator, dtype=self.loc.dtype)
+        return torch.sigmoid(self.loc + self.scale * eps)
+
+    def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
+        f = self._nodes()
+        s = successes.double().unsqueeze(0)
+        n = trials.double().unsqueeze(0)
+        log_lik = s * torch.nn.functional.logsigmoid(f) + (n - s) * torch.nn.functional.logsigmoid(-f)
+        out = torch.logsumexp(log_lik + _GH_LOGW.unsqueeze(1), dim=0) + log_binomial_coefficient(n[0], s[0])
+        return out.to(self.loc.dtype)
+
+    def interval(self, level: float) -> tuple[Tensor, Tensor]:
+        z = float(special.ndtri(0.5 + level / 2))
+        return torch.sigmoid(self.loc - z * self.scale), torch.sigmoid(self.loc + z * self.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class PointMassPosterior(SuccessPosterior):
+    """p known exactly: the simulator's truth, used by the oracle rule."""
+
+    p: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        return self.p
+
+    @property
+    def variance(self) -> Tensor:
+        return torch.zeros_like(self.p)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.p.unsqueeze(0).expand(num_samples, -1).clone()
+
+    def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
+        return torch.distributions.Binomial(trials.to(self.p.dtype), probs=self.p).log_prob(successes.to(self.p.dtype))
+
+    def interval(self, level: float) -> tuple[Tensor, Tensor]:
+        return self.p.clone(), self.p.clone()

@@ -1,0 +1,126 @@
+"""The environment seam: what the common loop needs from a learner it trains.
+
+Two implementations: the simulated learner (`training.simulator`, known truth, milliseconds a
+step) and the LM + GRPO environment (`training.lm_env`). The loop never knows which it drives.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from mpts.models.base import PromptPool
+
+
+class EnvironmentOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclasses.dataclass
+class Outcomes:
+    """What k rollouts of each chosen prompt produced.
+
+    `failed` marks prompts whose rollout or reward crashed: they are recorded in the trace
+    but neither observed by the predictor nor trained on. `info` carries per-step extras; keys
+    ending in `_seconds` (e.g. `sync_seconds`) are logged as timing columns.
+    """
+
+    ids: Tensor  # int64 [n]
+    successes: Tensor  # float32 [n], 0..trials
+    trials: Tensor  # float32 [n]
+    true_p: Tensor | None = None  # simulator only: the success probability the draw used
+    failed: Tensor | None = None  # bool [n]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.failed is None:
+            self.failed = torch.zeros(self.ids.shape[0], dtype=torch.bool)
+
+    @property
+    def informative(self) -> Tensor:
+        """0 < s < k: groups with a non-zero GRPO signal."""
+        return (self.successes > 0) & (self.successes < self.trials) & ~self.failed
+
+    def take(self, index: Tensor) -> "Outcomes":
+        def pick(x):
+            return None if x is None else x[index]
+        return Outcomes(self.ids[index], self.successes[index], self.trials[index],
+                        pick(self.true_p), pick(self.failed), dict(self.info))
+
+    @staticmethod
+    def cat(parts: list["Outcomes"]) -> "Outcomes":
+        def cat(name):
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+        info: dict[str, Any] = {}
+        for part in parts:  # timings add up across chunks; other extras: last one wins
+            for key, value in part.info.items():
+                info[key] = info.get(key, 0.0) + value if key.endswith("_seconds") else value
+        return Outcomes(cat("ids"), cat("successes"), cat("trials"), cat("true_p"), cat("failed"), info)
+
+
+class Environment(abc.ABC):
+    """A learner the loop can roll out, train and evaluate.
+
+    Constructed as `Env(options, seed=..., run_dir=...)`; `run_dir` is where an environment may
+    keep files (a tiny model's weights, cached embeddings).
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[EnvironmentOptions]] = EnvironmentOptions
+
+    def __init__(self, options: EnvironmentOptions | None = None, seed: int = 0, run_dir: Path | None = None):
+        self.options = options if options is not None else self.Options()
+        self.seed = seed
+        self.run_dir = run_dir
+
+    @property
+    @abc.abstractmethod
+    def pool(self) -> PromptPool:
+        """The training prompts (ids 0..size-1) and what is known about them up front."""
+
+    @abc.abstractmethod
+    def rollout(self, ids: Tensor, k: int) -> Outcomes:
+        """Sample k completions per prompt under the current policy and grade them."""
+
+    @abc.abstractmethod
+    def train_on(self, outcomes: Outcomes) -> dict[str, float]:
+        """One policy update on these groups; returns scalar diagnostics (e.g. loss)."""
+
+    @abc.abstractmethod
+    def evaluate(self) -> float:
+        """Accuracy on the held-out evaluation set under the current policy."""
+
+    def true_success(self, ids: Tensor) -> Tensor | None:
+        """The true success probabilities (simulator only); None where unknown."""
+        return None
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: policy, optimiser, RNG states."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:
+        """Release engines, processes, files."""
+
+
+_BUILTIN_ENVS = {
+    "sim": "mpts.training.simulator:SimulatedLearner",
+    "lm": "mpts.training.lm_env:LMEnvironment",
+}
+
+
+def get_environment_class(name: str) -> type[Environment]:
+    if name not in _BUILTIN_ENVS:
+        raise KeyError(f"unknown environment {name!r}; known: {', '.join(sorted(_BUILTIN_ENVS))}")
+    module_name, class_name = _BUILTIN_ENVS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
