@@ -4,3 +4,4 @@ from .forgetting import decay_concentration, decay_gaussian
 from .streaming import StreamingSVI
 
 __all__ = ["StreamingSVI", "decay_concentration", "decay_gaussian"]
+from .scoring import (auroc, brier_score, expected_calibration_error, log_predictive_density, observed_state, pit_coverage, reliability_table, score_trace, scores_by_window, spearman, state_confusion, truth_coverage)

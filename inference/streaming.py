@@ -29,15 +29,14 @@ class StreamingSVI:
     """A few warm-started SVI steps per observed batch, with an isolated parameter store."""
 
     def __init__(self, model: Callable, guide: Callable, *, steps: int = 20, lr: float = 0.05,
-                 loss: Any | None = None, clip_norm: float | None = 10.0):
+                 lr_decay: float = 1.0, loss: Any | None = None, clip_norm: float | None = 10.0):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.model, self.guide, self.steps = model, guide, steps
-        optim_args = {"lr": lr}
-        if clip_norm is not None:
-            self.optim = pyro.optim.ClippedAdam({**optim_args, "clip_norm": clip_norm})
-        else:
-            self.optim = pyro.optim.Adam(optim_args)
+        # ClippedAdam: gradient clipping keeps a bad batch from wrecking a warm-started guide;
+        # lr_decay (per step) lets long one-off fits settle instead of jittering at lr.
+        self.optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": lr_decay,
+                                             "clip_norm": clip_norm if clip_norm is not None else float("inf")})
         self.loss = loss if loss is not None else Trace_ELBO()
         self._svi = SVI(model, guide, self.optim, loss=self.loss)
         with pyro.get_param_store().scope() as state:

@@ -1,0 +1,55 @@
+"""The command line: run, ablate, bench and configs; user errors exit 2 with one clear line."""
+
+import json
+
+import pandas as pd
+
+from mpts.training.cli import main
+
+SMALL = ["--set", "steps=4", "--set", "batch_size=8", "--set", "candidate_ratio=2",
+         "--set", "env.num_prompts=100", "--set", "env.eval_prompts=50"]
+
+
+def test_run_and_resume_commands(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "quickstart", "--out", str(out), *SMALL]) == 0
+    assert "run folder" in capsys.readouterr().out
+    assert (out / "trace.parquet").exists()
+    assert main(["run", "--resume", str(out)]) == 0
+    assert main(["run", "--resume", str(out), "--set", "steps=9"]) == 2
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
+    assert main(["run", "quickstart", "--out", str(tmp_path / "x"), "--set", "predictor.decai=0.1"]) == 2
+    assert "predictor: decai: unknown key" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_ablate_command_writes_table_and_runs(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "name: tiny\nsteps: 4\nbatch_size: 8\ncandidate_ratio: 2\nenv: {name: sim, num_prompts: 100, eval_prompts: 50}\n"
+        "ablation: {seeds: [0, 1], workers: 2, arms: [{predictor: beta, acquisition: uniform},"
+        " {predictor: beta, acquisition: thompson_target}]}\n")
+    out = tmp_path / "abl"
+    assert main(["ablate", str(config), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "thompson_target" in printed and "ablation folder" in printed
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert len(runs) == 4 and set(runs["seed"]) == {0, 1}
+    assert (out / "runs" / "beta__uniform__seed1" / "trace.parquet").exists()
+    assert "| beta | uniform |" in (out / "table.md").read_text()
+    # a second call reuses finished runs
+    assert main(["ablate", str(config), "--out", str(out)]) == 0
+
+
+def test_bench_prints_figures(capsys):
+    assert main(["bench", "--pool", "20000", "--candidates", "512", "--batch", "64", "--steps", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pool"] == 20000 and result["median_ms_per_step"] > 0
+    assert result["state_bytes_per_prompt"] == 8.0
+
+
+def test_configs_lists_quickstart(capsys):
+    assert main(["configs"]) == 0
+    assert "quickstart" in capsys.readouterr().out.split()

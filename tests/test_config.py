@@ -1,0 +1,58 @@
+"""Configs: named and file configs load; overrides apply; bad keys and values are clear errors."""
+
+import pytest
+
+from mpts.training.config import ConfigError, apply_overrides, load_config, named_configs
+
+
+def test_named_config_loads_and_overrides_apply():
+    assert "quickstart" in named_configs()
+    config = load_config("quickstart", ["steps=7", "predictor.decay=0.5", "env.num_prompts=900"])
+    assert config.steps == 7
+    assert config.predictor.options["decay"] == 0.5
+    assert config.env.options["num_prompts"] == 900
+
+
+def test_user_yaml_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nsteps: 3\npredictor: {name: beta, decay: 0.7}\nacquisition: {name: uniform}\n")
+    config = load_config(path)
+    assert (config.name, config.steps, config.acquisition.name) == ("mine", 3, "uniform")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stepz=3"], "stepz: unknown key"),
+    (["steps=-1"], "steps: Input should be greater than or equal to 1"),
+    (["predictor.name=nope"], "predictor.name: unknown predictor 'nope'"),
+    (["predictor.decay_rate=0.3"], "predictor: decay_rate: unknown key"),
+    (["predictor.decay=1.5"], "predictor: decay: Input should be less than or equal to 1"),
+    (["acquisition.name=best"], "acquisition.name: unknown acquisition"),
+    (["acquisition.target=2"], "acquisition: target"),
+    (["env.name=mars"], "env.name: unknown environment"),
+    (["env.num_promptz=5"], "env: num_promptz: unknown key"),
+    (["ablation.seedz=[1]"], "ablation.seedz: unknown key"),
+])
+def test_bad_configs_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("quickstart", overrides)
+
+
+def test_missing_named_config_and_file():
+    with pytest.raises(ConfigError, match="no config named 'nosuch'"):
+        load_config("nosuch")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/x.yaml")
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["steps"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"steps": 3}, ["steps.x=1"])
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("steps: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

@@ -1,0 +1,195 @@
+"""`mpts` command line: run, ablate, replay, bench, report, configs.
+
+Every command takes `--set key=value` (repeatable) overrides. Errors in user input (configs,
+traces, names) print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set predictor.decay=0.8 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpts", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one configuration")
+    run.add_argument("config", nargs="?", help="a named config (mpts configs) or a YAML file")
+    run.add_argument("--out", type=Path, help="run folder (default runs/<name>-<time>)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    run.add_argument("--model", help="local model directory for the LM environment (= --set env.model=...)")
+    _add_set(run)
+
+    ablate = sub.add_parser("ablate", help="grid over predictors x acquisition rules x seeds")
+    ablate.add_argument("config")
+    ablate.add_argument("--out", type=Path)
+    ablate.add_argument("--workers", type=int, help="parallel processes (default: ablation.workers)")
+    ablate.add_argument("--model", help="local model directory for the LM environment")
+    _add_set(ablate)
+
+    replay = sub.add_parser("replay", help="score a predictor prequentially on a logged trace")
+    replay.add_argument("trace", type=Path, help="parquet, CSV or JSONL with step, prompt_id, successes, trials")
+    replay.add_argument("--predictor", required=True)
+    replay.add_argument("--out", type=Path, help="JSON file for the scores (default replay-<predictor>.json)")
+    replay.add_argument("--seed", type=int, default=0)
+    _add_set(replay)
+
+    bench = sub.add_parser("bench", help="time predict+select+observe per step at scale")
+    bench.add_argument("--predictor", default="beta")
+    bench.add_argument("--rule", default="thompson_target")
+    bench.add_argument("--pool", type=int, default=1_000_000)
+    bench.add_argument("--candidates", type=int, default=4096)
+    bench.add_argument("--batch", type=int, default=256)
+    bench.add_argument("--k", type=int, default=8)
+    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_set(bench)
+
+    report = sub.add_parser("report", help="calibration and efficiency report over run or ablation folders")
+    report.add_argument("runs", nargs="+", type=Path)
+    report.add_argument("--out", type=Path, required=True)
+    report.add_argument("--target-accuracy", type=float)
+    report.add_argument("--window", type=int, help="steps per window for calibration over time")
+    _add_set(report)
+
+    sub.add_parser("configs", help="list the named configurations")
+    return parser
+
+
+def _overrides(args) -> list[str]:
+    extra = [f"env.model={args.model}"] if getattr(args, "model", None) else []
+    return list(args.overrides) + extra
+
+
+def _default_out(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_run(args) -> int:
+    from mpts.training.config import load_config
+    from mpts.training.loop import run
+
+    if args.resume is not None:
+        if args.overrides or args.model or args.config:
+            raise ValueError("--resume continues a run with its saved config; drop CONFIG, --set and --model")
+        out, config, resume = args.resume, None, True
+    else:
+        if not args.config:
+            raise ValueError("give a CONFIG (see `mpts configs`) or --resume RUN_DIR")
+        config = load_config(args.config, _overrides(args))
+        out, resume = args.out or _default_out(config.name), False
+
+    from rich.progress import Progress
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("steps", total=None)
+
+        def progress(done, total, metrics):
+            bar.update(task, completed=done, total=total,
+                       description=f"step {done}/{total} eval {metrics['eval_accuracy']:.3f}")
+
+        summary = run(config, out, resume=resume, progress=progress)
+    _print_summary(summary)
+    console.print(f"run folder: {out}")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"{summary['predictor']} + {summary['acquisition']} (seed {summary['seed']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4g}")
+    console.print(table)
+
+
+def cmd_ablate(args) -> int:
+    from mpts.training.ablate import ablate, format_table
+    from mpts.training.config import load_config
+
+    config = load_config(args.config, _overrides(args))
+    out = args.out or _default_out(f"ablate-{config.name}")
+    table = ablate(config, out, workers=args.workers)
+    print(f"\n{config.name}: mean ± 95% CI over seeds {list(config.ablation.seeds)}\n")
+    print(format_table(table))
+    console.print(f"ablation folder: {out}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from mpts.training.config import apply_overrides
+    from mpts.training.replay import read_trace, replay
+
+    options = apply_overrides({}, [o.removeprefix("predictor.") for o in args.overrides])
+    trace = read_trace(args.trace)
+    scores, _ = replay(trace, args.predictor, options, seed=args.seed)
+    out = args.out or Path(f"replay-{args.predictor}.json")
+    from mpts.training.run_dir import write_json
+    write_json(out, scores)
+    console.print_json(json.dumps(scores, default=float))
+    console.print(f"scores written to {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mpts.training.bench import bench
+    from mpts.training.config import apply_overrides
+
+    options = apply_overrides({}, [o.removeprefix("predictor.") for o in args.overrides])
+    result = bench(args.predictor, args.pool, args.candidates, args.batch, args.k, args.steps, args.rule, options)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            console.print(f"{key:>28}: {value}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from mpts.reports import export_report
+
+    if args.overrides:
+        raise ValueError("report takes no --set overrides; use --target-accuracy / --window")
+    summary = export_report(args.runs, args.out, target_accuracy=args.target_accuracy, window_steps=args.window)
+    console.print(f"report: {args.out / 'report.html'} ({len(summary.get('groups', []))} groups)")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from mpts.training.config import named_configs
+
+    for name in named_configs():
+        print(name)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "ablate": cmd_ablate, "replay": cmd_replay, "bench": cmd_bench,
+            "report": cmd_report, "configs": cmd_configs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, IndexError) as error:
+        message = error.args[0] if error.args else repr(error)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Run configuration: one validated pydantic object per run.
+
+A config is a YAML file: a named one shipped in `mpts/training/configs/` (e.g. `quickstart`) or a
+user's own path. `--set key.sub=value` overrides apply before validation. Every section is strict:
+an unknown key or a bad value is an error naming the field. The `predictor`, `acquisition` and
+`env` sections are flat (`{name: beta, decay: 0.8}`); their options are validated against the
+named component's own `Options` model.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_PACKAGE = "mpts.training.configs"
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names each bad field."""
+
+
+class ComponentConfig(BaseModel):
+    """`{name: ..., **options}`: options checked against the named component's Options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def with_options(self, options_model) -> Any:
+        return options_model(**self.options)
+
+
+def _check_component(section: str, component: ComponentConfig, lookup) -> None:
+    try:
+        cls = lookup(component.name)
+    except KeyError as error:
+        raise ValueError(f"{section}.name: {error.args[0]}") from None
+    try:
+        cls.Options(**component.options)
+    except ValidationError as error:
+        raise ValueError(f"{section}: " + _format_errors(error)) from None
+
+
+class AblationArm(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    predictor: str | dict[str, Any]
+    acquisition: str | dict[str, Any]
+
+
+class AblationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    arms: list[AblationArm] = Field(default_factory=list, description="(predictor, acquisition) pairs; empty = the run's own")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    workers: int = Field(2, ge=1, description="parallel processes")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "run"
+    seed: int = 0
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1, description="B: prompts rolled out (and trained on) per step")
+    candidate_ratio: int = Field(8, ge=1, description="candidates per step = candidate_ratio * batch_size")
+    k: int = Field(8, ge=1, description="rollouts per prompt")
+    target_accuracy: float = Field(0.6, gt=0.0, le=1.0, description="eval accuracy that counts as reached")
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    posterior_draws_prompts: int = Field(64, ge=0, description="prompts whose final posterior draws are saved")
+    env: ComponentConfig = ComponentConfig(name="sim")
+    predictor: ComponentConfig = ComponentConfig(name="beta")
+    acquisition: ComponentConfig = ComponentConfig(name="thompson_target")
+    ablation: AblationConfig = AblationConfig()
+
+    @model_validator(mode="after")
+    def _components_exist(self) -> "RunConfig":
+        from mpts.models.registry import get_predictor_class
+        from mpts.training.acquisition import get_acquisition_class
+        from mpts.training.environment import get_environment_class
+
+        _check_component("env", self.env, get_environment_class)
+        _check_component("predictor", self.predictor, get_predictor_class)
+        _check_component("acquisition", self.acquisition, get_acquisition_class)
+        return self
+
+    @property
+    def num_candidates(self) -> int:
+        return self.candidate_ratio * self.batch_size
+
+
+def _format_errors(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown key")
+        elif item["type"] == "value_error":
+            parts.append(item["msg"].removeprefix("Value error, "))
+        else:
+            parts.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(parts)
+
+
+def named_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def read_config_source(name_or_path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a named config or a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+    else:
+        resource = resources.files(CONFIG_PACKAGE) / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise ConfigError(f"no config named {name_or_path!r}; named configs: {', '.join(named_configs())}")
+        text = resource.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {name_or_path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {name_or_path} must be a mapping at the top level")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`key.sub=value` (value parsed as YAML) into a copy of `raw`."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. predictor.decay=0.8)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return raw
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig(**raw)
+    except ValidationError as error:
+        raise ConfigError("invalid config: " + _format_errors(error)) from None
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    return validate_config(apply_overrides(read_config_source(name_or_path), overrides))
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Named configurations shipped with mpts (`mpts configs` lists them)."""

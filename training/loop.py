@@ -1,0 +1,271 @@
+"""The common loop: one readable function for every environment, predictor and rule.
+
+Per step:  sample candidates -> predictor.predict -> rule.select -> env.rollout
+           -> trace rows (the prediction made BEFORE the outcome, and the outcome)
+           -> predictor.observe -> env.train_on -> evaluate -> metrics -> checkpoint
+Every run is thereby also a prequential (predict-then-observe) calibration experiment.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+import yaml
+
+from mpts.inference.scoring import score_trace
+from mpts.models.base import RiskPredictor, SuccessPosterior
+from mpts.models.posteriors import PointMassPosterior
+from mpts.models.registry import get_predictor_class
+from mpts.training.acquisition import Acquisition, get_acquisition_class, sample_candidates
+from mpts.training.config import RunConfig, config_to_yaml, validate_config
+from mpts.training.environment import Environment, Outcomes, get_environment_class
+from mpts.training.run_dir import RunFolder
+
+ProgressCallback = Callable[[int, int, dict[str, Any]], None]
+
+
+def build_environment(config: RunConfig, run_dir: Path | None) -> Environment:
+    cls = get_environment_class(config.env.name)
+    return cls(config.env.with_options(cls.Options), seed=config.seed, run_dir=run_dir)
+
+
+def build_predictor(config: RunConfig, env: Environment) -> RiskPredictor:
+    cls = get_predictor_class(config.predictor.name)
+    return cls(env.pool, config.predictor.with_options(cls.Options), seed=config.seed)
+
+
+def build_acquisition(config: RunConfig) -> Acquisition:
+    cls = get_acquisition_class(config.acquisition.name)
+    return cls(config.acquisition.with_options(cls.Options))
+
+
+class StepTimer:
+    """Accumulates wall seconds per phase of a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def prediction_columns(posterior: SuccessPosterior, outcomes: Outcomes,
+                       generator: torch.Generator) -> dict[str, np.ndarray]:
+    """What the predictor said about each rolled-out prompt, scored against its outcome."""
+    trials = outcomes.trials.clamp_min(1.0)  # a failed prompt may report 0 trials; masked below
+    successes = torch.minimum(outcomes.successes, trials)
+    p_unsolved = posterior.log_prob(torch.zeros_like(trials), trials).exp()
+    p_solved = posterior.log_prob(trials, trials).exp()
+    log_prob = posterior.log_prob(successes, trials)
+    pit = posterior.predictive_pit(successes, trials, generator)
+    q25, q75 = posterior.interval(0.5)
+    q05, q95 = posterior.interval(0.9)
+    failed = outcomes.failed
+    columns = {
+        "pred_mean": posterior.mean, "pred_var": posterior.variance,
+        "pred_p_informative": (1.0 - p_unsolved - p_solved).clamp(0.0, 1.0),
+        "pred_p_unsolved": p_unsolved, "pred_p_solved": p_solved,
+        "pred_log_prob": log_prob.masked_fill(failed, float("nan")),
+        "pred_pit": pit.masked_fill(failed, float("nan")),
+        "pred_q05": q05, "pred_q25": q25, "pred_q75": q75, "pred_q95": q95,
+    }
+    return {name: value.double().numpy() for name, value in columns.items()}
+
+
+def trace_rows(step: int, outcomes: Outcomes, posterior: SuccessPosterior, kept: torch.Tensor,
+               rule: str, generator: torch.Generator) -> pd.DataFrame:
+    n = outcomes.ids.shape[0]
+    frame = {
+        "step": np.full(n, step, dtype=np.int64),
+        "prompt_id": outcomes.ids.numpy().astype(np.int64),
+        "successes": outcomes.successes.numpy().astype(np.int64),
+        "trials": outcomes.trials.numpy().astype(np.int64),
+        **prediction_columns(posterior, outcomes, generator),
+        "selected_by": np.full(n, rule, dtype=object),
+        "kept": kept.numpy(),
+        "failed": outcomes.failed.numpy(),
+        "true_p": (outcomes.true_p.double().numpy() if outcomes.true_p is not None
+                   else np.full(n, np.nan)),
+    }
+    return pd.DataFrame(frame)
+
+
+def rollout_in_chunks(env: Environment, ids: torch.Tensor, batch_size: int, k: int) -> tuple[Outcomes, torch.Tensor]:
+    """DAPO dynamic sampling: roll out chunks of B until B informative groups are kept.
+
+    Every rollout spent counts; groups beyond the first B informative ones are not trained on.
+    """
+    parts, kept_so_far = [], 0
+    for start in range(0, ids.shape[0], batch_size):
+        chunk = env.rollout(ids[start:start + batch_size], k)
+        parts.append(chunk)
+        kept_so_far += int(chunk.informative.sum())
+        if kept_so_far >= batch_size:
+            break
+    outcomes = Outcomes.cat(parts)
+    kept = outcomes.informative & (torch.cumsum(outcomes.informative.long(), 0) <= batch_size)
+    return outcomes, kept
+
+
+def posterior_draws(predictor: RiskPredictor, env: Environment, step: int, num_prompts: int,
+                    seed: int, num_draws: int = 500) -> pd.DataFrame | None:
+    """Draws of p for a fixed sample of prompts from the final predictor (for ArviZ exports)."""
+    num_prompts = min(num_prompts, env.pool.size)
+    if num_prompts == 0:
+        return None
+    generator = torch.Generator().manual_seed(seed + 7919)
+    ids = sample_candidates(env.pool.size, num_prompts, generator).sort().values
+    draws = predictor.predict(ids, step).sample(num_draws, generator)  # [draws, prompts]
+    truth = env.true_success(ids)
+    frame = pd.DataFrame({
+        "prompt_id": ids.repeat_interleave(num_draws).numpy().astype(np.int64),
+        "draw": torch.arange(num_draws).repeat(num_prompts).numpy().astype(np.int64),
+        "p": draws.T.reshape(-1).double().numpy(),
+    })
+    frame["true_p"] = truth.repeat_interleave(num_draws).double().numpy() if truth is not None else np.nan
+    return frame
+
+
+def steps_to_target(metrics: pd.DataFrame, target: float) -> tuple[float, float]:
+    """(cumulative rollouts, step) at the first evaluation reaching `target`; NaN if never."""
+    reached = metrics[metrics["eval_accuracy"] >= target]
+    if reached.empty:
+        return float("nan"), float("nan")
+    first = reached.iloc[0]
+    return float(first["cumulative_rollouts"]), float(first["step"])
+
+
+def summarize(config: RunConfig, trace: pd.DataFrame, metrics: pd.DataFrame, initial_eval: float) -> dict[str, Any]:
+    rollouts_to_target, step_to_target = steps_to_target(metrics, config.target_accuracy)
+    evals = metrics["eval_accuracy"].dropna()
+    return {
+        "config_name": config.name, "predictor": config.predictor.name, "acquisition": config.acquisition.name,
+        "environment": config.env.name, "seed": config.seed, "steps": int(metrics["step"].max()) + 1,
+        "target_accuracy": config.target_accuracy, "rollouts_to_target": rollouts_to_target,
+        "steps_to_target": step_to_target, "initial_eval_accuracy": initial_eval,
+        "final_eval_accuracy": float(evals.iloc[-1]) if len(evals) else float("nan"),
+        "total_rollouts": int(metrics["cumulative_rollouts"].iloc[-1]),
+        "mean_effective_ratio": float(metrics["effective_ratio"].mean()),
+        "wall_seconds": float(metrics["wall_seconds"].iloc[-1]),
+        **score_trace(trace),
+    }
+
+
+def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
+        progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Run (or resume) one configuration into `out_dir`; returns the summary."""
+    folder = RunFolder(Path(out_dir))
+    if resume:
+        config = validate_config(yaml.safe_load(folder.config_yaml()))
+        saved = folder.load_checkpoint()
+    else:
+        folder.create(config_to_yaml(config))
+        saved = None
+
+    torch.manual_seed(config.seed)  # SVI-based predictors draw from the global RNG
+    pyro.set_rng_seed(config.seed)
+    try:
+        env = build_environment(config, folder.root)
+    except BaseException:
+        if saved is None:
+            folder.remove()  # a run that never started leaves no folder behind
+        raise
+    try:
+        try:
+            predictor = build_predictor(config, env)
+            rule = build_acquisition(config)
+            if config.num_candidates > env.pool.size:
+                raise ValueError(f"candidate pool of {config.num_candidates} (candidate_ratio x batch_size) "
+                                 f"exceeds the {env.pool.size} prompts available")
+        except BaseException:
+            if saved is None:
+                folder.remove()
+            raise
+        generator = torch.Generator().manual_seed(config.seed)
+        B, C, k = config.batch_size, config.num_candidates, config.k
+
+        if saved is None:
+            start, cumulative, wall = 0, 0, 0.0
+            initial_eval = env.evaluate()
+        else:
+            predictor.load_state_dict(saved["predictor"])
+            env.load_state_dict(saved["env"])
+            generator.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+            start, cumulative, wall = saved["step"] + 1, saved["cumulative_rollouts"], saved["wall_seconds"]
+            initial_eval = saved["initial_eval"]
+
+        for step in range(start, config.steps):
+            step_start = time.perf_counter()
+            timer = StepTimer()
+            candidates = sample_candidates(env.pool.size, C, generator)
+
+            with timer("predict"):
+                posterior = predictor.predict(candidates, step)
+            with timer("select"):
+                basis = PointMassPosterior(env.true_success(candidates)) if rule.needs_truth else posterior
+                order = rule.select(basis, C if rule.rolls_out_all else B, generator, k)
+            with timer("rollout"):
+                if rule.rolls_out_all:
+                    outcomes, kept = rollout_in_chunks(env, candidates[order], B, k)
+                else:
+                    outcomes = env.rollout(candidates[order], k)
+                    kept = ~outcomes.failed
+            rolled_positions = order[: outcomes.ids.shape[0]]
+            trace = trace_rows(step, outcomes, posterior.take(rolled_positions), kept, rule.name, generator)
+
+            ok = ~outcomes.failed
+            with timer("observe"):
+                diagnostics = (predictor.observe(outcomes.ids[ok], outcomes.successes[ok], outcomes.trials[ok], step)
+                               if bool(ok.any()) else {})
+            with timer("train"):
+                train_info = env.train_on(outcomes.take(kept)) if bool(kept.any()) else {}
+            evaluate_now = (step + 1) % config.eval_every == 0 or step == config.steps - 1
+            with timer("eval"):
+                eval_accuracy = env.evaluate() if evaluate_now else float("nan")
+
+            spent = int(outcomes.trials.sum())  # failed prompts still cost their rollouts
+            cumulative += spent
+            wall += time.perf_counter() - step_start
+            rate = (outcomes.successes[ok] / outcomes.trials[ok]).mean() if bool(ok.any()) else torch.tensor(float("nan"))
+            metrics = {
+                "step": step, "rollouts": spent, "cumulative_rollouts": cumulative,
+                "prompts_rolled_out": int(outcomes.ids.shape[0]),
+                "effective_ratio": float(outcomes.informative[ok].float().mean()) if bool(ok.any()) else float("nan"),
+                "train_accuracy": float(rate), "eval_accuracy": eval_accuracy, "wall_seconds": wall,
+                **{f"{phase}_seconds": seconds for phase, seconds in timer.seconds.items()},
+                **{key: float(value) for key, value in outcomes.info.items() if key.endswith("_seconds")},
+                "elbo": float(np.mean(diagnostics["elbo"])) if diagnostics.get("elbo") else float("nan"),
+                "failed_prompts": int(outcomes.failed.sum()),
+                **{f"train_{key}": float(value) for key, value in train_info.items()},
+            }
+            folder.add_step(step, trace, metrics)
+            if (step + 1) % config.checkpoint_every == 0 or step == config.steps - 1:
+                folder.checkpoint(step, {
+                    "predictor": predictor.state_dict(), "env": env.state_dict(),
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cumulative_rollouts": cumulative, "wall_seconds": wall, "initial_eval": initial_eval,
+                }, config.steps)
+            if progress is not None:
+                progress(step + 1, config.steps, metrics)
+
+        trace, metrics_frame = folder.read_parts("trace"), folder.read_parts("metrics")
+        summary = summarize(config, trace, metrics_frame, initial_eval)
+        draws = posterior_draws(predictor, env, config.steps, config.posterior_draws_prompts, config.seed)
+        folder.finalize(summary, predictor.state_dict(), draws)
+        folder.write_progress(config.steps, config.steps, "done")
+        return summary
+    finally:
+        env.close()
