@@ -1,0 +1,37 @@
+# `make demo` and `make test` set up whatever is missing (a virtualenv in .venv with the CPU
+# torch wheel pinned, the package in editable mode, Chromium for the report test) and then run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OUT    ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup demo test bench system-deps clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, from the pinned CPU wheel; a bare `torch` would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found and cannot be installed here: the browser test will be skipped"; fi; }
+
+demo: setup
+	$(BIN)/mpts ablate quickstart --out $(OUT)
+
+test: setup system-deps
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+bench: setup
+	$(BIN)/mpts bench --predictor beta --pool 1000000 --candidates 4096 --batch 256 --k 8 --steps 50 --json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
