@@ -1,0 +1,183 @@
+"""Finding and reading run folders, and grouping them into ablation arms.
+
+A run folder (written by `mpts run`) holds config.yaml, trace.parquet, metrics.parquet,
+summary.json and, at the end of a run, posterior_draws.parquet. An ablation folder holds run
+folders under `runs/<name>/`. Runs are grouped by (predictor, acquisition rule); seeds of one
+group are pooled by the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+RUN_FILES = ("config.yaml", "trace.parquet", "metrics.parquet")
+
+TRACE_COLUMNS = (
+    "step", "prompt_id", "successes", "trials", "pred_mean", "pred_var", "pred_p_informative",
+    "pred_p_unsolved", "pred_p_solved", "pred_log_prob", "pred_pit", "pred_q05", "pred_q25",
+    "pred_q75", "pred_q95", "failed", "true_p",
+)
+METRICS_COLUMNS = (
+    "step", "rollouts", "cumulative_rollouts", "effective_ratio", "eval_accuracy", "wall_seconds",
+    "predict_seconds", "select_seconds", "rollout_seconds", "observe_seconds", "train_seconds",
+)
+DRAWS_COLUMNS = ("prompt_id", "draw", "p", "true_p")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run folder, read into memory."""
+
+    path: Path
+    name: str
+    predictor: str
+    acquisition: str
+    seed: int
+    target_accuracy: float
+    config: dict[str, Any]
+    recorded_summary: dict[str, Any] | None
+    trace: pd.DataFrame
+    metrics: pd.DataFrame
+    draws: pd.DataFrame | None
+    predictor_label: str = ""
+    acquisition_label: str = ""
+
+    @property
+    def group(self) -> str:
+        return f"{self.predictor_label} · {self.acquisition_label}"
+
+    @property
+    def has_elbo(self) -> bool:
+        return "elbo" in self.metrics.columns and bool(self.metrics["elbo"].notna().any())
+
+
+def is_run_folder(path: Path) -> bool:
+    return all((path / name).is_file() for name in RUN_FILES)
+
+
+def expand_run_dirs(paths: Sequence[Path | str]) -> tuple[list[Path], list[Path]]:
+    """(run folders, skipped): folders named directly plus every finished run under an ablation's
+    `runs/`; skipped are the ablation's sub-folders that are not finished runs (still running,
+    crashed before the end)."""
+    if not paths:
+        raise ValueError("run_dirs is empty: give at least one run folder or ablation folder")
+    found: list[Path] = []
+    skipped: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a folder (expected a run folder or an ablation folder)")
+        if is_run_folder(path):
+            found.append(path)
+            continue
+        inner = sorted(p for p in (path / "runs").glob("*") if p.is_dir()) if (path / "runs").is_dir() else []
+        runs = [p for p in inner if is_run_folder(p)]
+        skipped.extend(p for p in inner if not is_run_folder(p))
+        if not runs:
+            raise FileNotFoundError(
+                f"{path} is neither a run folder (needs {', '.join(RUN_FILES)}) nor an ablation folder "
+                f"with finished run folders under runs/<name>/")
+        found.extend(runs)
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values()), skipped
+
+
+def _require_columns(frame: pd.DataFrame, columns: Sequence[str], where: Path) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{where} lacks column(s) {', '.join(missing)}")
+
+
+def _config_field(config: dict[str, Any], dotted: str, where: Path) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"{where}: field {dotted} is missing")
+        node = node[part]
+    return node
+
+
+def load_run(path: Path) -> Run:
+    config_path = path / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a mapping")
+    trace = pd.read_parquet(path / "trace.parquet")
+    metrics = pd.read_parquet(path / "metrics.parquet").sort_values("step", ignore_index=True)
+    _require_columns(trace, TRACE_COLUMNS, path / "trace.parquet")
+    _require_columns(metrics, METRICS_COLUMNS, path / "metrics.parquet")
+    if metrics.empty:
+        raise ValueError(f"{path / 'metrics.parquet'} has no rows: the run recorded no step")
+    draws = None
+    if (path / "posterior_draws.parquet").is_file():
+        draws = pd.read_parquet(path / "posterior_draws.parquet")
+        _require_columns(draws, DRAWS_COLUMNS, path / "posterior_draws.parquet")
+    summary_path = path / "summary.json"
+    recorded = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    target = float(_config_field(config, "target_accuracy", config_path))
+    if not 0.0 < target <= 1.0 or math.isnan(target):
+        raise ValueError(f"{config_path}: target_accuracy must be in (0, 1], got {target}")
+    return Run(
+        path=path, name=path.name,
+        predictor=str(_config_field(config, "predictor.name", config_path)),
+        acquisition=str(_config_field(config, "acquisition.name", config_path)),
+        seed=int(_config_field(config, "seed", config_path)),
+        target_accuracy=target, config=config, recorded_summary=recorded,
+        trace=trace, metrics=metrics, draws=draws,
+    )
+
+
+def _options(config: dict[str, Any], section: str) -> tuple[tuple[str, str], ...]:
+    component = config.get(section) or {}
+    return tuple(sorted((k, repr(v)) for k, v in component.items() if k != "name"))
+
+
+def _component_labels(runs: Sequence[Run], section: str) -> list[str]:
+    """The component's name, plus its options where runs of that name differ in them."""
+    names = [getattr(r, section) for r in runs]
+    options = [_options(r.config, section) for r in runs]
+    variants: dict[str, set] = {}
+    for name, opts in zip(names, options):
+        variants.setdefault(name, set()).add(opts)
+    labels = []
+    for name, opts in zip(names, options):
+        if len(variants[name]) > 1 and opts:
+            labels.append(f"{name}(" + ", ".join(f"{k}={v}" for k, v in opts) + ")")
+        else:
+            labels.append(name)
+    return labels
+
+
+def load_runs(paths: Sequence[Path | str]) -> tuple[list[Run], list[Path]]:
+    """(every run labelled with its group `predictor · rule`, sorted by group then seed;
+    the unfinished run folders skipped)."""
+    folders, skipped = expand_run_dirs(paths)
+    runs = [load_run(p) for p in folders]
+    predictors = _component_labels(runs, "predictor")
+    rules = _component_labels(runs, "acquisition")
+    labelled = [dataclasses.replace(r, predictor_label=p, acquisition_label=a)
+                for r, p, a in zip(runs, predictors, rules)]
+    seen: dict[tuple[str, int], Path] = {}
+    for run in labelled:
+        key = (run.group, run.seed)
+        if key in seen:
+            raise ValueError(f"runs {seen[key]} and {run.path} are both {run.group} with seed {run.seed}; "
+                             f"pass each run once")
+        seen[key] = run.path
+    return sorted(labelled, key=lambda r: (r.group, r.seed)), skipped
+
+
+def group_slug(group: str) -> str:
+    """A file-name-safe form of a group label."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", group.replace(" · ", "__")).strip("-")
