@@ -10,6 +10,7 @@ from .base import RiskPredictor
 _BUILTIN = {
     "beta": "mpts.models.beta_bernoulli:BetaBernoulli",
     "hmm3": "mpts.models.hmm3:ThreeStateHMM",
+    "hmm3_pooled": "mpts.models.hmm3:PooledThreeStateHMM",
     "id_vae": "mpts.models.id_vae:IdentifierVAE",
     "gp": "mpts.models.gp_embed:EmbeddingGP",
 }

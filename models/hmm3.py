@@ -1,0 +1,573 @@
+"""Three-state HMM risk predictor (DPS), as a Pyro program with a closed-form filter.
+
+Each prompt's state at a step is read off its k rollouts: 0 unsolved (s = 0), 1 partially solved
+(0 < s < k), 2 solved (s = k). States follow a Markov chain whose transition matrix has Dirichlet
+rows. Generative model of one window of a prompt's history (`model` below):
+
+    P[i, :] ~ Dirichlet(alpha[i, :])                  i = 0, 1, 2
+    x_{t0} ~ belief at the start of the window
+    x_t | x_{t-1} ~ Categorical(P[x_{t-1}, :])
+    y_t = x_t when the prompt is rolled out at step t, else "waited" (no information about x_t)
+
+The fast path is the DPS filter, per prompt and step t (rows are "from", columns "to"):
+
+    predict   w_t = b_{t-1} @ E[P | alpha_{t-1}]              (E[P] = alpha with rows normalised)
+    rolled out, state j:
+              xi[i, j] = b_{t-1}[i] E[P][i, j] / w_t[j]        (soft count of the transition i -> j)
+              alpha_t = lam * alpha_{t-1} + (1 - lam) * prior + xi,   b_t = one-hot(j)
+    waited:   alpha_t = lam * alpha_{t-1} + (1 - lam) * prior,        b_t = w_t
+
+Waiting steps are never swept. A prompt stores its excess counts E = alpha - prior, its last
+state and the step of its last update; when it is next looked at after m steps,
+alpha = prior + lam**(m) E in closed form and the belief is the product of the m waited steps'
+matrices, computed by `propagate` (an exact batched recurrence while lam**d E still matters,
+then a batched matrix power). Observed states are exact, so the belief after an update is a
+one-hot: an int8 state code is stored instead of three floats (code 3: never rolled out).
+
+Pooling (`pooling="cluster"|"global"`), which none of the references has: the prior of each
+prompt's rows is no longer the fixed alpha0 but `pool_strength` times the shared transition
+matrix of its cluster (or of the whole pool), estimated from the soft counts of every prompt in
+it (decayed with `pool_decay`). A prompt rolled out once already predicts with its cluster's
+dynamics; its own counts then pull it away from them. Waiting steps use the shared matrix as it
+stands now (the best current estimate of the cluster's dynamics).
+
+The predictive `ThreeStateMixturePosterior` turns the state belief w into a predictive for the
+success count and rate: P(S = 0) = w0, P(S = n) = w2, and within the partial bucket a Beta-Binomial
+truncated to 1..n-1, with the Beta fitted online to every observed s/n (moment matching with the
+binomial-noise correction). So `p_informative(k)` is exactly P(partial) = w1, as in DPS, and
+`log_prob`, `pit`, `mean`, `interval` and `sample` come from one joint distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.ops.indexing import Vindex
+from pydantic import Field, field_validator
+from scipy import special
+from torch import Tensor
+
+from .base import PredictorOptions, PromptPool, RiskPredictor, SuccessPosterior, log_binomial_coefficient
+
+NUM_STATES = 3
+UNSEEN = 3  # state code of a prompt never rolled out
+WAITED = 3  # observation symbol of a step the prompt was not rolled out
+
+
+# -- the Pyro program ----------------------------------------------------------------------------
+def emission(observe_prob: float = 0.5) -> dist.Categorical:
+    """y = the state with probability `observe_prob`, else WAITED, whatever the state.
+
+    Whether a prompt is rolled out does not depend on its unobserved state (only on what was
+    already observed), so waiting steps carry no information and the filter may ignore them.
+    """
+    probs = torch.zeros(NUM_STATES, NUM_STATES + 1)
+    probs[range(NUM_STATES), range(NUM_STATES)] = observe_prob
+    probs[:, WAITED] = 1.0 - observe_prob
+    return dist.Categorical(probs=probs)
+
+
+def state_chain(initial_belief: Tensor, transition: Tensor, num_steps: int,
+                observe_prob: float = 0.5) -> dist.DiscreteHMM:
+    """The chain of states over a window as a `DiscreteHMM`.
+
+    initial_belief [..., 3]: the state just before the window; transition [..., T, 3, 3] (T = 1:
+    the same matrix every step); observations are [..., T] codes 0/1/2 or WAITED.
+    """
+    return dist.DiscreteHMM(initial_belief.log(), transition.log(), emission(observe_prob), duration=num_steps)
+
+
+def model(initial_belief: Tensor, concentration: Tensor, observations: Tensor, observe_prob: float = 0.5) -> None:
+    """Dirichlet rows, a Markov chain of categorical states, observations (WAITED = not rolled out)."""
+    with pyro.plate("prompts", initial_belief.shape[0]):
+        transition = pyro.sample("transition", dist.Dirichlet(concentration).to_event(1))
+        pyro.sample("states", state_chain(initial_belief, transition.unsqueeze(-3), observations.shape[-1],
+                                          observe_prob),
+                    obs=observations)
+
+
+def guide(initial_belief: Tensor, concentration: Tensor, observations: Tensor, observe_prob: float = 0.5) -> None:
+    q = pyro.param("q_concentration", concentration.clone(), constraint=dist.constraints.positive)
+    with pyro.plate("prompts", initial_belief.shape[0]):
+        pyro.sample("transition", dist.Dirichlet(q).to_event(1))
+
+
+def transition_model(previous_belief: Tensor, concentration: Tensor, states: Tensor) -> None:
+    """One update of the filter: an uncertain previous state, then an observed one.
+
+    With `previous_state` enumerated, its posterior marginal is the soft count xi[:, j] the
+    closed-form update adds; with a known previous state the update is the exact posterior.
+    """
+    with pyro.plate("prompts", previous_belief.shape[0]):
+        transition = pyro.sample("transition", dist.Dirichlet(concentration).to_event(1))
+        previous = pyro.sample("previous_state", dist.Categorical(previous_belief),
+                               infer={"enumerate": "parallel"})
+        row = Vindex(transition)[..., previous, :]
+        pyro.sample("state", dist.Categorical(row), obs=states)
+
+
+# -- the closed-form filter ------------------------------------------------------------------------
+def row_normalise(concentration: Tensor) -> Tensor:
+    """E[P] under Dirichlet rows."""
+    return concentration / concentration.sum(-1, keepdim=True)
+
+
+def decay_factor(lam: float, steps: Tensor) -> Tensor:
+    """lam**steps as [n, 1, 1] float32 (computed in float64 so that long waits underflow cleanly)."""
+    return torch.pow(torch.tensor(lam, dtype=torch.float64), steps.double()).float().view(-1, 1, 1)
+
+
+def exact_steps(lam: float, tol: float, excess_mass: float, prior_mass: float) -> int:
+    """How many waited steps the decaying counts still move E[P] by more than `tol` (L1 per row).
+
+    Row i of E[P] after d steps is a convex mix of the prior's row and the excess's row with
+    weight lam**d e_i / (r_i + lam**d e_i) <= lam**d e_i / r_i on the excess, so beyond that many
+    steps every matrix equals the limiting one to within `tol`.
+    """
+    if excess_mass <= 0.0 or lam >= 1.0:
+        return 0
+    if lam <= 0.0:
+        return 1
+    return max(1, math.ceil(math.log(tol * prior_mass / (2.0 * excess_mass)) / math.log(lam)))
+
+
+def propagate(belief: Tensor, prior: Tensor, excess: Tensor, lam: float, steps: Tensor, tol: float = 1e-7) -> Tensor:
+    """belief @ M_0 @ M_1 ... @ M_{steps-1} with M_d = E[P | prior + lam**d * excess], batched.
+
+    belief [n, 3]; prior [n, 3, 3] or [3, 3]; excess [n, 3, 3]; steps [n] (>= 0). The first
+    `exact_steps` matrices are applied one by one (a loop over at most that many steps, batched
+    over prompts); the rest differ from M_D by less than `tol`, so they are one matrix power,
+    taken by repeated squaring. Only prompts with steps > 0 are touched.
+    """
+    moving = torch.nonzero(steps > 0).squeeze(1)
+    if moving.numel() == 0:
+        return belief
+    if moving.numel() == steps.numel():
+        return _propagate_moving(belief, prior, excess, lam, steps, tol)
+    out = belief.clone()
+    out[moving] = _propagate_moving(belief[moving], prior if prior.dim() == 2 else prior[moving],
+                                    excess[moving], lam, steps[moving], tol)
+    return out
+
+
+def _propagate_moving(belief: Tensor, prior: Tensor, excess: Tensor, lam: float, steps: Tensor, tol: float) -> Tensor:
+    # NumPy in a prompt-last layout (b [3, n], matrices [3, 3, n]): each op runs over contiguous
+    # rows of n values with a fraction of torch's per-call overhead, and prompts sorted by steps
+    # (most first) let step d work on a prefix: the prompts still waiting at d.
+    order = torch.argsort(steps, descending=True)
+    waits = steps.index_select(0, order).numpy()
+    b = np.ascontiguousarray(belief.index_select(0, order).numpy().T)
+    e = np.ascontiguousarray(excess.index_select(0, order).numpy().transpose(1, 2, 0))
+    shared = prior.dim() == 2
+    p = prior.numpy() if shared else np.ascontiguousarray(prior.index_select(0, order).numpy().transpose(1, 2, 0))
+    e_rows = e.sum(1)
+    p_rows = p.sum(1)[:, None] if shared else p.sum(1)
+    exact = min(int(waits[0]), exact_steps(lam, tol, float(e_rows.max()), float(p_rows.min())))
+    still = np.searchsorted(-waits, -np.arange(exact), side="left")  # prompts with steps > d
+    for d in range(exact):
+        k, c = int(still[d]), lam ** d
+        w = b[:, :k] / (p_rows[:, :k] + c * e_rows[:, :k])
+        moved = p.T @ w if shared else np.einsum("in,ijn->jn", w, p[:, :, :k])
+        moved += c * np.einsum("in,ijn->jn", w, e[:, :, :k])
+        b[:, :k] = moved
+    rest = waits - exact
+    k = int((rest > 0).sum())
+    if k:
+        tail = (p[:, :, None] if shared else p[:, :, :k]) + lam ** exact * e[:, :, :k]
+        b[:, :k] = _apply_power(b[:, :k], tail / tail.sum(1, keepdims=True), rest[:k])
+    out = torch.empty_like(belief)
+    out[order] = torch.from_numpy(np.ascontiguousarray(b.T))
+    return out
+
+
+def _apply_power(b: np.ndarray, matrix: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """b @ matrix**exponent per prompt (b [3, n], matrix [3, 3, n]) by binary exponentiation;
+    powers of one matrix commute, so the order of the factors does not matter."""
+    exponent = exponent.copy()
+    while True:
+        bit = (exponent & 1).astype(bool)
+        if bit.any():
+            b = np.where(bit, np.einsum("in,ijn->jn", b, matrix), b)
+        exponent >>= 1
+        if not exponent.any():
+            return b
+        matrix = np.einsum("ikn,kjn->ijn", matrix, matrix)
+
+
+def soft_counts(previous_belief: Tensor, transition: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
+    """(xi [n, 3, 3], predictive w [n, 3]): the posterior over the transition into `states`."""
+    predictive = (previous_belief.unsqueeze(-1) * transition).sum(-2)
+    into = transition.gather(2, states.view(-1, 1, 1).expand(-1, NUM_STATES, 1)).squeeze(2)  # P[i, j]
+    joint = previous_belief * into
+    column = joint / joint.sum(-1, keepdim=True)
+    xi = column.unsqueeze(-1) * torch.nn.functional.one_hot(states, NUM_STATES).to(column.dtype).unsqueeze(-2)
+    return xi, predictive
+
+
+def states_of(successes: Tensor, trials: Tensor) -> Tensor:
+    """0 unsolved (s = 0), 1 partially solved, 2 solved (s = k)."""
+    return (successes > 0).long() + (successes == trials).long()
+
+
+# -- the predictive ---------------------------------------------------------------------------------
+def _lbeta(a: Tensor, b: Tensor) -> Tensor:
+    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreeStateMixturePosterior(SuccessPosterior):
+    """Success count and rate from a belief over the three states.
+
+    Base model: p ~ Beta(a, b), S | p ~ Binomial(n, p), state = bucket of S. The HMM re-weights
+    the buckets to `state_probs` and keeps the base model within each bucket, so
+    P(S = s) = w_{bucket(s)} * BetaBinomial(s; n, a, b) / P_base(bucket(s)), that is: all of w0 at
+    s = 0, all of w2 at s = n, w1 spread over 1..n-1 (for n = 1 there is no partial bucket and w1
+    follows the untruncated Beta-Binomial). The rate p given S = s is Beta(a + s, b + n - s); for
+    the rate summaries, which take no trial count, n is `trials_ref` (the usual k). The p
+    distribution is therefore the finite Beta mixture sum_s pi_s Beta(a + s, b + K - s).
+    Its mean is E[S]/K shrunk toward a / (a + b) by (a + b) / (a + b + K): what one future group
+    of K rollouts says about p.
+    """
+
+    state_probs: Tensor  # [n, 3]: unsolved, partial, solved
+    a: float
+    b: float
+    trials_ref: int
+
+    def _count_weights(self) -> Tensor:
+        """pi [n, K + 1] (float64): P(S = s) for s = 0..K with K = trials_ref."""
+        k = self.trials_ref
+        w = self.state_probs.double()
+        s = torch.arange(k + 1, dtype=torch.float64)
+        log_bb = log_binomial_coefficient(torch.full_like(s, k), s) + _lbeta(self.a + s, self.b + k - s) \
+            - _lbeta(torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64))
+        within = log_bb.exp()
+        within[0] = within[-1] = 0.0
+        within = within / within.sum()
+        pi = w[:, 1:2] * within
+        pi[:, 0] += w[:, 0]
+        pi[:, k] += w[:, 2]
+        return pi
+
+    def _component_params(self) -> tuple[Tensor, Tensor]:
+        s = torch.arange(self.trials_ref + 1, dtype=torch.float64)
+        return self.a + s, self.b + self.trials_ref - s
+
+    @property
+    def mean(self) -> Tensor:
+        a, b = self._component_params()
+        return (self._count_weights() * (a / (a + b))).sum(-1).to(self.state_probs.dtype)
+
+    @property
+    def variance(self) -> Tensor:
+        a, b = self._component_params()
+        pi, total = self._count_weights(), a + b
+        first = (pi * (a / total)).sum(-1)
+        second = (pi * (a * (a + 1) / (total * (total + 1)))).sum(-1)
+        return (second - first.square()).clamp_min(0.0).to(self.state_probs.dtype)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        cdf = self._count_weights().cumsum(-1)  # inverse-CDF draw of the count: cheaper than multinomial
+        u = torch.rand((num_samples, cdf.shape[0], 1), generator=generator, dtype=torch.float64)
+        counts = (u > cdf).sum(-1).clamp_max(self.trials_ref)
+        a, b = self._component_params()
+        # NumPy's Beta sampler seeded from the torch generator: reproducible and fast
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return torch.from_numpy(rng.beta(a[counts].numpy(), b[counts].numpy())).to(self.state_probs.dtype)
+
+    def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
+        """Exact log P(S = successes | trials); broadcasts successes [..., n] against trials [n]."""
+        s = successes.double()
+        n = trials.double().expand_as(s)
+        w = self.state_probs.double()
+        log_w = w.log()
+        a = torch.tensor(self.a, dtype=torch.float64)
+        b = torch.tensor(self.b, dtype=torch.float64)
+        base = _lbeta(a, b)
+        log_bb = log_binomial_coefficient(n, s) + _lbeta(a + s, b + n - s) - base
+        log_end0 = _lbeta(a, b + n) - base  # BB(0; n)
+        log_endn = _lbeta(a + n, b) - base  # BB(n; n)
+        log_middle = torch.log1p(-(log_end0.exp() + log_endn.exp()).clamp_max(1.0 - 1e-15))
+        partial = log_w[..., 1] + log_bb - log_middle
+        at_zero = torch.where(s == 0, log_w[..., 0], partial)
+        out = torch.where(s == n, log_w[..., 2], at_zero)
+        # one trial: no partial bucket; w1 follows the plain Beta-Binomial
+        single = torch.logaddexp(torch.where(s == 0, log_w[..., 0], log_w[..., 2]), log_w[..., 1] + log_bb)
+        out = torch.where(n == 1, single, out)
+        outside = (s < 0) | (s > n) | (s != s.round())
+        return out.masked_fill(outside, -math.inf).to(self.state_probs.dtype)
+
+    def log_prob_grid(self, successes: Tensor, trials: Tensor) -> Tensor:
+        return self.log_prob(successes, trials)
+
+    def p_informative(self, k) -> Tensor:
+        k = torch.as_tensor(k).expand(self.state_probs.shape[0])
+        return torch.where(k >= 2, self.state_probs[:, 1], torch.zeros((), dtype=self.state_probs.dtype))
+
+    def interval(self, level: float) -> tuple[Tensor, Tensor]:
+        tail = (1.0 - level) / 2
+        return self._quantile(tail), self._quantile(1.0 - tail)
+
+    def _quantile(self, q: float) -> Tensor:
+        """Inverse CDF of the Beta mixture by vectorised bisection (60 halvings: below 1e-15)."""
+        pi = self._count_weights().numpy()
+        a, b = (x.numpy() for x in self._component_params())
+        lo, hi = np.zeros(pi.shape[0]), np.ones(pi.shape[0])
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            below = (pi * special.betainc(a, b, mid[:, None])).sum(-1) < q
+            lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        return torch.from_numpy(0.5 * (lo + hi)).to(self.state_probs.dtype)
+
+
+# -- the predictor --------------------------------------------------------------------------------
+class ThreeStateHMMOptions(PredictorOptions):
+    decay: float = Field(0.7, ge=0.0, le=1.0, description="lam: weight kept on the transition counts per step")
+    prior_alpha: float | list[list[float]] = Field(
+        1.0, description="alpha0: Dirichlet concentration of every transition cell, or a 3x3 matrix (from, to)")
+    pooling: Literal["none", "cluster", "global"] = Field(
+        "none", description="share transition counts within pool.clusters, across all prompts, or not at all")
+    pool_strength: float = Field(3.0, gt=0.0, description="row concentration of the pooled prior of each prompt")
+    pool_decay: float = Field(0.9, ge=0.0, le=1.0, description="weight kept on the pooled counts per step")
+    initial_belief: tuple[float, float, float] | None = Field(
+        None, description="state distribution of a prompt never rolled out; None: fitted online to first rollouts")
+    fit_decay: float = Field(0.95, ge=0.0, le=1.0,
+                             description="weight kept per step on the running fits (rate Beta, initial belief)")
+    fit_prior_weight: float = Field(4.0, gt=0.0, description="pseudo-observations behind the running fits")
+    rollouts: int = Field(8, ge=2, description="k assumed for the rate summaries until outcomes are seen")
+    catchup_tol: float = Field(1e-7, gt=0.0, lt=1.0,
+                               description="below this change of E[P] per step, waited steps are one matrix power")
+
+    @field_validator("prior_alpha")
+    @classmethod
+    def _check_prior(cls, value):
+        matrix = torch.as_tensor(value, dtype=torch.float64)
+        if matrix.dim() != 0 and matrix.shape != (NUM_STATES, NUM_STATES):
+            raise ValueError(f"prior_alpha must be a number or a 3x3 matrix, got shape {tuple(matrix.shape)}")
+        if not bool(torch.isfinite(matrix).all()) or bool((matrix <= 0).any()):
+            raise ValueError("prior_alpha must be finite and > 0 in every cell (Dirichlet concentrations)")
+        return value
+
+    @field_validator("initial_belief")
+    @classmethod
+    def _check_belief(cls, value):
+        if value is not None and (min(value) < 0 or abs(sum(value) - 1.0) > 1e-6):
+            raise ValueError(f"initial_belief must be 3 probabilities summing to 1, got {value}")
+        return value
+
+
+# Running sums behind the online fits (float64, decayed by fit_decay per step).
+_RATE_WEIGHT, _RATE_SUM, _PAIR_WEIGHT, _PAIR_SUM, _TRIALS_SUM = range(5)
+_FIRST_STATES = slice(5, 8)
+
+
+class ThreeStateHMM(RiskPredictor):
+    name = "hmm3"
+    Options = ThreeStateHMMOptions
+
+    def __init__(self, pool: PromptPool, options: ThreeStateHMMOptions | None = None, seed: int = 0):
+        super().__init__(pool, options, seed)
+        o = self.options
+        n = self.num_prompts
+        self.prior = torch.as_tensor(o.prior_alpha, dtype=torch.float32).expand(NUM_STATES, NUM_STATES).clone()
+        self.excess = torch.zeros(n, NUM_STATES, NUM_STATES, dtype=torch.float32)  # alpha - prior
+        self.last_state = torch.full((n,), UNSEEN, dtype=torch.int8)
+        self.last_step = torch.zeros(n, dtype=torch.int32)
+        self.fit_sums = torch.zeros(8, dtype=torch.float64)
+        self.fit_step = torch.tensor(-1, dtype=torch.int64)
+        self.cluster_index, num_pools = self._pools(pool)
+        self.pool_excess = torch.zeros(num_pools, NUM_STATES, NUM_STATES, dtype=torch.float32) if num_pools else None
+        self.pool_step = torch.tensor(-1, dtype=torch.int64)
+        self._recent: tuple[int, Tensor, Tensor] | None = None  # (step, sorted ids, b_{t-1}) of the last predict
+
+    def _pools(self, pool: PromptPool) -> tuple[Tensor | None, int]:
+        mode = self.options.pooling
+        if mode == "none":
+            return None, 0
+        if mode == "global":
+            return None, 1
+        clusters = pool.clusters() if callable(pool.clusters) else pool.clusters
+        if clusters is None:
+            raise ValueError("pooling='cluster' needs pool.clusters (an integer group per prompt); "
+                             "use pooling='global' or 'none' for a pool without clusters")
+        clusters = torch.as_tensor(clusters)
+        if clusters.is_floating_point() or clusters.dtype == torch.bool:
+            raise TypeError(f"pool.clusters must be integers, got dtype {clusters.dtype}")
+        if int(clusters.min()) >= 0 and int(clusters.max()) < clusters.shape[0]:
+            return clusters, int(clusters.max()) + 1
+        labels, index = torch.unique(clusters, return_inverse=True)
+        return index.to(torch.int32), labels.shape[0]
+
+    # -- reading the state as of a step ---------------------------------------------------------
+    def prior_for(self, ids: Tensor, step: int) -> Tensor:
+        """Dirichlet prior of each prompt's rows as of step - 1: alpha0, or the pooled matrix."""
+        if self.pool_excess is None:
+            return self.prior
+        o = self.options
+        waited = step - 1 - int(self.pool_step)
+        fade = o.pool_decay ** waited if int(self.pool_step) >= 0 and waited > 0 else 1.0
+        if self.cluster_index is None:  # one shared matrix: keep it [3, 3]
+            return o.pool_strength * row_normalise(self.prior + fade * self.pool_excess[0])
+        shared = self.pool_excess.index_select(0, self.cluster_index.index_select(0, ids).long())
+        return o.pool_strength * row_normalise(torch.add(self.prior, shared, alpha=fade))
+
+    def initial_belief(self) -> Tensor:
+        o = self.options
+        if o.initial_belief is not None:
+            return torch.tensor(o.initial_belief, dtype=torch.float32)
+        first = self.fit_sums[_FIRST_STATES]
+        return ((o.fit_prior_weight / NUM_STATES + first) / (o.fit_prior_weight + first.sum())).float()
+
+    def rate_beta(self) -> tuple[float, float, int]:
+        """(a, b, K): the base Beta of success rates, moment-matched to the observed s/n, and the usual k."""
+        o = self.options
+        sums, w0 = self.fit_sums.tolist(), o.fit_prior_weight
+        mean = (0.5 * w0 + sums[_RATE_SUM]) / (w0 + sums[_RATE_WEIGHT])  # prior: Beta(1, 1)
+        second = (w0 / 3.0 + sums[_PAIR_SUM]) / (w0 + sums[_PAIR_WEIGHT])  # E[S(S-1)] / (n(n-1)) = E[p^2]
+        spread = mean * (1.0 - mean)
+        variance = min(max(second - mean * mean, 1e-4 * spread), 0.98 * spread)
+        concentration = spread / variance - 1.0
+        trials = (o.rollouts * w0 + sums[_TRIALS_SUM]) / (w0 + sums[_RATE_WEIGHT])
+        return max(mean * concentration, 1e-2), max((1.0 - mean) * concentration, 1e-2), max(2, round(trials))
+
+    def _history(self, ids: Tensor, step: int):
+        """Per prompt: belief after its last update, row prior, excess counts, steps since, unseen."""
+        code = self.last_state.index_select(0, ids).long()
+        unseen = code == UNSEEN
+        beliefs = torch.cat([torch.eye(NUM_STATES), self.initial_belief().unsqueeze(0)])  # row UNSEEN: initial
+        start = beliefs.index_select(0, code)
+        since = (step - self.last_step.index_select(0, ids).long()).masked_fill_(unseen, 0)
+        return start, self.prior_for(ids, step), self.excess.index_select(0, ids), since, unseen
+
+    def _previous(self, ids: Tensor, step: int):
+        """Each prompt as of step - 1: belief b_{t-1}, concentration alpha_{t-1}, plus its history.
+
+        Beliefs that the last `predict` at this step already computed are reused (the state has
+        not changed since: every update clears them), so `observe` pays only for prompts it adds.
+        """
+        start, prior, excess, since, unseen = self._history(ids, step)
+        before = (since - 1).clamp_min(0)
+        reused = None
+        if self._recent is not None and self._recent[0] == step:
+            _, known, beliefs = self._recent
+            at = torch.searchsorted(known, ids).clamp_max(known.shape[0] - 1)
+            found = known.index_select(0, at) == ids
+            reused = found.unsqueeze(-1), beliefs.index_select(0, at)
+            before = before.masked_fill(found, 0)
+        previous = propagate(start, prior, excess, self.options.decay, before, self.options.catchup_tol)
+        if reused is not None:
+            previous = torch.where(reused[0], reused[1], previous)
+        concentration = prior + decay_factor(self.options.decay, (since - 1).clamp_min(0)) * excess
+        return previous, concentration, start, since, unseen, excess
+
+    def state_belief(self, ids: Tensor, step: int) -> Tensor:
+        """w_t [n, 3]: the predicted state at `step`, before its outcome. Prompts never rolled out
+        get the initial belief; a prompt updated at this very step gets its observed state."""
+        ids = self.check_ids(ids)
+        step = int(step)
+        previous, concentration, start, since, _, _ = self._previous(ids, step)
+        moved = (previous.unsqueeze(-1) * row_normalise(concentration)).sum(-2)
+        order = torch.argsort(ids)
+        self._recent = (step, ids.index_select(0, order), previous.index_select(0, order))
+        return torch.where((since >= 1).unsqueeze(-1), moved, start)
+
+    def transition_concentration(self, ids: Tensor, step: int) -> Tensor:
+        """alpha [n, 3, 3] at the end of `step` if the prompts are not rolled out then."""
+        ids = self.check_ids(ids)
+        _, prior, excess, since, _ = self._history(ids, int(step) + 1)
+        return prior + decay_factor(self.options.decay, (since - 1).clamp_min(0)) * excess
+
+    # -- the predictor calls ----------------------------------------------------------------------
+    def _predict(self, ids: Tensor, step: int) -> ThreeStateMixturePosterior:
+        a, b, k = self.rate_beta()
+        return ThreeStateMixturePosterior(self.state_belief(ids, step), a, b, k)
+
+    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
+        o = self.options
+        if not -2**31 < step < 2**31 - 1:
+            raise ValueError(f"step {step} is outside the int32 range the predictor stores")
+        seen_since = self.last_step.index_select(0, ids).long()
+        stale = (self.last_state.index_select(0, ids) != UNSEEN) & (seen_since >= step)
+        if bool(stale.any()):
+            i = int(torch.nonzero(stale)[0])
+            raise ValueError(f"step {step} is not after the last update of prompt id {int(ids[i])} "
+                             f"(step {int(seen_since[i])}); steps must increase")
+        previous, concentration, _, since, unseen, excess = self._previous(ids, step)
+        self._recent = None  # the state changes below
+        states = states_of(successes, trials)
+        xi, predictive = soft_counts(previous, row_normalise(concentration), states)
+        # alpha_t = lam alpha_{t-1} + (1 - lam) prior + xi  <=>  E_t = lam**since E + xi
+        self.excess.index_copy_(0, ids, decay_factor(o.decay, since) * excess + xi)
+        self.last_state.index_copy_(0, ids, states.to(torch.int8))
+        self.last_step.index_fill_(0, ids, step)
+        if self.pool_excess is not None:
+            self._update_pool(ids, xi, step)
+        self._update_fits(successes.double(), trials.double(), states, unseen, step)
+        chosen = predictive.gather(1, states.unsqueeze(1)).squeeze(1)
+        return {"state_log_prob": float(chosen.clamp_min(1e-30).log().mean())}
+
+    def _update_pool(self, ids: Tensor, xi: Tensor, step: int) -> None:
+        if int(self.pool_step) >= 0:
+            self.pool_excess.mul_(self.options.pool_decay ** max(step - int(self.pool_step), 0))
+        if self.cluster_index is None:
+            self.pool_excess[0] += xi.sum(0)
+        else:
+            self.pool_excess.index_add_(0, self.cluster_index.index_select(0, ids).long(), xi)
+        self.pool_step.fill_(step)
+
+    def _update_fits(self, successes: Tensor, trials: Tensor, states: Tensor, unseen: Tensor, step: int) -> None:
+        if int(self.fit_step) >= 0:
+            self.fit_sums.mul_(self.options.fit_decay ** max(step - int(self.fit_step), 0))
+        pairs = (trials >= 2).double()
+        pair_rate = successes * (successes - 1) / (trials * (trials - 1)).clamp_min(1.0)  # 0 where trials = 1
+        batch = torch.stack([torch.tensor(float(successes.numel()), dtype=torch.float64), (successes / trials).sum(),
+                             pairs.sum(), pair_rate.sum(), trials.sum()])
+        self.fit_sums[:_FIRST_STATES.start] += batch
+        self.fit_sums[_FIRST_STATES] += torch.bincount(states[unseen], minlength=NUM_STATES).double()
+        self.fit_step.fill_(step)
+
+    # -- state --------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        state = {"excess": self.excess.clone(), "last_state": self.last_state.clone(),
+                 "last_step": self.last_step.clone(), "fit_sums": self.fit_sums.clone(),
+                 "fit_step": self.fit_step.clone()}
+        if self.pool_excess is not None:
+            state["pool_excess"] = self.pool_excess.clone()
+            state["pool_step"] = self.pool_step.clone()
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        expected = set(self._state_keys())
+        if set(state) != expected:
+            raise ValueError(f"hmm3 state has keys {sorted(state)}, expected {sorted(expected)} "
+                             f"(pooling={self.options.pooling!r})")
+        for key in expected:
+            current = getattr(self, key)
+            if state[key].shape != current.shape or state[key].dtype != current.dtype:
+                raise ValueError(f"hmm3 state[{key!r}] has shape {tuple(state[key].shape)} and dtype "
+                                 f"{state[key].dtype}, expected {tuple(current.shape)} and {current.dtype}")
+        for key in expected:
+            setattr(self, key, state[key].clone())
+        self._recent = None
+
+    def _state_keys(self) -> list[str]:
+        keys = ["excess", "last_state", "last_step", "fit_sums", "fit_step"]
+        return keys + (["pool_excess", "pool_step"] if self.pool_excess is not None else [])
+
+
+class PooledThreeStateHMMOptions(ThreeStateHMMOptions):
+    pooling: Literal["none", "cluster", "global"] = Field(
+        "cluster", description="share transition counts within pool.clusters (the pooled variant's default)")
+
+
+class PooledThreeStateHMM(ThreeStateHMM):
+    """The pooled variant under its own name, so ablations and reports tell it apart from DPS."""
+
+    name = "hmm3_pooled"
+    Options = PooledThreeStateHMMOptions
