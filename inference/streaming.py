@@ -35,13 +35,17 @@ class StreamingSVI:
         self.model, self.guide, self.steps = model, guide, steps
         # ClippedAdam: gradient clipping keeps a bad batch from wrecking a warm-started guide;
         # lr_decay (per step) lets long one-off fits settle instead of jittering at lr.
-        self.optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": lr_decay,
-                                             "clip_norm": clip_norm if clip_norm is not None else float("inf")})
+        self._optim_args = {"lr": lr, "lrd": lr_decay,
+                            "clip_norm": clip_norm if clip_norm is not None else float("inf")}
         self.loss = loss if loss is not None else Trace_ELBO()
-        self._svi = SVI(model, guide, self.optim, loss=self.loss)
+        self._new_optimiser()
         with pyro.get_param_store().scope() as state:
             pass
         self._store_state = state
+
+    def _new_optimiser(self) -> None:
+        self.optim = pyro.optim.ClippedAdam(dict(self._optim_args))
+        self._svi = SVI(self.model, self.guide, self.optim, loss=self.loss)
 
     def scope(self):
         """Context in which `pyro.param` reads and writes this engine's parameters."""
@@ -86,8 +90,15 @@ class StreamingSVI:
         self._store_state = state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": copy.deepcopy(self._store_state), "optim": copy.deepcopy(self.optim.get_state())}
+        # The optimiser keys its state by parameter name, looked up in the active param store, so
+        # read it inside this engine's scope; state loaded but not yet used by a step is pending.
+        with self.scope():
+            optim = self.optim.get_state()
+        optim.pop(None, None)  # optimisers of parameter objects no longer in the store
+        optim = {**self.optim._state_waiting_to_be_consumed, **optim}
+        return {"params": copy.deepcopy(self._store_state), "optim": copy.deepcopy(optim)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._store_state = copy.deepcopy(state["params"])
+        self._new_optimiser()  # drop per-parameter optimisers bound to the replaced tensors
         self.optim.set_state(copy.deepcopy(state["optim"]))

@@ -59,3 +59,11 @@ def test_forgetting_composes_geometrically():
     assert loc.item() == pytest.approx(0.0) and scale.item() == pytest.approx(1.0)
     loc, scale = decay_gaussian(torch.tensor(2.0), torch.tensor(0.1), 0.0, 1.0, 1.0)
     assert loc.item() == pytest.approx(2.0) and scale.item() == pytest.approx(0.1)
+
+
+def test_optimiser_state_is_saved_by_parameter_name():
+    pyro.set_rng_seed(0)
+    engine = StreamingSVI(gaussian_model, gaussian_guide, steps=5, lr=0.05)
+    engine.update(torch.tensor(0.0), torch.full((20,), 1.0))
+    saved = engine.state_dict()["optim"]
+    assert set(saved) == {"loc", "scale"}

@@ -1,0 +1,358 @@
+"""Sparse variational GP over prompt embeddings: predicts prompts it has never rolled out.
+
+Generative model (Hensman et al. 2015, whitened inducing values, logit link):
+
+    u ~ Normal(0, I_M)                                   inducing values at Z (M prompts)
+    f(x) = m + K_xZ K_ZZ^{-1/2} u  (+ the residual GP)    logit of the success rate
+    s_j ~ Binomial(k_j, sigmoid(f(x_j)))  ** w_j          w_j = lam ** (step - step_j)
+
+Pyro integration: GPyTorch's own `ApproximateGP.pyro_model` / `pyro_guide` with `pyro.module`.
+The inducing values are then an ordinary Pyro sample site ("gp.u", KL to the prior analytic
+under `TraceMeanField_ELBO`), the Binomial likelihood is an ordinary observe statement, and age
+weights and minibatching are Pyro's own `poutine.scale` and `plate(subsample_size=...)`. The
+kernel, mean and variational parameters go through `pyro.module` into the shared
+`inference.streaming.StreamingSVI` engine's private parameter store, so this predictor gets the
+same warm start, clipped Adam and rollback-on-failure as every other one. (GPyTorch's
+`VariationalELBO` would have needed a custom GPyTorch likelihood and a second optimiser loop
+outside the engine.) `pyro.module(..., update_module_params=True)` makes the parameter store
+the source of truth: after a rollback or a `load_state_dict` the module is re-pointed at the
+store's tensors.
+
+Non-stationarity: exponential forgetting through a bounded replay buffer of recent
+observations (prompt id, s, k, step), each weighted lam ** age in the likelihood. For a
+Beta-Bernoulli model this is exactly MoPPS' decay toward the prior, so the GP forgets at the
+rate the other predictors do, and `forgetting` means the same thing across predictors. A time
+kernel (step as an input) was the alternative; it needs inducing points that move forward in
+time and extrapolates the time trend at the edge of the data, where a stationary kernel
+reverts to the mean; weighting old outcomes down is simpler, bounded and easy to check.
+Every update refits the whole buffer (minibatched), so the GP does not drift toward whatever
+the latest batch happened to contain.
+
+Inputs: the pool's feature rows, centred and projected onto their top `pca_dim` principal
+components (fitted once on a sample of the pool). This keeps kernel evaluations cheap and puts
+a stationary kernel on the directions where the prompts actually differ. Inducing points are a
+seeded random subset of the pool's prompts (fixed by default: the pool is known in advance).
+Kernel lengthscale, output scale and constant mean are fitted by the same ELBO unless
+`learn_hyperparameters=False`.
+
+`predict` reads the GP as the last `observe` left it (its `step` is not used: forgetting acts
+when outcomes are folded in). Prompts never rolled out get the GP's prediction at their
+embedding, reverting to the fitted mean far from any observed prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import gpytorch
+import pyro
+import pyro.distributions as dist
+import torch
+from linear_operator.utils.cholesky import psd_safe_cholesky
+from pydantic import Field
+from pyro.infer import TraceMeanField_ELBO
+from torch import Tensor
+
+from mpts.inference.streaming import StreamingSVI
+
+from .base import PredictorOptions, PromptPool, RiskPredictor
+from .posteriors import LogitNormalPosterior
+
+_PCA_SAMPLE = 20_000  # rows of the pool used to fit the projection
+_PREDICT_CHUNK = 8192  # candidates per GP evaluation, bounds memory for huge candidate sets
+_MODULE_NAME = "gp"
+
+
+class EmbeddingGPOptions(PredictorOptions):
+    num_inducing: int = Field(256, ge=1, description="M inducing points (capped at the pool size)")
+    kernel: Literal["rbf", "matern52", "matern32"] = "rbf"
+    lengthscale_init: float | None = Field(None, gt=0.0, description="None: median distance between inducing points")
+    outputscale_init: float = Field(1.0, gt=0.0, description="prior variance of the logit")
+    ard: bool = Field(False, description="one lengthscale per input dimension")
+    learn_inducing_locations: bool = False
+    learn_hyperparameters: bool = Field(True, description="fit kernel and mean by the ELBO; False: keep their initial values")
+    pca_dim: int | None = Field(64, ge=1, description="project features on this many principal components; None: raw")
+    svi_steps: int = Field(4, ge=1, description="SVI steps per observe() call (warm-started)")
+    lr: float = Field(0.1, gt=0.0, description="Adam step size (ClippedAdam, as the engine sets it up)")
+    num_particles: int = Field(1, ge=1, description="Monte Carlo draws of f per SVI step")
+    forgetting: float = Field(0.9, gt=0.0, le=1.0, description="lam: an outcome `age` steps old has weight lam**age")
+    buffer_size: int = Field(8192, ge=1, description="most recent observations kept for refitting")
+    minibatch_size: int = Field(512, ge=1, description="buffer rows per SVI step")
+    seed: int | None = Field(None, description="overrides the run seed for this predictor's randomness")
+
+
+class LogitGP(gpytorch.models.ApproximateGP):
+    """The latent logit f: constant mean, scaled stationary kernel, whitened inducing values."""
+
+    def __init__(self, inducing_points: Tensor, kernel: str, lengthscale: float, outputscale: float,
+                 ard: bool, learn_inducing_locations: bool, learn_hyperparameters: bool):
+        variational = gpytorch.variational.CholeskyVariationalDistribution(inducing_points.shape[0])
+        strategy = gpytorch.variational.VariationalStrategy(
+            self, inducing_points, variational, learn_inducing_locations=learn_inducing_locations)
+        super().__init__(strategy)
+        ard_dims = inducing_points.shape[1] if ard else None
+        if kernel == "rbf":
+            base = gpytorch.kernels.RBFKernel(ard_num_dims=ard_dims)
+        else:
+            base = gpytorch.kernels.MaternKernel(nu=2.5 if kernel == "matern52" else 1.5, ard_num_dims=ard_dims)
+        base.lengthscale = torch.full_like(base.lengthscale, lengthscale)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(base)
+        self.covar_module.outputscale = outputscale
+        self.learn_hyperparameters = learn_hyperparameters
+
+    def register(self) -> None:
+        """Put the trainable parameters in the active Pyro store (and take the store's values).
+
+        With fixed hyperparameters only the variational strategy is registered, so SVI never
+        sees the kernel and mean parameters.
+        """
+        if self.learn_hyperparameters:
+            pyro.module(_MODULE_NAME, self, update_module_params=True)
+        else:
+            pyro.module(_MODULE_NAME + ".q", self.variational_strategy, update_module_params=True)
+
+    def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def model(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, weights: Tensor,
+          minibatch_size: int | None) -> None:
+    gp.register()
+    observations = pyro.plate("observations", x.shape[0], subsample_size=minibatch_size, dim=-1)
+    idx = observations.indices
+    f_prior = gp.pyro_model(x[idx], name_prefix=_MODULE_NAME)  # samples "gp.u" ~ p(u)
+    with observations, pyro.poutine.scale(scale=weights[idx]):
+        f = pyro.sample(f"{_MODULE_NAME}.f", f_prior)  # masked: q(f) is implied by q(u)
+        pyro.sample(f"{_MODULE_NAME}.s", dist.Binomial(trials[idx], logits=f), obs=successes[idx])
+
+
+def guide(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, weights: Tensor,
+          minibatch_size: int | None) -> None:
+    gp.register()
+    gp.train()  # drops GPyTorch's memo of q(u), whose graph the previous step's backward freed
+    observations = pyro.plate("observations", x.shape[0], subsample_size=minibatch_size, dim=-1)
+    f_posterior = gp.pyro_guide(x[observations.indices], name_prefix=_MODULE_NAME)  # samples "gp.u" ~ q(u)
+    with observations:
+        pyro.sample(f"{_MODULE_NAME}.f", f_posterior)
+
+
+def principal_projection(features: Tensor, dim: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(mean [D], basis [D, q]) of the top-`dim` principal components of a sample of rows."""
+    n, d = features.shape
+    rows = features if n <= _PCA_SAMPLE else features[torch.randperm(n, generator=generator)[:_PCA_SAMPLE]]
+    rows = rows.to(torch.float64)
+    mean = rows.mean(0)
+    if dim is None or dim >= d:
+        return mean.float(), torch.eye(d)
+    covariance = (rows - mean).T @ (rows - mean) / max(rows.shape[0] - 1, 1)
+    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    return mean.float(), vectors[:, -dim:].flip(1).float().contiguous()
+
+
+class EmbeddingGP(RiskPredictor):
+    name = "gp"
+    Options = EmbeddingGPOptions
+
+    def __init__(self, pool: PromptPool, options: EmbeddingGPOptions | None = None, seed: int = 0):
+        super().__init__(pool, options, seed)
+        o = self.options
+        self.features = _checked_features(pool)
+        seed = self.seed = o.seed if o.seed is not None else seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.feature_mean, self.projection = principal_projection(self.features, o.pca_dim, self.generator)
+
+        num_inducing = min(o.num_inducing, self.num_prompts)
+        inducing_ids = torch.randperm(self.num_prompts, generator=self.generator)[:num_inducing]
+        inducing_points = self.inputs(inducing_ids)
+        lengthscale = o.lengthscale_init if o.lengthscale_init is not None else _median_distance(inducing_points)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.gp = LogitGP(inducing_points, o.kernel, lengthscale, o.outputscale_init, o.ard,
+                              o.learn_inducing_locations, o.learn_hyperparameters)
+            with torch.no_grad():  # initialise q(u) to the prior now, so every parameter exists from the start
+                self.gp.train()
+                self.gp(inducing_points[:1])
+
+        loss = TraceMeanField_ELBO(num_particles=o.num_particles, vectorize_particles=o.num_particles > 1,
+                                   max_plate_nesting=1)
+        self.engine = StreamingSVI(model, guide, steps=o.svi_steps, lr=o.lr, loss=loss)
+        self._refresh()  # registers the module's parameters in the engine's store
+
+        # Replay buffer: a ring of the most recent observations, as tensors.
+        size = o.buffer_size
+        self.buffer_ids = torch.zeros(size, dtype=torch.int64)
+        self.buffer_successes = torch.zeros(size, dtype=torch.float32)
+        self.buffer_trials = torch.zeros(size, dtype=torch.float32)
+        self.buffer_steps = torch.zeros(size, dtype=torch.int64)
+        self.buffer_inputs = torch.zeros(size, self.projection.shape[1])  # their GP inputs: no re-projection per refit
+        self.buffer_count = 0  # rows filled (<= size)
+        self.buffer_head = 0  # next row to overwrite
+
+    # -- inputs -----------------------------------------------------------------------------
+    def inputs(self, ids: Tensor) -> Tensor:
+        """GP inputs of these prompts: centred, projected features (float32 [n, q])."""
+        return self.features[ids].float() @ self.projection - self.feature_mean @ self.projection
+
+    # -- predict ----------------------------------------------------------------------------
+    def _predict(self, ids: Tensor, step: int) -> LogitNormalPosterior:
+        loc, scale = self.latent(ids)
+        return LogitNormalPosterior(loc=loc, scale=scale)
+
+    def latent(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and standard deviation of the logit f for these prompts.
+
+        Same numbers as GPyTorch's eval-mode `gp(x)` (a test checks), with everything that does
+        not depend on x folded once per update into `self._predictive` (float64):
+        mean = m(x) + K_xZ L^-T mu and var = k(x, x) + K_xZ L^-T (S - I) L^-1 K_Zx, so a batch
+        of candidates costs one [n, M] x [M, M] product instead of a triangular solve and two
+        products.
+        """
+        mean_weights, middle = self._predictive
+        gp, inducing = self.gp, self.gp.variational_strategy.inducing_points
+        jitter = self.gp.variational_strategy.jitter_val
+        locs, scales = [], []
+        with torch.no_grad():
+            for chunk in ids.split(_PREDICT_CHUNK):
+                x = self.inputs(chunk)
+                cross = gp.covar_module(x, inducing).to_dense().double()  # K_xZ [n, M]
+                loc = gp.mean_module(x).double() + cross @ mean_weights
+                prior_var = gp.covar_module(x, diag=True).double() + jitter
+                var = prior_var + ((cross @ middle) * cross).sum(-1)
+                locs.append(loc.float())
+                scales.append(var.clamp_min(1e-10).sqrt().float())
+        return torch.cat(locs), torch.cat(scales)
+
+    def _predictive_terms(self) -> tuple[Tensor, Tensor]:
+        """(L^-T mu, L^-T (S - I) L^-1) in float64, from the GP's current parameters."""
+        strategy = self.gp.variational_strategy
+        with torch.no_grad():
+            inducing = strategy.inducing_points
+            k_zz = self.gp.covar_module(inducing).add_jitter(strategy.jitter_val).to_dense().double()
+            chol = psd_safe_cholesky(k_zz)
+            identity = torch.eye(k_zz.shape[0], dtype=torch.float64)
+            chol_inv = torch.linalg.solve_triangular(chol, identity, upper=False)  # L^-1
+            q_u = strategy.variational_distribution
+            mean_weights = chol_inv.T @ q_u.mean.double()
+            middle = chol_inv.T @ (q_u.covariance_matrix.double() - identity) @ chol_inv
+        return mean_weights, 0.5 * (middle + middle.T)
+
+    # -- observe ----------------------------------------------------------------------------
+    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
+        """Add the batch to the buffer and refit; returns {"elbo": [negative ELBO per SVI step]}."""
+        o = self.options
+        buffer = self._appended(ids, successes, trials, step)
+        count = buffer["count"]
+        age = (step - buffer["steps"][:count]).clamp_min(0).to(torch.float32)
+        weights = o.forgetting ** age
+        x = buffer["inputs"][:count]
+        minibatch = o.minibatch_size if o.minibatch_size < count else None
+        generator_state = self.generator.get_state()
+        update_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        self.gp.train()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(update_seed)  # subsamples and draws follow this predictor's seed
+                # Inside the engine's scope so its optimiser state is saved under parameter names.
+                with self.engine.scope():
+                    losses = self.engine.update(self.gp, x, buffer["successes"][:count],
+                                                buffer["trials"][:count], weights, minibatch)
+        except BaseException:
+            self.generator.set_state(generator_state)
+            self._refresh()  # the engine restored its store; point the module back at it
+            raise
+        self.buffer_ids, self.buffer_successes = buffer["ids"], buffer["successes"]
+        self.buffer_trials, self.buffer_steps = buffer["trials"], buffer["steps"]
+        self.buffer_inputs = buffer["inputs"]
+        self.buffer_count, self.buffer_head = count, buffer["head"]
+        self._refresh()
+        return {"elbo": losses}
+
+    def _appended(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
+        """The buffer with this batch written in (new tensors; committed only if the update succeeds)."""
+        size = self.options.buffer_size
+        n = ids.shape[0]
+        if n > size:  # a batch larger than the buffer: keep its last `size` rows
+            ids, successes, trials, n = ids[-size:], successes[-size:], trials[-size:], size
+        rows = (self.buffer_head + torch.arange(n)) % size
+        out = {"ids": self.buffer_ids.clone(), "successes": self.buffer_successes.clone(),
+               "trials": self.buffer_trials.clone(), "steps": self.buffer_steps.clone(),
+               "inputs": self.buffer_inputs.clone()}
+        out["ids"][rows] = ids
+        out["successes"][rows] = successes
+        out["trials"][rows] = trials
+        out["steps"][rows] = step
+        out["inputs"][rows] = self.inputs(ids)
+        out["count"] = min(self.buffer_count + n, size)
+        out["head"] = (self.buffer_head + n) % size
+        return out
+
+    def _refresh(self) -> None:
+        """Re-point the module at the engine's parameters and drop GPyTorch's cached solves."""
+        with self.engine.scope():
+            self.gp.register()
+        self.gp.train()
+        self.gp.eval()
+        self._predictive = self._predictive_terms()
+
+    # -- state ------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        with self.engine.scope():
+            engine = self.engine.state_dict()
+        return {
+            "engine": engine,
+            "gp": {name: value.detach().clone() for name, value in self.gp.state_dict().items()},
+            "feature_mean": self.feature_mean.clone(), "projection": self.projection.clone(),
+            "buffer_ids": self.buffer_ids.clone(), "buffer_successes": self.buffer_successes.clone(),
+            "buffer_trials": self.buffer_trials.clone(), "buffer_steps": self.buffer_steps.clone(),
+            "buffer_inputs": self.buffer_inputs.clone(),
+            "buffer_count": self.buffer_count, "buffer_head": self.buffer_head,
+            "generator": self.generator.get_state(),
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        if state["buffer_ids"].shape[0] != self.options.buffer_size:
+            raise ValueError(f"state has buffer_size {state['buffer_ids'].shape[0]}, "
+                             f"this predictor has {self.options.buffer_size}")
+        if state["projection"].shape != self.projection.shape:
+            raise ValueError(f"state projects features to shape {tuple(state['projection'].shape)}, "
+                             f"this predictor to {tuple(self.projection.shape)}")
+        current = self.gp.state_dict()
+        if set(state["gp"]) != set(current) or any(state["gp"][k].shape != v.shape for k, v in current.items()):
+            raise ValueError("state's GP has other parameters than this one "
+                             "(num_inducing, kernel, ard or learn_inducing_locations differ)")
+        self.gp.load_state_dict(state["gp"])  # fixed parameters and buffers; the store re-points the rest
+        self.engine.load_state_dict(state["engine"])
+        self.feature_mean, self.projection = state["feature_mean"].clone(), state["projection"].clone()
+        self.buffer_ids = state["buffer_ids"].clone()
+        self.buffer_successes = state["buffer_successes"].clone()
+        self.buffer_trials = state["buffer_trials"].clone()
+        self.buffer_steps = state["buffer_steps"].clone()
+        self.buffer_inputs = state["buffer_inputs"].clone()
+        self.buffer_count, self.buffer_head = int(state["buffer_count"]), int(state["buffer_head"])
+        self.generator.set_state(state["generator"])
+        self._refresh()
+
+
+def _checked_features(pool: PromptPool) -> Tensor:
+    features = pool.features
+    if features is None:
+        raise ValueError("the 'gp' predictor needs prompt embeddings in pool.features "
+                         "(e.g. mpts.training.embeddings.cached_embeddings(texts, path)); this pool has none")
+    features = torch.as_tensor(features)
+    if features.dim() != 2:
+        raise ValueError(f"pool.features must be a 2-D [prompts, dims] tensor, got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        features = features.float()
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("pool.features contains NaN or infinite values")
+    return features
+
+
+def _median_distance(points: Tensor) -> float:
+    """Median pairwise distance: a lengthscale at which the kernel neither saturates nor vanishes."""
+    distances = torch.cdist(points.double(), points.double())
+    off_diagonal = distances[~torch.eye(points.shape[0], dtype=torch.bool)]
+    median = float(off_diagonal.median()) if off_diagonal.numel() else 1.0
+    return median if math.isfinite(median) and median > 0 else 1.0
