@@ -56,3 +56,17 @@ def test_invalid_yaml(tmp_path):
     path.write_text("steps: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_plugins_are_imported_so_their_predictors_validate(tmp_path, monkeypatch):
+    (tmp_path / "my_plugin_mod.py").write_text(
+        "from mpts.models import register_predictor\n"
+        "from mpts.models.beta_bernoulli import BetaBernoulli\n"
+        "@register_predictor\n"
+        "class Mine(BetaBernoulli):\n"
+        "    name = 'mine_from_plugin'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_config("quickstart", ["plugins=[my_plugin_mod]", "predictor={name: mine_from_plugin, decay: 0.5}"])
+    assert config.predictor.name == "mine_from_plugin"
+    with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_module_x'"):
+        load_config("quickstart", ["plugins=[no_such_module_x]"])

@@ -10,6 +10,7 @@ named component's own `Options` model.
 from __future__ import annotations
 
 import copy
+import importlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "run"
+    plugins: list[str] = Field(default_factory=list, description="modules imported first (they may register "
+                               "predictors); lets spawned ablation workers see user-defined predictors")
     seed: int = 0
     steps: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=1, description="B: prompts rolled out (and trained on) per step")
@@ -79,6 +82,16 @@ class RunConfig(BaseModel):
     predictor: ComponentConfig = ComponentConfig(name="beta")
     acquisition: ComponentConfig = ComponentConfig(name="thompson_target")
     ablation: AblationConfig = AblationConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, raw: Any) -> Any:
+        for module in (raw.get("plugins") or []) if isinstance(raw, dict) else []:
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise ValueError(f"plugins: cannot import {module!r} ({error})") from None
+        return raw
 
     @model_validator(mode="after")
     def _components_exist(self) -> "RunConfig":
