@@ -66,3 +66,10 @@ def test_point_mass_p_informative():
     posterior = PointMassPosterior(torch.tensor([0.0, 0.5, 1.0]))
     expected = torch.tensor([0.0, 1 - 2 * 0.5 ** 8, 0.0])
     assert torch.allclose(posterior.p_informative(8), expected, atol=1e-6)
+
+
+def test_logit_normal_p_informative_matches_its_predictive_pmf():
+    posterior = LogitNormalPosterior(torch.tensor([-2.0, 0.0, 1.5]), torch.tensor([0.5, 1.0, 2.0]))
+    k = torch.full((3,), 8.0)
+    via_pmf = 1 - posterior.log_prob(torch.zeros(3), k).exp() - posterior.log_prob(k, k).exp()
+    assert torch.allclose(posterior.p_informative(8), via_pmf, atol=1e-5)
