@@ -1,0 +1,540 @@
+"""Identifier-conditioned VAE risk predictor (MPTS): a latent learner state decoded per prompt.
+
+A generative model of the learner's optimisation history, one RL step t at a time:
+
+    z_t ~ N(m', s'^2)                       learner state; prior = last posterior widened toward N(0, I)
+    e_i = r[h_1(i)] + ... + r[h_R(i)]       the prompt's code: hashed rows, each r ~ N(its row belief)
+    (g_i, a_i) = decoder(pool.features[i], z_t)
+    s_i ~ Binomial(k_i, sigmoid(g_i + a_i . e_i))
+
+Identifier features are the prompt's hashed code and its optional pool features. The decoder is
+linear in the code, so given z_t the code's uncertainty reaches the logit as an exact Gaussian
+term (the per-prompt epistemic term): for a prompt nobody has rolled out (code at its N(0, I)
+prior) |a_i| is the learned spread of prompts with those features; a prompt seen often is sharp.
+z_t[0] also lifts every logit directly (a general competence, as ability in item response
+theory), which the network refines.
+
+Inference per observe() (SVI on a Pyro model + guide, warm-started by `StreamingSVI`):
+- z_t: amortised guide, permutation-invariant: a deep-sets encoder mean-pools (features_i,
+  code_i, expected logit_i, s_i / k_i, ...) over the batch into a Gaussian likelihood factor
+  that multiplies the prior, so an uninformative batch leaves the prior as it was.
+- decoder and encoder weights: point estimates (`pyro.module`); streaming ELBO
+  E_q[log p(s | z_t)] - KL(q(z_t) || prior), where p(s | z_t) has the code integrated out exactly
+  (1-D Gauss-Hermite along a_i). The last few steps' prompts ride along in the likelihood, each
+  at the z inferred for its own step: fitted to one step at a time the decoder followed the
+  learner with its own weights and z went unused (posterior collapse).
+- codes: Bayesian rather than point embeddings (a point embedding trained by Adam fits each
+  batch in-sample, and the decoder then learned a collapsed spread: logit z-scores with RMS ~8).
+  After the SVI steps each prompt's logit posterior is moment-matched and its rows conditioned
+  on it (assumed-density filtering), with no optimiser state per row.
+New beliefs over z and the touched rows are written only after the update succeeded, so a
+failed update leaves everything as it was.
+
+`predict()` propagates z's uncertainty through the decoder to first order (closed-form Jacobian,
+one decoder pass for any number of prompts) and adds the code's variance: a per-prompt
+LogitNormal. Rows are brought up to date lazily (forgetting lam**steps waited) when read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pydantic import Field
+from pyro.distributions import constraints
+from pyro.infer import TraceMeanField_ELBO
+from torch import Tensor, nn
+
+from mpts.inference.forgetting import decay_gaussian
+from mpts.inference.streaming import StreamingSVI
+
+from .base import PredictorOptions, PromptPool, RiskPredictor
+from .posteriors import LogitNormalPosterior
+
+MODULE_NAME = "id_vae"
+_PRIME = 2**31 - 1  # universal hashing ((a x + b) mod P) mod B; a, x < 2^31 keeps a x inside int64
+_gh_x, _gh_w = np.polynomial.hermite_e.hermegauss(20)  # nodes for N(0, 1) expectations
+_GH_X = torch.tensor(_gh_x, dtype=torch.float32)
+_GH_LOGW = torch.tensor(np.log(_gh_w / math.sqrt(2 * math.pi)), dtype=torch.float32)
+
+
+class IdentifierVAEOptions(PredictorOptions):
+    latent_dim: int = Field(8, ge=1, le=64, description="L: size of the learner-state latent z_t")
+    embedding_dim: int = Field(4, ge=1, le=64, description="D: size of each prompt's code e_i")
+    hash_buckets: int = Field(2**16, ge=1, le=_PRIME, description="rows of the hashed code table")
+    num_hashes: int = Field(2, ge=1, le=8, description="R: rows per prompt id, summed")
+    hidden_dim: int = Field(32, ge=1, description="width of the decoder and encoder layers")
+    svi_steps: int = Field(5, ge=1, description="SVI steps per observe(), warm-started")
+    lr: float = Field(0.02, gt=0.0, description="Adam learning rate of the SVI steps")
+    clip_norm: float = Field(10.0, gt=0.0, description="gradient clipping of the SVI steps")
+    forgetting: float = Field(0.9, ge=0.0, le=1.0,
+                              description="z's posterior is tempered toward N(0, I) as forgetting**steps waited")
+    code_forgetting: float = Field(0.99, ge=0.0, le=1.0,
+                                   description="each row's belief is tempered toward its prior the same way")
+    replay_batches: int = Field(8, ge=0, description="recent steps the decoder is refitted on, each at its own z")
+    replay_prompts: int = Field(32, ge=1, description="prompts kept from each step for replay")
+    use_features: bool = Field(True, description="feed pool.features to decoder and encoder (when the pool has them)")
+    seed: int | None = Field(None, description="weights, hashes and SVI draws; None: the run seed")
+
+
+class PromptBlock(NamedTuple):
+    """Outcomes of one step's prompts with the belief over their codes before that step."""
+
+    features: Tensor | None  # float32 [n, F], standardised
+    rows_loc: Tensor  # [n, R, D] belief over each prompt's code rows
+    rows_var: Tensor  # [n, R, D]
+    successes: Tensor  # float32 [n]
+    trials: Tensor  # float32 [n]
+
+
+class ObservedBatch(NamedTuple):
+    """One observe() call's data, as the model and guide see it.
+
+    `prompts` holds this step's n prompts first, then the replayed prompts of recent steps, each
+    of which is decoded at the z inferred at its own step (`replay_z`).
+    """
+
+    prompts: PromptBlock
+    num_current: int
+    prior_loc: Tensor  # [L] belief over z before this batch
+    prior_scale: Tensor  # [L]
+    replay_z: Tensor  # [m, L], m >= 0
+
+
+class WidthScaledLinear(nn.Linear):
+    """y = W x / in + b with W ~ N(0, in): the same outputs at init as a standard layer, but one
+    Adam step (which moves every weight by about lr) moves y by O(lr) rather than O(lr * in).
+    Without it a 384-wide text embedding made the first updates diverge."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=math.sqrt(self.in_features / 3))  # Var(y) as nn.Linear's init
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x / self.in_features, self.weight, self.bias)
+
+
+class IdentifierNetworks(nn.Module):
+    """Decoder (feature trunk + z-conditioned head giving offset and code loadings) and z-encoder."""
+
+    def __init__(self, feature_dim: int, code_dim: int, latent_dim: int, hidden_dim: int):
+        super().__init__()
+        self.hidden_dim, self.latent_dim = hidden_dim, latent_dim
+        # The z path joins after the per-prompt trunk, so the Jacobian in z is one small matmul.
+        self.trunk = (nn.Sequential(WidthScaledLinear(feature_dim, hidden_dim), nn.SiLU(),
+                                    nn.Linear(hidden_dim, hidden_dim)) if feature_dim else None)
+        self.from_z = nn.Linear(latent_dim, hidden_dim)
+        self.head = nn.Linear(hidden_dim, 1 + code_dim)
+        with torch.no_grad():  # start at p ~ 0.5 with a broad spread of the logit across prompts
+            self.head.weight.mul_(0.1)
+            self.head.bias.copy_(torch.cat([torch.zeros(1), torch.full((code_dim,), 1.5 / math.sqrt(code_dim))]))
+        # Encoder: deep sets over (features_i, code_i, predicted logit_i, residual_i, rate_i, k_i^-1/2),
+        # mean-pooled, log n appended.
+        self.phi = nn.Sequential(WidthScaledLinear(feature_dim + code_dim + 4, hidden_dim), nn.SiLU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.SiLU())
+        self.rho = nn.Sequential(nn.Linear(hidden_dim + 1, hidden_dim), nn.SiLU(),
+                                 nn.Linear(hidden_dim, 2 * latent_dim))
+        with torch.no_grad():  # each prompt starts out worth precision ~0.1 about z (see `encode`)
+            self.rho[-1].bias[latent_dim:].fill_(-2.3)
+
+    def trunk_of(self, features: Tensor | None, n: int) -> Tensor:
+        return self.trunk(features) if self.trunk is not None else torch.zeros(n, self.hidden_dim)
+
+    def decode(self, trunk: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Offset g [n] and code loadings a [n, D] of the logit g + a . e, at one z [L] or one per prompt [n, L].
+
+        z_0 enters the offset directly with weight one (general competence); without that path a
+        change of the learner was absorbed by the prompts' codes instead of z.
+        """
+        out = self.head(nn.functional.silu(trunk + self.from_z(z)))
+        return out[:, 0] + z[..., 0], out[:, 1:]
+
+    def decode_belief(self, trunk: Tensor, z_loc: Tensor, z_scale: Tensor, code_loc: Tensor,
+                      code_var: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the logit with z ~ N(z_loc, z_scale^2) and e ~ N(code_loc, code_var).
+
+        Exact in e given z; first order (delta method) in z with the Jacobian in closed form.
+        """
+        pre = trunk + self.from_z(z_loc)
+        gate = torch.sigmoid(pre)
+        out = self.head(pre * gate)
+        offset, loadings = out[:, 0] + z_loc[0], out[:, 1:]
+        mean = offset + (loadings * code_loc).sum(1)
+        slope = gate * (1 + pre * (1 - gate))  # silu'(pre)
+        head_weight = self.head.weight[0] + code_loc @ self.head.weight[1:]  # d mean / d hidden, [n, H]
+        jacobian = (slope * head_weight) @ self.from_z.weight  # [n, L]
+        jacobian[:, 0] += 1.0  # the direct competence path
+        variance = (loadings.square() * code_var).sum(1) + (jacobian * z_scale).square().sum(1)
+        return mean, variance
+
+    def encode(self, features: Tensor | None, trunk: Tensor, code_loc: Tensor, successes: Tensor, trials: Tensor,
+               prior_loc: Tensor, prior_scale: Tensor) -> tuple[Tensor, Tensor]:
+        """q(z_t) = prior x a Gaussian factor read off the batch; returns (loc, scale).
+
+        Each pair also carries the decoder's prediction at the prior mean (as data, not as a
+        path for gradients), so the encoder reads how the batch departs from what was expected.
+        """
+        with torch.no_grad():
+            offset, loadings = self.decode(trunk, prior_loc)
+            expected = offset + (loadings * code_loc).sum(1)
+        rate = successes / trials
+        parts = [code_loc, (expected / 4).unsqueeze(1), (rate - torch.sigmoid(expected)).unsqueeze(1),
+                 rate.unsqueeze(1), trials.rsqrt().unsqueeze(1)]
+        if features is not None and self.trunk is not None:
+            parts.insert(0, features)
+        pooled = self.phi(torch.cat(parts, dim=1)).mean(0)
+        size = torch.tensor([math.log(code_loc.shape[0]) / 8.0], dtype=pooled.dtype)
+        factor_loc, log_precision = self.rho(torch.cat([pooled, size])).split(self.latent_dim)
+        # Evidence adds up over prompts (Fisher information), so the factor's precision is n times a
+        # per-prompt precision read off the pooled summary, on the log scale Adam moves easily.
+        factor_precision = code_loc.shape[0] * log_precision.clamp(max=10.0).exp()
+        prior_precision = prior_scale.pow(-2)
+        precision = prior_precision + factor_precision
+        loc = (prior_precision * prior_loc + factor_precision * factor_loc) / precision
+        return loc, precision.rsqrt()
+
+
+def code_logit(rows_loc: Tensor, rows_var: Tensor, loadings: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """eta = a . sum_r row_r: its mean [n], variance [n], and Cov(row, eta) per coordinate [n, R, D]."""
+    weighted = loadings.unsqueeze(1) * rows_var
+    eta_loc = (loadings.unsqueeze(1) * rows_loc).sum((1, 2))
+    eta_var = (loadings.unsqueeze(1) * weighted).sum((1, 2)).clamp_min(1e-8)
+    return eta_loc, eta_var, weighted
+
+
+def logit_posterior(eta_loc: Tensor, eta_var: Tensor, offset: Tensor, successes: Tensor,
+                    trials: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """eta ~ N(eta_loc, eta_var), s ~ Binomial(k, sigmoid(offset + eta)): log p(s), E[eta | s], Var[eta | s].
+
+    Gauss-Hermite quadrature centred at the posterior mode with the Laplace scale (the nodes
+    then sit where the posterior is, however peaked the likelihood is next to the prior); the
+    centre is held fixed under differentiation, the integrand is not.
+    """
+    centre, spread = _posterior_mode(eta_loc.detach(), eta_var.detach(), offset.detach(), successes, trials)
+    nodes = centre + spread * _GH_X.unsqueeze(1)  # [Q, n]
+    logits = offset + nodes
+    log_terms = (_GH_LOGW.unsqueeze(1) + 0.5 * _GH_X.square().unsqueeze(1)  # importance weights of N(centre, spread)
+                 - 0.5 * (nodes - eta_loc).square() / eta_var - 0.5 * eta_var.log()
+                 + successes * nn.functional.logsigmoid(logits) + (trials - successes) * nn.functional.logsigmoid(-logits))
+    log_marginal = torch.logsumexp(log_terms, 0) + spread.log() + _log_binomial(trials, successes)
+    w = torch.softmax(log_terms, dim=0)
+    post_loc = (w * nodes).sum(0)
+    post_var = (w * (nodes - post_loc).square()).sum(0).clamp(max=eta_var)
+    return log_marginal, post_loc, post_var
+
+
+def condition_rows(rows_loc: Tensor, rows_var: Tensor, offset: Tensor, loadings: Tensor,
+                   successes: Tensor, trials: Tensor) -> tuple[Tensor, Tensor]:
+    """Belief over each prompt's code rows after its outcome (assumed-density filtering).
+
+    The outcome sees the rows only through eta = a . sum_r row_r, 1-D and Gaussian a priori. Its
+    posterior is moment-matched (`logit_posterior`), which amounts to a Gaussian likelihood
+    factor on eta with precision 1/post_var - 1/prior_var. The rows' means are conditioned on it
+    exactly; their variances are the mean-field (diagonal-precision) projection of the joint
+    posterior. (Keeping the exact marginal variances instead would throw away most of the
+    evidence: spread over R*D coordinates, each observation would shrink them by ~1/(R*D).)
+    Shapes: rows [n, R, D], offset [n], loadings [n, D], counts [n].
+    """
+    eta_loc, eta_var, weighted = code_logit(rows_loc, rows_var, loadings)
+    _, post_loc, post_var = logit_posterior(eta_loc, eta_var, offset, successes, trials)
+    gain = ((post_loc - eta_loc) / eta_var)[:, None, None]
+    evidence = (1 / post_var - 1 / eta_var).clamp_min(0.0)[:, None, None]  # precision of the factor on eta
+    return rows_loc + weighted * gain, 1 / (1 / rows_var + loadings.unsqueeze(1).square() * evidence)
+
+
+def _log_binomial(trials: Tensor, successes: Tensor) -> Tensor:
+    return torch.lgamma(trials + 1) - torch.lgamma(successes + 1) - torch.lgamma(trials - successes + 1)
+
+
+class BinomialLogitNormal(dist.TorchDistribution):
+    """s ~ Binomial(k, sigmoid(f)) with f ~ Normal(loc, scale) integrated out: the code's marginal."""
+
+    arg_constraints = {"total_count": constraints.nonnegative, "loc": constraints.real,
+                       "scale": constraints.positive}
+
+    def __init__(self, total_count: Tensor, loc: Tensor, scale: Tensor, validate_args=None):
+        self.total_count, self.loc, self.scale = torch.broadcast_tensors(total_count, loc, scale)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=0)
+    def support(self):
+        return constraints.integer_interval(0, self.total_count)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape)
+        return BinomialLogitNormal(self.total_count.expand(shape), self.loc.expand(shape), self.scale.expand(shape))
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            logits = self.loc.expand(shape) + self.scale.expand(shape) * torch.randn(shape)
+            return torch.distributions.Binomial(self.total_count.expand(shape), logits=logits).sample()
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        loc, scale, count = self.loc.reshape(-1), self.scale.reshape(-1), self.total_count.reshape(-1)
+        log_marginal, _, _ = logit_posterior(torch.zeros_like(loc), scale.square(), loc,
+                                             value.expand(self.loc.shape).reshape(-1), count)
+        return log_marginal.reshape(self.loc.shape)
+
+
+def _posterior_mode(prior_loc: Tensor, prior_var: Tensor, offset: Tensor, successes: Tensor,
+                    trials: Tensor, steps: int = 5) -> tuple[Tensor, Tensor]:
+    """Mode and Laplace scale of N(eta; prior) x Binomial(s | k, sigmoid(offset + eta)).
+
+    The log posterior is concave, so its slope falls monotonically through zero between the
+    prior's mode and the likelihood's (and within [prior - (k - s) var, prior + s var]). Newton
+    steps are taken inside that bracket; a step that would leave it bisects instead (plain
+    Newton overshoots when the prior is far off). The start combines the prior with the
+    smoothed empirical logit, which is usually close already.
+    """
+    interior = (successes > 0) & (successes < trials)
+    likelihood_mode = torch.where(interior, torch.log(successes.clamp_min(1) / (trials - successes).clamp_min(1)),
+                                  torch.where(successes > 0, math.inf, -math.inf)) - offset
+    low = torch.maximum(torch.minimum(prior_loc, likelihood_mode), prior_loc - (trials - successes) * prior_var)
+    high = torch.minimum(torch.maximum(prior_loc, likelihood_mode), prior_loc + successes * prior_var)
+    empirical = torch.log((successes + 0.5) / (trials - successes + 0.5)) - offset
+    empirical_precision = 1 / (1 / (successes + 0.5) + 1 / (trials - successes + 0.5))
+    eta = (prior_loc / prior_var + empirical * empirical_precision) / (1 / prior_var + empirical_precision)
+    eta = torch.minimum(torch.maximum(eta, low), high)
+    move, older_move = high - low, high - low
+    for _ in range(steps):
+        p = torch.sigmoid(offset + eta)
+        slope = successes - trials * p - (eta - prior_loc) / prior_var
+        curvature = trials * p * (1 - p) + 1 / prior_var
+        rising = slope > 0
+        low, high = torch.where(rising, eta, low), torch.where(rising, high, eta)
+        newton = eta + slope / curvature
+        # Newton where it stays in the bracket and converges fast enough, else bisect (rtsafe).
+        take = (newton >= low) & (newton <= high) & (2 * slope.abs() <= older_move * curvature)
+        moved = torch.where(take, newton, 0.5 * (low + high))
+        moved = torch.where(slope.abs() <= 1e-5 * curvature.sqrt(), eta, moved)  # converged: stay
+        move, older_move = (moved - eta).abs(), move
+        eta = moved
+    p = torch.sigmoid(offset + eta)
+    return eta, (trials * p * (1 - p) + 1 / prior_var).rsqrt()
+
+
+def model(batch: ObservedBatch, nets: IdentifierNetworks) -> None:
+    pyro.module(MODULE_NAME, nets, update_module_params=True)
+    block = batch.prompts
+    z = pyro.sample("z", dist.Normal(batch.prior_loc, batch.prior_scale).to_event(1))
+    # Recent steps ride along, each at the z inferred for it: the decoder has to explain several
+    # steps at once, so it cannot follow the learner itself and leave z unused (posterior collapse).
+    z_each = torch.cat([z.expand(batch.num_current, -1), batch.replay_z])
+    n = block.successes.shape[0]
+    offset, loadings = nets.decode(nets.trunk_of(block.features, n), z_each)
+    # s_i ~ Binomial(k_i, sigmoid(g_i + a_i . e_i)) with the code e_i integrated out exactly (1-D).
+    eta_loc, eta_var, _ = code_logit(block.rows_loc, block.rows_var, loadings)
+    with pyro.plate("prompts", n):
+        pyro.sample("s", BinomialLogitNormal(block.trials, offset + eta_loc, eta_var.sqrt()), obs=block.successes)
+
+
+def guide(batch: ObservedBatch, nets: IdentifierNetworks) -> None:
+    pyro.module(MODULE_NAME, nets, update_module_params=True)
+    current = _head(batch.prompts, batch.num_current)
+    trunk = nets.trunk_of(current.features, batch.num_current)
+    z_loc, z_scale = nets.encode(current.features, trunk, current.rows_loc.sum(1), current.successes,
+                                 current.trials, batch.prior_loc, batch.prior_scale)
+    pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+
+
+def _head(block: PromptBlock, n: int) -> PromptBlock:
+    return PromptBlock(*(None if part is None else part[:n] for part in block))
+
+
+def hash_ids(ids: Tensor, mult: Tensor, shift: Tensor, buckets: int) -> Tensor:
+    """Row of each id under each hash function, shape [n, R]."""
+    x = (ids % _PRIME).unsqueeze(1)
+    return (mult * x + shift) % _PRIME % buckets
+
+
+class IdentifierVAE(RiskPredictor):
+    name = "id_vae"
+    Options = IdentifierVAEOptions
+
+    def __init__(self, pool: PromptPool, options: IdentifierVAEOptions | None = None, seed: int = 0):
+        super().__init__(pool, options, seed)
+        o = self.options
+        self.seed_used = o.seed if o.seed is not None else seed
+        generator = torch.Generator().manual_seed(self.seed_used)
+        self.hash_mult = torch.randint(1, _PRIME, (o.num_hashes,), generator=generator)
+        self.hash_shift = torch.randint(0, _PRIME, (o.num_hashes,), generator=generator)
+        self.feature_mean, self.feature_std = self._feature_moments()
+        feature_dim = 0 if self.feature_mean is None else self.feature_mean.shape[0]
+        with torch.random.fork_rng(devices=[]):  # seeded weights without touching the global stream
+            torch.manual_seed(self.seed_used)
+            self.nets = IdentifierNetworks(feature_dim, o.embedding_dim, o.latent_dim, o.hidden_dim)
+        self.svi = StreamingSVI(model, guide, steps=o.svi_steps, lr=o.lr, clip_norm=o.clip_norm,
+                                loss=TraceMeanField_ELBO())
+        with self.svi.scope():  # the weights live in the engine's store from the start
+            pyro.module(MODULE_NAME, self.nets)
+        # Rows start at N(0, 1/R) so that a prompt's code (the sum of its R rows) starts at N(0, I).
+        self.row_prior_var = 1.0 / o.num_hashes
+        self.row_loc = torch.zeros(o.hash_buckets, o.embedding_dim)
+        self.row_var = torch.full((o.hash_buckets, o.embedding_dim), self.row_prior_var)
+        self.row_step = torch.zeros(o.hash_buckets, dtype=torch.int32)  # step of each row's last update
+        self.z_loc = torch.zeros(o.latent_dim)
+        self.z_scale = torch.ones(o.latent_dim)
+        self.last_step: int | None = None  # step of the last observe(); None: z is still at its prior
+        self.num_updates = 0
+        self.replay: list[dict[str, Tensor]] = []  # the last `replay_batches` steps, oldest first
+
+    # -- identifier features ----------------------------------------------------------------------
+    def _feature_moments(self) -> tuple[Tensor | None, Tensor | None]:
+        """Column mean/std of pool.features (from up to ~65536 rows), to standardise inputs."""
+        features = self.pool.features
+        if not self.options.use_features or features is None:
+            return None, None
+        if features.dim() != 2:
+            raise ValueError(f"pool.features must be 2-D [prompts, dims], got shape {tuple(features.shape)}")
+        rows = features[:: max(1, features.shape[0] // 65536)].float()
+        return rows.mean(0), rows.std(0, correction=0).clamp_min(1e-6)
+
+    def _features(self, ids: Tensor) -> Tensor | None:
+        if self.feature_mean is None:
+            return None
+        return (self.pool.features[ids].float() - self.feature_mean) / self.feature_std
+
+    def _buckets(self, ids: Tensor) -> Tensor:
+        return hash_ids(ids, self.hash_mult, self.hash_shift, self.options.hash_buckets)
+
+    def _rows(self, buckets: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        """Belief over these rows as of `step`, forgetting of the steps they waited applied."""
+        loc, var = self.row_loc[buckets], self.row_var[buckets]
+        if self.options.code_forgetting < 1.0:
+            waited = (step - self.row_step[buckets]).clamp_min(0).unsqueeze(-1)
+            loc, scale = decay_gaussian(loc, var.sqrt(), 0.0, math.sqrt(self.row_prior_var),
+                                        self.options.code_forgetting, waited)
+            var = scale.square()
+        return loc, var
+
+    # -- the belief over z --------------------------------------------------------------------------
+    def z_belief(self, step: int) -> tuple[Tensor, Tensor]:
+        """(loc, scale) of z at `step`: the last posterior, widened toward N(0, I) per step waited."""
+        if self.last_step is None:
+            return self.z_loc, self.z_scale
+        waited = max(step - self.last_step, 0)
+        return decay_gaussian(self.z_loc, self.z_scale, 0.0, 1.0, self.options.forgetting, waited)
+
+    def _sync_nets(self) -> None:
+        """Point the module at the engine's current tensors (they are replaced on rollback and load)."""
+        with self.svi.scope():
+            pyro.module(MODULE_NAME, self.nets, update_module_params=True)
+
+    # -- predictor interface ------------------------------------------------------------------------
+    def _predict(self, ids: Tensor, step: int) -> LogitNormalPosterior:
+        self._sync_nets()
+        z_loc, z_scale = self.z_belief(step)
+        rows_loc, rows_var = self._rows(self._buckets(ids), step)
+        with torch.no_grad():
+            trunk = self.nets.trunk_of(self._features(ids), ids.shape[0])
+            mean, variance = self.nets.decode_belief(trunk, z_loc, z_scale, rows_loc.sum(1), rows_var.sum(1))
+        return LogitNormalPosterior(mean, variance.sqrt())
+
+    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
+        self._sync_nets()
+        prior_loc, prior_scale = self.z_belief(step)
+        buckets = self._buckets(ids)
+        rows_loc, rows_var = self._rows(buckets, step)
+        features = self._features(ids)
+        current = PromptBlock(features, rows_loc, rows_var, successes, trials)
+        prompts, replay_z = self._with_replay(current)
+        batch = ObservedBatch(prompts, ids.shape[0], prior_loc, prior_scale, replay_z)
+        with torch.random.fork_rng(devices=[]):  # reproducible SVI draws given the state
+            torch.manual_seed(self.seed_used * 1_000_003 + self.num_updates)
+            losses = self.svi.update(batch, self.nets)
+        # Only now, with the update through, does any state change (a failed update restored the engine).
+        self._sync_nets()
+        with torch.no_grad():
+            trunk = self.nets.trunk_of(features, ids.shape[0])
+            z_loc, z_scale = self.nets.encode(features, trunk, rows_loc.sum(1), successes, trials,
+                                              prior_loc, prior_scale)
+            offset, loadings = self.nets.decode(trunk, z_loc)
+            new_loc, new_var = condition_rows(rows_loc, rows_var, offset, loadings, successes, trials)
+        self._write_rows(buckets, rows_loc, rows_var, new_loc, new_var, step)
+        self._remember(ids, current, z_loc)
+        self.z_loc, self.z_scale = z_loc, z_scale
+        self.last_step = step
+        self.num_updates += 1
+        return {"elbo": losses}
+
+    def _remember(self, ids: Tensor, block: PromptBlock, z: Tensor) -> None:
+        """Keep (a seeded subsample of) this step's outcomes for replay, with its z and code priors."""
+        if self.options.replay_batches == 0:
+            return
+        generator = torch.Generator().manual_seed(self.seed_used * 7_919 + self.num_updates)
+        keep = torch.randperm(ids.shape[0], generator=generator)[: self.options.replay_prompts]
+        self.replay = self.replay[-(self.options.replay_batches - 1):] if self.options.replay_batches > 1 else []
+        self.replay.append({"ids": ids[keep], "rows_loc": block.rows_loc[keep], "rows_var": block.rows_var[keep],
+                            "successes": block.successes[keep], "trials": block.trials[keep],
+                            "z": z.expand(keep.shape[0], -1).clone()})
+
+    def _with_replay(self, current: PromptBlock) -> tuple[PromptBlock, Tensor]:
+        """This step's prompts followed by the replayed ones, and the z of each replayed prompt."""
+        if not self.replay:
+            return current, torch.zeros(0, self.options.latent_dim)
+        old = {key: torch.cat([entry[key] for entry in self.replay]) for key in self.replay[0]}
+        features = None if current.features is None else torch.cat([current.features, self._features(old["ids"])])
+        block = PromptBlock(features, torch.cat([current.rows_loc, old["rows_loc"]]),
+                            torch.cat([current.rows_var, old["rows_var"]]),
+                            torch.cat([current.successes, old["successes"]]), torch.cat([current.trials, old["trials"]]))
+        return block, old["z"]
+
+    def _write_rows(self, buckets: Tensor, old_loc: Tensor, old_var: Tensor, new_loc: Tensor,
+                    new_var: Tensor, step: int) -> None:
+        """Store the touched rows; a row shared by several prompts of the batch adds up their
+        updates (mean shifts, and precision gains, as independent evidence would)."""
+        flat = buckets.reshape(-1)
+        rows, inverse, first = _first_occurrence(flat)
+        dim = old_loc.shape[-1]
+        loc = old_loc.reshape(-1, dim)[first].index_add(0, inverse, (new_loc - old_loc).reshape(-1, dim))
+        gain = (1 / new_var - 1 / old_var).reshape(-1, dim)
+        precision = (1 / old_var).reshape(-1, dim)[first].index_add(0, inverse, gain)
+        self.row_loc[rows] = loc
+        self.row_var[rows] = 1 / precision
+        self.row_step[rows] = step
+
+    # -- state --------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {"options": self.options.model_dump(), "seed_used": self.seed_used, "engine": self.svi.state_dict(),
+                "hash_mult": self.hash_mult.clone(), "hash_shift": self.hash_shift.clone(),
+                "feature_mean": _clone(self.feature_mean), "feature_std": _clone(self.feature_std),
+                "row_loc": self.row_loc.clone(), "row_var": self.row_var.clone(), "row_step": self.row_step.clone(),
+                "z_loc": self.z_loc.clone(), "z_scale": self.z_scale.clone(),
+                "last_step": self.last_step, "num_updates": self.num_updates,
+                "replay": [{key: value.clone() for key, value in old.items()} for old in self.replay]}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        if state["options"] != self.options.model_dump():
+            raise ValueError(f"state was saved with options {state['options']}, "
+                             f"this predictor has {self.options.model_dump()}")
+        saved_dim = None if state["feature_mean"] is None else state["feature_mean"].shape[0]
+        own_dim = None if self.feature_mean is None else self.feature_mean.shape[0]
+        if saved_dim != own_dim:
+            raise ValueError(f"state was saved for pool features of width {saved_dim}, this pool has {own_dim}")
+        self.svi.load_state_dict(state["engine"])
+        self._sync_nets()
+        self.seed_used = state["seed_used"]
+        self.hash_mult, self.hash_shift = state["hash_mult"].clone(), state["hash_shift"].clone()
+        self.feature_mean, self.feature_std = _clone(state["feature_mean"]), _clone(state["feature_std"])
+        self.row_loc, self.row_var = state["row_loc"].clone(), state["row_var"].clone()
+        self.row_step = state["row_step"].clone()
+        self.z_loc, self.z_scale = state["z_loc"].clone(), state["z_scale"].clone()
+        self.last_step, self.num_updates = state["last_step"], state["num_updates"]
+        self.replay = [{key: value.clone() for key, value in old.items()} for old in state["replay"]]
+
+
+def _first_occurrence(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unique values, each value's slot among them, and where each unique value first occurs."""
+    unique, inverse = torch.unique(values, sorted=True, return_inverse=True)
+    first = torch.full((unique.shape[0],), values.shape[0], dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(values.shape[0]), reduce="amin")
+    return unique, inverse, first
+
+
+def _clone(value: Tensor | None) -> Tensor | None:
+    return None if value is None else value.clone()
