@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -176,18 +175,7 @@ class RiskPredictor(abc.ABC):
 
     # -- validation -------------------------------------------------------------------------
     def check_ids(self, ids: Tensor) -> Tensor:
-        ids = torch.as_tensor(ids)
-        if ids.dim() != 1:
-            raise ValueError(f"prompt ids must be a 1-D tensor, got shape {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.dtype == torch.bool:
-            raise TypeError(f"prompt ids must be integers, got dtype {ids.dtype}")
-        if ids.numel() == 0:
-            raise ValueError("prompt ids are empty: nothing to predict or observe")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.num_prompts:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"unknown prompt id {bad}: the pool has ids 0..{self.num_prompts - 1}")
-        return ids.long()
+        return check_prompt_ids(ids, self.num_prompts, purpose="predict or observe")
 
     def check_outcomes(self, ids: Tensor, successes: Tensor, trials: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ids = self.check_ids(ids)
@@ -202,6 +190,23 @@ class RiskPredictor(abc.ABC):
             raise ValueError(f"successes > trials for prompt id {int(ids[i])}: "
                              f"{successes[i].item():g} > {trials[i].item():g}")
         return ids, successes, trials
+
+
+def check_prompt_ids(ids: Tensor, num_prompts: int, *, purpose: str, allow_empty: bool = False) -> Tensor:
+    """A 1-D int64 tensor of ids in 0..num_prompts-1, or a clear error naming what is wrong."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1:
+        raise ValueError(f"prompt ids must be a 1-D tensor, got shape {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"prompt ids must be integers, got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        if allow_empty:
+            return ids.long()
+        raise ValueError(f"prompt ids are empty: nothing to {purpose}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_prompts:
+        raise IndexError(f"unknown prompt id {lo if lo < 0 else hi}: the pool has ids 0..{num_prompts - 1}")
+    return ids.long()
 
 
 def _as_counts(field: str, value: Tensor, n: int) -> Tensor:
@@ -231,5 +236,3 @@ def _tensor_bytes(obj: Any) -> int:
 def log_binomial_coefficient(trials: Tensor, successes: Tensor) -> Tensor:
     return torch.lgamma(trials + 1) - torch.lgamma(successes + 1) - torch.lgamma(trials - successes + 1)
 
-
-LOG_2PI = math.log(2 * math.pi)

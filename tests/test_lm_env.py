@@ -111,7 +111,7 @@ def test_rollout_reports_counts_timings_and_is_reproducible(tmp_path, parity_env
         parity_env.rollout(torch.tensor([24]), 2)
     with pytest.raises(ValueError, match="repeat"):
         parity_env.rollout(torch.tensor([1, 1]), 2)
-    with pytest.raises(ValueError, match="integer"):
+    with pytest.raises(TypeError, match="integer"):
         parity_env.rollout(torch.tensor([1.0]), 2)
 
 

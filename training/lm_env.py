@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from mpts.models.base import PromptPool
+from mpts.models.base import PromptPool, check_prompt_ids
 from .environment import Environment, EnvironmentOptions, Outcomes
 from .grpo import GRPOConfig, GRPOTrainer, Sequences, group_advantages
 from .rollout import RolloutBackend, SamplingConfig, make_backend
@@ -344,14 +344,7 @@ class LMEnvironment(Environment):
         return rewards.masked_fill(failed.unsqueeze(1), 0.0), errors.any(dim=1) & ~failed
 
     def _check_ids(self, ids: Tensor) -> Tensor:
-        ids = torch.as_tensor(ids)
-        if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
-            raise ValueError(f"prompt ids must be a 1-D integer tensor, got dtype {ids.dtype} shape {tuple(ids.shape)}")
-        if ids.numel() == 0:
-            raise ValueError("prompt ids are empty: nothing to roll out")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self._pool.size:
-            raise IndexError(f"unknown prompt id {lo if lo < 0 else hi}: the pool has ids 0..{self._pool.size - 1}")
+        ids = check_prompt_ids(ids, self._pool.size, purpose="roll out")
         if torch.unique(ids).numel() != ids.numel():
             raise ValueError("prompt ids repeat within one rollout call")
         return ids.long()

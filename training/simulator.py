@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from mpts.models.base import PromptPool
+from mpts.models.base import PromptPool, check_prompt_ids
 from .environment import Environment, EnvironmentOptions, Outcomes
 
 # Offset between the seed of the world's construction and the seed of the rollout stream, so
@@ -193,20 +193,7 @@ class SimulatedLearner(Environment):
 
     # -- validation -------------------------------------------------------------------------
     def _check_ids(self, ids: Tensor, allow_empty: bool = False) -> Tensor:
-        ids = torch.as_tensor(ids)
-        if ids.dim() != 1:
-            raise ValueError(f"prompt ids must be a 1-D tensor, got shape {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.dtype == torch.bool:
-            raise TypeError(f"prompt ids must be integers, got dtype {ids.dtype}")
-        if ids.numel() == 0:
-            if allow_empty:
-                return ids.long()
-            raise ValueError("prompt ids are empty: nothing to roll out")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.options.num_prompts:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"unknown prompt id {bad}: the pool has ids 0..{self.options.num_prompts - 1}")
-        return ids.long()
+        return check_prompt_ids(ids, self.options.num_prompts, purpose="roll out", allow_empty=allow_empty)
 
     @staticmethod
     def _check_counts(successes: Tensor, trials: Tensor, n: int) -> None:
