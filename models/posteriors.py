@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -118,12 +119,30 @@ class LogitNormalPosterior(SuccessPosterior):
         return torch.sigmoid(self.loc + self.scale * eps)
 
     def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
-        f = self._nodes()
-        s = successes.double().unsqueeze(0)
-        n = trials.double().unsqueeze(0)
-        log_lik = s * torch.nn.functional.logsigmoid(f) + (n - s) * torch.nn.functional.logsigmoid(-f)
-        out = torch.logsumexp(log_lik + _GH_LOGW.unsqueeze(1), dim=0) + log_binomial_coefficient(n[0], s[0])
-        return out.to(self.loc.dtype)
+        # Adaptive Gauss-Hermite: nodes centred at the mode of prior x likelihood and scaled by
+        # its curvature. Fixed nodes on the prior miss a peaked likelihood at wide scales.
+        m, sd = self.loc.double(), self.scale.double()
+        s, n = successes.double(), trials.double()
+
+        def slope(f):  # derivative of the concave log-integrand; decreasing in f
+            return -(f - m) / sd.square() + s * torch.sigmoid(-f) - (n - s) * torch.sigmoid(f)
+
+        # Bisection on the slope (plain Newton overshoots when the prior is wide), then Newton polish.
+        lo, hi = torch.minimum(m, torch.full_like(m, -40.0)) - 1.0, torch.maximum(m, torch.full_like(m, 40.0)) + 1.0
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            up = slope(mid) > 0
+            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+        f = 0.5 * (lo + hi)
+        for _ in range(2):
+            f = f + slope(f) / (sd.square().reciprocal() + n * torch.sigmoid(f) * torch.sigmoid(-f))
+        tau = (sd.square().reciprocal() + n * torch.sigmoid(f) * torch.sigmoid(-f)).rsqrt()
+        nodes = f.unsqueeze(0) + tau.unsqueeze(0) * _GH_X.unsqueeze(1)  # [Q, n]
+        log_integrand = (-0.5 * ((nodes - m) / sd).square() - sd.log() - 0.5 * math.log(2 * math.pi)
+                         + s * torch.nn.functional.logsigmoid(nodes) + (n - s) * torch.nn.functional.logsigmoid(-nodes))
+        log_integral = (tau.log() + 0.5 * math.log(2 * math.pi)
+                        + torch.logsumexp(_GH_LOGW.unsqueeze(1) + log_integrand + 0.5 * _GH_X.square().unsqueeze(1), dim=0))
+        return (log_integral + log_binomial_coefficient(n, s)).to(self.loc.dtype)
 
     def p_informative(self, k) -> Tensor:
         # One quadrature pass for E[1 - p^k - (1-p)^k] (acquisition calls this on every candidate).
