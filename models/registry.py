@@ -1,38 +1,56 @@
-"""Name -> predictor class. Built-ins are imported lazily; users add their own with
-`@register_predictor` (e.g. in a notebook) without touching library code."""
+"""Name -> class registries for every pluggable piece: predictors here; acquisition rules,
+environments and tasks in `mpts.training` use the same `Registry`.
+
+Built-ins are named as "module:Class" and imported lazily (heavy dependencies load only when
+used); users add their own with the registry's decorator (e.g. in a notebook) without touching
+library code.
+"""
 
 from __future__ import annotations
 
 import importlib
+from typing import Generic, TypeVar
 
-from .base import RiskPredictor
+T = TypeVar("T")
 
-_BUILTIN = {
+
+class Registry(Generic[T]):
+    """One kind of pluggable class (`kind` names it in error messages)."""
+
+    def __init__(self, kind: str, builtin: dict[str, str] | None = None):
+        self.kind = kind
+        self._builtin = dict(builtin or {})
+        self._registered: dict[str, type[T]] = {}
+
+    def register(self, cls: type[T]) -> type[T]:
+        """Class decorator: make `cls` selectable by `cls.name` in configs and the CLI."""
+        if not getattr(cls, "name", None):
+            raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered as a {self.kind}")
+        self._registered[cls.name] = cls
+        return cls
+
+    def names(self) -> list[str]:
+        return sorted(set(self._builtin) | set(self._registered))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._registered or name in self._builtin
+
+    def get(self, name: str) -> type[T]:
+        if name in self._registered:
+            return self._registered[name]
+        if name not in self._builtin:
+            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+        module_name, class_name = self._builtin[name].split(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+
+PREDICTORS: Registry = Registry("predictor", {
     "beta": "mpts.models.beta_bernoulli:BetaBernoulli",
     "hmm3": "mpts.models.hmm3:ThreeStateHMM",
     "hmm3_pooled": "mpts.models.hmm3:PooledThreeStateHMM",
     "id_vae": "mpts.models.id_vae:IdentifierVAE",
     "gp": "mpts.models.gp_embed:EmbeddingGP",
-}
-_REGISTERED: dict[str, type[RiskPredictor]] = {}
-
-
-def register_predictor(cls: type[RiskPredictor]) -> type[RiskPredictor]:
-    """Class decorator: make `cls` selectable by `cls.name` in configs and the CLI."""
-    if not getattr(cls, "name", None):
-        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
-    _REGISTERED[cls.name] = cls
-    return cls
-
-
-def predictor_names() -> list[str]:
-    return sorted(set(_BUILTIN) | set(_REGISTERED))
-
-
-def get_predictor_class(name: str) -> type[RiskPredictor]:
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    if name not in _BUILTIN:
-        raise KeyError(f"unknown predictor {name!r}; known: {', '.join(predictor_names())}")
-    module_name, class_name = _BUILTIN[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+})
+register_predictor = PREDICTORS.register
+predictor_names = PREDICTORS.names
+get_predictor_class = PREDICTORS.get

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 from scipy import stats
 
 from mpts.models.posteriors import BetaPosterior, PointMassPosterior
-from mpts.training.acquisition import (ACQUISITIONS, Acquisition, get_acquisition_class,
+from mpts.training.acquisition import (RULES, Acquisition, get_acquisition_class,
                                        sample_candidates)
 
 
@@ -33,14 +33,15 @@ def chosen(name, posterior, batch, seed=0, k=8, **options):
 
 
 def test_registry_names_and_flags():
-    assert set(ACQUISITIONS) == {"uniform", "dynamic_sampling", "oracle", "thompson_target",
+    assert set(RULES.names()) == {"uniform", "dynamic_sampling", "oracle", "thompson_target",
                                  "thompson_threshold", "top_informative", "risk", "uncertainty"}
-    for name, cls in ACQUISITIONS.items():
+    for name in RULES.names():
+        cls = RULES.get(name)
         assert cls.name == name and issubclass(cls, Acquisition)
     assert get_acquisition_class("oracle").needs_truth
     assert get_acquisition_class("dynamic_sampling").rolls_out_all
-    assert not any(cls.needs_truth for n, cls in ACQUISITIONS.items() if n != "oracle")
-    assert not any(cls.rolls_out_all for n, cls in ACQUISITIONS.items() if n != "dynamic_sampling")
+    assert not any(cls.needs_truth for n in RULES.names() for cls in [RULES.get(n)] if n != "oracle")
+    assert not any(cls.rolls_out_all for n in RULES.names() for cls in [RULES.get(n)] if n != "dynamic_sampling")
     with pytest.raises(KeyError, match="known: dynamic_sampling, oracle"):
         get_acquisition_class("thompson")
 
@@ -147,7 +148,7 @@ def test_ties_are_broken_at_random():
     assert stats.chisquare(counts.numpy()).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("name", sorted(ACQUISITIONS))
+@pytest.mark.parametrize("name", RULES.names())
 def test_every_rule_is_deterministic_under_the_generator(name):
     posterior = BetaPosterior(torch.rand(64, generator=gen(3)) * 5 + 0.5, torch.rand(64, generator=gen(4)) * 5 + 0.5)
     cls = get_acquisition_class(name)

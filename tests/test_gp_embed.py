@@ -14,7 +14,7 @@ import mpts.models.gp_embed as gp_embed
 from mpts.models.base import PromptPool
 from mpts.models.gp_embed import EmbeddingGP, EmbeddingGPOptions
 from mpts.models.registry import get_predictor_class
-from mpts.training.simulator import SimulatedLearner, SimulatorOptions
+from mpts.training.environments.simulator import SimulatedLearner, SimulatorOptions
 
 # Small sizes so the file runs in seconds on one shared core; the defaults are benchmarked apart.
 FAST = dict(num_inducing=64, minibatch_size=256, svi_steps=10)

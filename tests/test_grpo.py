@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mpts.training.grpo import (GRPOConfig, GRPOTrainer, Sequences, collate, completion_logprobs,
+from mpts.training.environments.lm.grpo import (GRPOConfig, GRPOTrainer, Sequences, collate, completion_logprobs,
                                 group_advantages, policy_loss)
-from mpts.training.tiny_lm import TinyModelOptions, build_char_tokenizer, build_tiny_model
+from mpts.training.environments.lm.tiny_lm import TinyModelOptions, build_char_tokenizer, build_tiny_model
 
 TINY = TinyModelOptions(hidden_size=64, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=128)
 

@@ -9,11 +9,11 @@ import torch
 from pydantic import ValidationError
 
 from mpts.training.config import load_config
-from mpts.training.lm_env import POLICY_DIR, LMEnvironment, LMOptions, reference_completion
+from mpts.training.environments.lm.env import POLICY_DIR, LMEnvironment, LMOptions, reference_completion
 from mpts.training.loop import run
-from mpts.training.rollout.vllm_backend import vllm_available
+from mpts.training.environments.lm.rollout.vllm_backend import vllm_available
 from mpts.training.run_dir import METRICS_REQUIRED, TRACE_SCHEMA
-from mpts.training.tasks import Problem, Task, get_task, register_task
+from mpts.training.environments.lm.tasks import Problem, Task, get_task, register_task
 
 TINY = {"hidden_size": 64, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 128}
 BASE = {"num_prompts": 24, "eval_prompts": 8, "max_new_tokens": 3, "tiny": TINY, "lr": 1e-2,
@@ -75,13 +75,13 @@ def test_pool_holds_the_task_prompts_and_eval_is_held_out(tmp_path):
 
 
 def test_chat_template_wraps_each_prompt(tmp_path, monkeypatch):
-    from mpts.training import tiny_lm
+    from mpts.training.environments.lm import tiny_lm
 
     def with_template():
         tokenizer = tiny_lm.build_char_tokenizer()
         tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
         return tokenizer
-    monkeypatch.setattr("mpts.training.lm_env.build_char_tokenizer", with_template)
+    monkeypatch.setattr("mpts.training.environments.lm.env.build_char_tokenizer", with_template)
     env = make_env(tmp_path, chat_template=True)
     assert env.tokenizer.decode(env.prompt_ids[0]) == f"[{env.pool.texts[0]}]>"
     env.close()
@@ -220,7 +220,7 @@ def test_warm_up_result_is_reused_by_a_resumed_run(tmp_path, monkeypatch):
 
     def no_warmup(*args, **kwargs):
         raise AssertionError("the warm-up ran again")
-    monkeypatch.setattr("mpts.training.lm_env.supervised_warmup", no_warmup)
+    monkeypatch.setattr("mpts.training.environments.lm.env.supervised_warmup", no_warmup)
     again = make_env(tmp_path, warmup_sft_steps=5, warmup_sft_problems=64)
     for key, value in again.model.state_dict().items():
         assert torch.equal(value, weights[key])

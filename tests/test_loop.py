@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mpts.training.acquisition import ACQUISITIONS
+from mpts.training.acquisition import RULES
 from mpts.training.config import load_config
 from mpts.training.loop import run
 from mpts.training.run_dir import METRICS_REQUIRED, TRACE_SCHEMA
@@ -70,7 +70,7 @@ def test_resume_after_a_crash_loses_and_duplicates_no_rows(tmp_path):
     assert resumed["final_eval_accuracy"] == reference["final_eval_accuracy"]
 
 
-@pytest.mark.parametrize("rule", sorted(ACQUISITIONS))
+@pytest.mark.parametrize("rule", RULES.names())
 def test_every_rule_drives_the_loop(tmp_path, rule):
     summary = run(small("steps=4", f"acquisition={{name: {rule}}}"), tmp_path / rule)
     trace = pd.read_parquet(tmp_path / rule / "trace.parquet")

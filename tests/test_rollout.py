@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from mpts.training.rollout import SamplingConfig, make_backend
-from mpts.training.rollout.base import cut_at_eos
-from mpts.training.rollout.hf import HFBackend
-from mpts.training.rollout.vllm_backend import vllm_available
-from mpts.training.tiny_lm import TinyModelOptions, build_char_tokenizer, build_tiny_model, save_model
+from mpts.training.environments.lm.rollout import SamplingConfig, make_backend
+from mpts.training.environments.lm.rollout.base import cut_at_eos
+from mpts.training.environments.lm.rollout.hf import HFBackend
+from mpts.training.environments.lm.rollout.vllm_backend import vllm_available
+from mpts.training.environments.lm.tiny_lm import TinyModelOptions, build_char_tokenizer, build_tiny_model, save_model
 
 TINY = TinyModelOptions(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=256)
 GREEDY = SamplingConfig(max_new_tokens=8, temperature=0.0)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mpts.training.environment import Outcomes, get_environment_class
-from mpts.training.simulator import SimulatedLearner, SimulatorOptions
+from mpts.training.environments.base import Outcomes, get_environment_class
+from mpts.training.environments.simulator import SimulatedLearner, SimulatorOptions
 
 
 def make(seed=0, **options):

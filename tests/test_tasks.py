@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pydantic
 import pytest
 
-from mpts.training.tasks import Problem, get_task, task_names
-from mpts.training.tasks.arithmetic import _carries
-from mpts.training.tasks.countdown import LEVELS
-from mpts.training.tasks.extract import last_answer_tag, last_boxed
-from mpts.training.tasks.math_file import final_answer
-from mpts.training.tasks.safe_arith import ExpressionError, evaluate
+from mpts.training.environments.lm.tasks import Problem, get_task, task_names
+from mpts.training.environments.lm.tasks.arithmetic import _carries
+from mpts.training.environments.lm.tasks.countdown import LEVELS
+from mpts.training.environments.lm.tasks.extract import last_answer_tag, last_boxed
+from mpts.training.environments.lm.tasks.math_file import final_answer
+from mpts.training.environments.lm.tasks.safe_arith import ExpressionError, evaluate
 
 
 # --------------------------------------------------------------------------- registry & options

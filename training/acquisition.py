@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from mpts.models.base import SuccessPosterior
+from mpts.models.registry import Registry
 
 
 class AcquisitionOptions(BaseModel):
@@ -175,16 +176,11 @@ class Uncertainty(Acquisition):
         return top_b(posterior.variance, batch_size, generator, self.name)
 
 
-ACQUISITIONS: dict[str, type[Acquisition]] = {
-    rule.name: rule for rule in (Uniform, DynamicSampling, Oracle, ThompsonTarget, ThompsonThreshold,
-                                 TopInformative, Risk, Uncertainty)
-}
-
-
-def get_acquisition_class(name: str) -> type[Acquisition]:
-    if name not in ACQUISITIONS:
-        raise KeyError(f"unknown acquisition rule {name!r}; known: {', '.join(sorted(ACQUISITIONS))}")
-    return ACQUISITIONS[name]
+RULES: Registry = Registry("acquisition rule")
+for _rule in (Uniform, DynamicSampling, Oracle, ThompsonTarget, ThompsonThreshold, TopInformative, Risk, Uncertainty):
+    RULES.register(_rule)
+register_rule = RULES.register
+get_acquisition_class = RULES.get
 
 
 def sample_candidates(num_prompts: int, num_candidates: int, generator: torch.Generator) -> Tensor:

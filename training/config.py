@@ -97,7 +97,7 @@ class RunConfig(BaseModel):
     def _components_exist(self) -> "RunConfig":
         from mpts.models.registry import get_predictor_class
         from mpts.training.acquisition import get_acquisition_class
-        from mpts.training.environment import get_environment_class
+        from mpts.training.environments.base import get_environment_class
 
         _check_component("env", self.env, get_environment_class)
         _check_component("predictor", self.predictor, get_predictor_class)

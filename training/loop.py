@@ -25,7 +25,7 @@ from mpts.models.posteriors import PointMassPosterior
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import Acquisition, get_acquisition_class, sample_candidates
 from mpts.training.config import RunConfig, config_to_yaml, validate_config
-from mpts.training.environment import Environment, Outcomes, get_environment_class
+from mpts.training.environments.base import Environment, Outcomes, get_environment_class
 from mpts.training.run_dir import RunFolder
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]

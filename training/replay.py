@@ -19,7 +19,7 @@ import torch
 from mpts.inference.scoring import score_trace
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
-from mpts.training.environment import Outcomes
+from mpts.training.environments.base import Outcomes
 from mpts.training.loop import prediction_columns
 
 REQUIRED_COLUMNS = ("step", "prompt_id", "successes", "trials")

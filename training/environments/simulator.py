@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from mpts.models.base import PromptPool, check_prompt_ids
-from .environment import Environment, EnvironmentOptions, Outcomes
+from .base import Environment, EnvironmentOptions, Outcomes
 
 # Offset between the seed of the world's construction and the seed of the rollout stream, so
 # that changing how many draws construction takes never shifts the rollouts (and vice versa).

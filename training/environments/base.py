@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from mpts.models.base import PromptPool
+from mpts.models.registry import Registry
 
 
 class EnvironmentOptions(BaseModel):
@@ -113,14 +113,9 @@ class Environment(abc.ABC):
         """Release engines, processes, files."""
 
 
-_BUILTIN_ENVS = {
-    "sim": "mpts.training.simulator:SimulatedLearner",
-    "lm": "mpts.training.lm_env:LMEnvironment",
-}
-
-
-def get_environment_class(name: str) -> type[Environment]:
-    if name not in _BUILTIN_ENVS:
-        raise KeyError(f"unknown environment {name!r}; known: {', '.join(sorted(_BUILTIN_ENVS))}")
-    module_name, class_name = _BUILTIN_ENVS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+ENVIRONMENTS: Registry = Registry("environment", {
+    "sim": "mpts.training.environments.simulator:SimulatedLearner",
+    "lm": "mpts.training.environments.lm.env:LMEnvironment",
+})
+register_environment = ENVIRONMENTS.register
+get_environment_class = ENVIRONMENTS.get

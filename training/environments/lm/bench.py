@@ -1,6 +1,6 @@
 """Cost of one weight sync and of one rollout batch, per rollout backend.
 
-    python -m mpts.training.lm_bench [--hidden 128 --layers 2] [--backends hf hf_copy vllm] [--json]
+    python -m mpts.training.environments.lm.bench [--hidden 128 --layers 2] [--backends hf hf_copy vllm] [--json]
 
 Builds a randomly initialised Qwen2 with the character tokenizer (nothing is downloaded), then
 for each backend: the median seconds of `sync_weights` (trainer weights -> engine) and of one
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from mpts.training.rollout import SamplingConfig, make_backend
-from mpts.training.rollout.vllm_backend import vllm_available
-from mpts.training.tiny_lm import TinyModelOptions, build_char_tokenizer, build_tiny_model, save_model
+from mpts.training.environments.lm.rollout import SamplingConfig, make_backend
+from mpts.training.environments.lm.rollout.vllm_backend import vllm_available
+from mpts.training.environments.lm.tiny_lm import TinyModelOptions, build_char_tokenizer, build_tiny_model, save_model
 
 
 def bench_backends(hidden: int = 128, layers: int = 2, backends: tuple[str, ...] = ("hf", "hf_copy", "vllm"),

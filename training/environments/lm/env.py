@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from mpts.models.base import PromptPool, check_prompt_ids
-from .environment import Environment, EnvironmentOptions, Outcomes
+from ..base import Environment, EnvironmentOptions, Outcomes
 from .grpo import GRPOConfig, GRPOTrainer, Sequences, group_advantages
 from .rollout import RolloutBackend, SamplingConfig, make_backend
 from .tasks import Problem, Task, get_task, get_task_class
