@@ -151,3 +151,41 @@ def test_sequences_reject_mismatched_lengths():
         Sequences([[1]], [[2], [3]], torch.zeros(1))
     with pytest.raises(ValueError, match="empty"):
         GRPOTrainer(torch.nn.Linear(1, 1), GRPOConfig(), 0).step(Sequences([], [], torch.zeros(0)))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_trainer_logprobs_equal_the_samplers_at_the_rollout_temperature(tokenizer, temperature):
+    """The trainer scores a completion under the distribution generate() drew it from (logits / T)."""
+    model = make_model(tokenizer, seed=3)
+    prompt = encode(tokenizer, "12+34=")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt] * 6), attention_mask=torch.ones(6, len(prompt), dtype=torch.long),
+                             do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=6,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[:, len(prompt):]
+    sampler = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    completions = [row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+                   for row in tokens.tolist()]
+    mask = torch.tensor([[j < len(c) for j in range(tokens.shape[1])] for c in completions])
+    trainer = GRPOTrainer(model, GRPOConfig(temperature=temperature), tokenizer.pad_token_id)
+    scored = trainer._logprobs_no_grad(model, Sequences([prompt] * 6, completions, torch.zeros(6)))
+    width = scored.shape[1]
+    assert torch.allclose(scored[mask[:, :width]], sampler[:, :width][mask[:, :width]], atol=1e-4)
+    untempered, _ = completion_logprobs(model, [prompt] * 6, completions, tokenizer.pad_token_id)
+    assert (untempered[mask[:, :width]] - sampler[:, :width][mask[:, :width]]).abs().max() > 1e-2  # the bug it guards
+    with pytest.raises(ValueError, match="temperature"):
+        completion_logprobs(model, [prompt], completions[:1], tokenizer.pad_token_id, temperature=0.0)
+
+
+def test_lm_environment_passes_the_rollout_temperature_to_the_trainer():
+    from mpts.training.environments.lm.env import LMOptions
+    from mpts.training.environments.lm.env import LMEnvironment
+    env = LMEnvironment(LMOptions(num_prompts=8, eval_prompts=4, temperature=0.7, device="cpu",
+                                  tiny=TinyModelOptions(hidden_size=64, num_layers=1, num_heads=1, num_kv_heads=1,
+                                                        intermediate_size=64)), seed=0)
+    try:
+        assert env.trainer.config.temperature == 0.7
+    finally:
+        env.close()

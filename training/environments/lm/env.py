@@ -127,7 +127,7 @@ class LMEnvironment(Environment):
             lr=opts.lr, clip_low=opts.clip_low, clip_high=opts.clip_high, kl_coef=opts.kl_coef,
             micro_batch_size=opts.micro_batch_size, updates_per_batch=opts.updates_per_batch,
             max_grad_norm=opts.max_grad_norm, weight_decay=opts.weight_decay, warmup_updates=opts.warmup_updates,
-            scale_by_std=opts.scale_by_std,
+            scale_by_std=opts.scale_by_std, temperature=opts.temperature,
             autocast_dtype=self.autocast_dtype), pad_id=self.pad_id, seed=seed)
         self.backend = self._build_backend(model_dir)
         self.sampling = SamplingConfig(opts.max_new_tokens, opts.temperature, opts.top_p)

@@ -38,6 +38,7 @@ class GRPOConfig:
     weight_decay: float = 0.0
     warmup_updates: int = 0  # linear learning-rate warm-up: a fresh AdamW's first steps are sign-sized
     scale_by_std: bool = True  # False: Dr. GRPO's mean-centred advantages
+    temperature: float = 1.0  # the rollout temperature: the trainer scores tokens under the distribution they were drawn from
     adv_eps: float = 1e-6
     autocast_dtype: torch.dtype | None = None  # torch.bfloat16 on CUDA
 
@@ -100,15 +101,21 @@ def collate(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
-                        autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """log pi(token | prefix) for every completion token: ([B, C] float32, [B, C] bool mask)."""
+                        autocast_dtype: torch.dtype | None = None, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """log pi_T(token | prefix) for every completion token: ([B, C] float32, [B, C] bool mask).
+
+    pi_T = softmax(logits / T) is the distribution the sampler drew from at temperature T, so the
+    policy-gradient ratio and KL are computed for the policy that produced the rollouts (as in verl, TRL).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to score completions, got {temperature}")
     device = next(model.parameters()).device
     input_ids, attention, positions, mask = collate(prompt_ids, completion_ids, pad_id, device)
     width_c = mask.shape[1]
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                        logits_to_keep=width_c + 1, use_cache=False).logits
-    logits = logits[:, :-1].float()  # column j predicts completion token j
+    logits = logits[:, :-1].float() / temperature  # column j predicts completion token j
     targets = input_ids[:, -width_c:]
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return logp, mask
@@ -170,7 +177,7 @@ class GRPOTrainer:
             for micro in _chunks(active, config.micro_batch_size):
                 part = batch.select(micro)
                 logp, mask = completion_logprobs(self.model, part.prompt_ids, part.completion_ids, self.pad_id,
-                                                 config.autocast_dtype)
+                                                 config.autocast_dtype, config.temperature)
                 old = old_logp[micro][:, : logp.shape[1]] if old_logp is not None else logp.detach()
                 ref = ref_logp[micro][:, : logp.shape[1]] if ref_logp is not None else None
                 loss, stats = policy_loss(logp, old, part.advantages.to(logp.device), mask, config.clip_low,
@@ -201,7 +208,7 @@ class GRPOTrainer:
         for micro in _chunks(list(range(len(batch))), self.config.micro_batch_size):
             part = batch.select(micro)
             logp, _ = completion_logprobs(model, part.prompt_ids, part.completion_ids, self.pad_id,
-                                          self.config.autocast_dtype)
+                                          self.config.autocast_dtype, self.config.temperature)
             out[micro, : logp.shape[1]] = logp
         return out
 
