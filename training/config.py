@@ -74,6 +74,8 @@ class RunConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="B: prompts rolled out (and trained on) per step")
     candidate_ratio: int = Field(8, ge=1, description="candidates per step = candidate_ratio * batch_size")
     k: int = Field(8, ge=1, description="rollouts per prompt")
+    exclusion_window: int = Field(0, ge=0, description="W: prompts trained in the last W steps are not candidates "
+                                  "(any rule); 0: no exclusion")
     target_accuracy: float = Field(0.6, gt=0.0, le=1.0, description="eval accuracy that counts as reached")
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(50, ge=1)

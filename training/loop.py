@@ -25,6 +25,7 @@ from mpts.models.posteriors import PointMassPosterior
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import Acquisition, get_acquisition_class, sample_candidates
 from mpts.training.config import RunConfig, config_to_yaml, validate_config
+from mpts.training.diagnostics import TrainingHistory, eligible_candidates, trained_accuracy
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
 from mpts.training.run_dir import RunFolder
 
@@ -147,9 +148,16 @@ def steps_to_target(metrics: pd.DataFrame, target: float) -> tuple[float, float]
     return float(first["cumulative_rollouts"]), float(first["step"])
 
 
-def summarize(config: RunConfig, trace: pd.DataFrame, metrics: pd.DataFrame, initial_eval: float) -> dict[str, Any]:
+def summarize(config: RunConfig, trace: pd.DataFrame, metrics: pd.DataFrame, initial_evals: dict[str, float]
+              ) -> dict[str, Any]:
     rollouts_to_target, step_to_target = steps_to_target(metrics, config.target_accuracy)
     evals = metrics["eval_accuracy"].dropna()
+    initial_eval = initial_evals["eval_accuracy"]
+    extra_evals = {}  # e.g. the LM's greedy and sampled accuracies next to the chosen one
+    for column in sorted(set(initial_evals) - {"eval_accuracy"}):
+        values = metrics[column].dropna() if column in metrics else pd.Series(dtype=float)
+        extra_evals[f"initial_{column}"] = float(initial_evals[column])
+        extra_evals[f"final_{column}"] = float(values.iloc[-1]) if len(values) else float("nan")
     return {
         "config_name": config.name, "predictor": config.predictor.name, "acquisition": config.acquisition.name,
         "environment": config.env.name, "seed": config.seed, "steps": int(metrics["step"].max()) + 1,
@@ -159,6 +167,7 @@ def summarize(config: RunConfig, trace: pd.DataFrame, metrics: pd.DataFrame, ini
         "total_rollouts": int(metrics["cumulative_rollouts"].iloc[-1]),
         "mean_effective_ratio": float(metrics["effective_ratio"].mean()),
         "wall_seconds": float(metrics["wall_seconds"].iloc[-1]),
+        **extra_evals,
         **score_trace(trace),
     }
 
@@ -189,28 +198,36 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
             if config.num_candidates > env.pool.size:
                 raise ValueError(f"candidate pool of {config.num_candidates} (candidate_ratio x batch_size) "
                                  f"exceeds the {env.pool.size} prompts available")
+            if config.num_candidates + config.exclusion_window * config.batch_size > env.pool.size:
+                raise ValueError(f"exclusion_window={config.exclusion_window}: {config.exclusion_window} steps x "
+                                 f"{config.batch_size} trained prompts + {config.num_candidates} candidates exceed "
+                                 f"the {env.pool.size} prompts available")
         except BaseException:
             if saved is None:
                 folder.remove()
             raise
         generator = torch.Generator().manual_seed(config.seed)
         B, C, k = config.batch_size, config.num_candidates, config.k
+        history = TrainingHistory(env.pool.size)
 
         if saved is None:
             start, cumulative, wall = 0, 0, 0.0
-            initial_eval = env.evaluate()
+            initial_evals = env.evaluate_metrics()
         else:
             predictor.load_state_dict(saved["predictor"])
             env.load_state_dict(saved["env"])
             generator.set_state(saved["generator"])
             torch.set_rng_state(saved["torch_rng"])
             start, cumulative, wall = saved["step"] + 1, saved["cumulative_rollouts"], saved["wall_seconds"]
-            initial_eval = saved["initial_eval"]
+            initial_evals = saved.get("initial_evals", {"eval_accuracy": saved["initial_eval"]})
+            if "history" in saved:
+                history.load_state_dict(saved["history"])
 
         for step in range(start, config.steps):
             step_start = time.perf_counter()
             timer = StepTimer()
-            candidates = sample_candidates(env.pool.size, C, generator)
+            candidates = (eligible_candidates(history, step, config.exclusion_window, C, generator, sample_candidates)
+                          if config.exclusion_window else sample_candidates(env.pool.size, C, generator))
 
             with timer("predict"):
                 posterior = predictor.predict(candidates, step)
@@ -232,9 +249,15 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
                                if bool(ok.any()) else {})
             with timer("train"):
                 train_info = env.train_on(outcomes.take(kept)) if bool(kept.any()) else {}
+            selection = history.record(step, outcomes.ids[kept & ok],
+                                       outcomes.greedy_solved[ok] if outcomes.greedy_solved is not None else None)
             evaluate_now = (step + 1) % config.eval_every == 0 or step == config.steps - 1
+            evals = dict.fromkeys(initial_evals, float("nan"))
+            evals["trained_accuracy"] = float("nan")
             with timer("eval"):
-                eval_accuracy = env.evaluate() if evaluate_now else float("nan")
+                if evaluate_now:
+                    evals.update(env.evaluate_metrics())
+                    evals["trained_accuracy"] = trained_accuracy(history, env, step + 1 - config.eval_every)
 
             spent = int(outcomes.trials.sum())  # failed prompts still cost their rollouts
             cumulative += spent
@@ -244,7 +267,7 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
                 "step": step, "rollouts": spent, "cumulative_rollouts": cumulative,
                 "prompts_rolled_out": int(outcomes.ids.shape[0]),
                 "effective_ratio": float(outcomes.informative[ok].float().mean()) if bool(ok.any()) else float("nan"),
-                "train_accuracy": float(rate), "eval_accuracy": eval_accuracy, "wall_seconds": wall,
+                "train_accuracy": float(rate), **evals, **selection, "wall_seconds": wall,
                 **{f"{phase}_seconds": seconds for phase, seconds in timer.seconds.items()},
                 **{key: float(value) for key, value in outcomes.info.items() if key.endswith("_seconds")},
                 "elbo": float(np.mean(diagnostics["elbo"])) if diagnostics.get("elbo") else float("nan"),
@@ -256,13 +279,15 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
                 folder.checkpoint(step, {
                     "predictor": predictor.state_dict(), "env": env.state_dict(),
                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cumulative_rollouts": cumulative, "wall_seconds": wall, "initial_eval": initial_eval,
+                    "cumulative_rollouts": cumulative, "wall_seconds": wall,
+                    "initial_eval": initial_evals["eval_accuracy"], "initial_evals": initial_evals,
+                    "history": history.state_dict(),
                 }, config.steps)
             if progress is not None:
                 progress(step + 1, config.steps, metrics)
 
         trace, metrics_frame = folder.read_parts("trace"), folder.read_parts("metrics")
-        summary = summarize(config, trace, metrics_frame, initial_eval)
+        summary = summarize(config, trace, metrics_frame, initial_evals)
         draws = posterior_draws(predictor, env, config.steps, config.posterior_draws_prompts, config.seed)
         folder.finalize(summary, predictor.state_dict(), draws)
         folder.write_progress(config.steps, config.steps, "done")

@@ -38,6 +38,7 @@ class Outcomes:
     true_p: Tensor | None = None  # simulator only: the success probability the draw used
     failed: Tensor | None = None  # bool [n]
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    greedy_solved: Tensor | None = None  # LM only: bool [n], greedy decoding already solved it (before the update)
 
     def __post_init__(self) -> None:
         if self.failed is None:
@@ -52,7 +53,7 @@ class Outcomes:
         def pick(x):
             return None if x is None else x[index]
         return Outcomes(self.ids[index], self.successes[index], self.trials[index],
-                        pick(self.true_p), pick(self.failed), dict(self.info))
+                        pick(self.true_p), pick(self.failed), dict(self.info), pick(self.greedy_solved))
 
     @staticmethod
     def cat(parts: list["Outcomes"]) -> "Outcomes":
@@ -63,7 +64,8 @@ class Outcomes:
         for part in parts:  # timings add up across chunks; other extras: last one wins
             for key, value in part.info.items():
                 info[key] = info.get(key, 0.0) + value if key.endswith("_seconds") else value
-        return Outcomes(cat("ids"), cat("successes"), cat("trials"), cat("true_p"), cat("failed"), info)
+        return Outcomes(cat("ids"), cat("successes"), cat("trials"), cat("true_p"), cat("failed"), info,
+                        cat("greedy_solved"))
 
 
 class Environment(abc.ABC):
@@ -101,6 +103,15 @@ class Environment(abc.ABC):
     def true_success(self, ids: Tensor) -> Tensor | None:
         """The true success probabilities (simulator only); None where unknown."""
         return None
+
+    def evaluate_metrics(self) -> dict[str, float]:
+        """Every held-out accuracy the environment measures; `eval_accuracy` is the one targets use."""
+        return {"eval_accuracy": self.evaluate()}
+
+    def accuracy_on(self, ids: Tensor) -> Tensor | None:
+        """Per-prompt accuracy of the current policy on pool prompts, measured as `evaluate` measures
+        the held-out set (the simulator: the exact p); None where it cannot be measured."""
+        return self.true_success(ids)
 
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:

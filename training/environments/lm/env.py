@@ -49,8 +49,12 @@ class LMOptions(EnvironmentOptions):
     backend: Literal["hf", "vllm"] = "hf"
     num_prompts: int = Field(1024, ge=1, description="training prompts in the pool")
     eval_prompts: int = Field(128, ge=1, description="held-out problems for evaluate()")
-    eval_temperature: float = Field(0.0, ge=0.0, description="0: greedy evaluation")
-    eval_samples: int = Field(1, ge=1, description="samples per eval problem (with eval_temperature > 0)")
+    eval_samples: int = Field(4, ge=0, description="samples per eval problem at the rollout temperature for "
+                              "the sampled accuracy (0: greedy accuracy only)")
+    eval_target: Literal["greedy", "sampled"] = Field("greedy", description="which held-out accuracy is "
+                                                      "`eval_accuracy` (targets, summaries, reports)")
+    greedy_probe: bool = Field(True, description="also decode each rolled-out batch greedily, for the share of "
+                               "the batch already solved greedily (a diagnostic; one greedy pass over B prompts)")
     max_new_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0.0, description="rollout sampling temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -73,6 +77,12 @@ class LMOptions(EnvironmentOptions):
     generation_batch: int = Field(64, ge=1, description="prompts per HF generate call")
     gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0, description="vLLM's share of device memory")
     max_model_len: int | None = Field(None, ge=16, description="vLLM context length; null: the model's own")
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> "LMOptions":
+        if self.eval_target == "sampled" and self.eval_samples == 0:
+            raise ValueError("eval_target: sampled needs eval_samples >= 1")
+        return self
 
     @model_validator(mode="after")
     def _check_task(self) -> "LMOptions":
@@ -131,7 +141,7 @@ class LMEnvironment(Environment):
             autocast_dtype=self.autocast_dtype), pad_id=self.pad_id, seed=seed)
         self.backend = self._build_backend(model_dir)
         self.sampling = SamplingConfig(opts.max_new_tokens, opts.temperature, opts.top_p)
-        self.eval_sampling = SamplingConfig(opts.max_new_tokens, opts.eval_temperature, 1.0)
+        self.greedy_sampling = SamplingConfig(opts.max_new_tokens, 0.0)
         self.rollout_calls = 0
         self.eval_calls = 0
         self.policy_version = 0  # bumped by every optimiser step
@@ -226,6 +236,13 @@ class LMEnvironment(Environment):
         failed |= grading_failed
 
         successes = (rewards >= 1.0).sum(dim=1).float()
+        greedy_solved = None
+        if self.options.greedy_probe:  # before the update: was this prompt already solved greedily?
+            start = time.perf_counter()
+            greedy_solved = self._solve_rate([self.prompt_ids[i] for i in index],
+                                             [self.train_problems[i] for i in index], 1, self.greedy_sampling,
+                                             seed) >= 1.0
+            info["greedy_probe_seconds"] = time.perf_counter() - start
         for row, prompt_id in enumerate(index):
             if not failed[row]:
                 self._groups[prompt_id] = (completions.token_ids[row], rewards[row])
@@ -234,7 +251,8 @@ class LMEnvironment(Environment):
         lengths = [len(c) for row, group in enumerate(completions.token_ids) if not failed[row] for c in group]
         info["mean_completion_tokens"] = sum(lengths) / max(len(lengths), 1)
         return Outcomes(ids=ids, successes=successes.masked_fill(failed, 0.0),
-                        trials=torch.full((len(index),), float(k)), failed=failed, info=info)
+                        trials=torch.full((len(index),), float(k)), failed=failed, info=info,
+                        greedy_solved=greedy_solved)
 
     def train_on(self, outcomes: Outcomes) -> dict[str, float]:
         ids = outcomes.ids[~outcomes.failed].tolist()
@@ -264,13 +282,38 @@ class LMEnvironment(Environment):
         return stats
 
     def evaluate(self) -> float:
+        return self.evaluate_metrics()["eval_accuracy"]
+
+    def evaluate_metrics(self) -> dict[str, float]:
+        """Held-out greedy accuracy and sampled accuracy at the rollout temperature (mean over
+        `eval_samples` samples per problem); `eval_accuracy` is the one `eval_target` names."""
         self._sync()
-        n = self.options.eval_samples if not self.eval_sampling.greedy else 1
         seed = _derive_seed(self.seed, 2, self.eval_calls)
         self.eval_calls += 1
-        completions, failed = self._generate_isolated(self.eval_prompt_ids, n, self.eval_sampling, seed)
-        rewards, grading_failed = self._grade(completions.texts, self.eval_problems, failed)
-        return float(rewards.mean())  # a failed problem counts as unsolved
+        out = {"eval_accuracy_greedy": float(self._solve_rate(self.eval_prompt_ids, self.eval_problems, 1,
+                                                              self.greedy_sampling, seed).mean())}
+        if self.options.eval_samples > 0:
+            out["eval_accuracy_sampled"] = float(self._solve_rate(self.eval_prompt_ids, self.eval_problems,
+                                                                  self.options.eval_samples, self.sampling, seed).mean())
+        out["eval_accuracy"] = out[f"eval_accuracy_{self.options.eval_target}"]
+        return out
+
+    def accuracy_on(self, ids: Tensor) -> Tensor:
+        """Greedy correctness (0/1) of the current policy on pool prompts, as the eval measures it."""
+        ids = check_prompt_ids(ids, self._pool.size, purpose="evaluate")
+        self._sync()
+        index = ids.tolist()
+        return self._solve_rate([self.prompt_ids[i] for i in index], [self.train_problems[i] for i in index], 1,
+                                self.greedy_sampling, 0)
+
+    def _solve_rate(self, prompts: list[list[int]], problems: list[Problem], n: int, sampling: SamplingConfig,
+                    seed: int) -> Tensor:
+        """[prompts] share of n samples graded correct; a failed problem counts as unsolved."""
+        if not prompts:
+            return torch.zeros(0)
+        completions, failed = self._generate_isolated(prompts, n, sampling, seed)
+        rewards, _ = self._grade(completions.texts, problems, failed)
+        return rewards.mean(dim=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {
