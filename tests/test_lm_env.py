@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from mpts.training.config import load_config
-from mpts.training.environments.lm.env import POLICY_DIR, LMEnvironment, LMOptions, reference_completion
+from mpts.training.environments.lm.env import POLICY_DIR, LMEnvironment, LMOptions, reference_completion, warmup_set
 from mpts.training.loop import run
 from mpts.training.environments.lm.rollout.vllm_backend import vllm_available
 from mpts.training.run_dir import METRICS_REQUIRED, TRACE_SCHEMA
@@ -316,3 +316,33 @@ def test_lm_tiny_runs_through_the_loop_and_resumes_without_lost_rows(tmp_path, b
                *diagnostics]
     pd.testing.assert_frame_equal(metrics[columns], pd.read_parquet(tmp_path / "split" / "metrics.parquet")[columns])
     assert resumed["final_eval_accuracy"] == summary["final_eval_accuracy"]
+
+
+def test_warm_up_covers_every_kind_of_eval_problem_and_never_an_eval_question():
+    task = get_task("arithmetic", {"min_digits": 1, "max_digits": 2})
+    problems = task.problems(5000, 0)
+    eval_problems = problems[::5]  # every fifth: one-digit problems included
+    warmup = warmup_set(task, 4096, 0, eval_problems)
+    assert not {p.question for p in warmup} & {p.question for p in eval_problems}
+    one_digit = [p for p in warmup if p.meta["digits"] == 1]
+    assert any(p.meta["digits"] == 1 for p in eval_problems) and len(one_digit) >= 50
+    assert {p.meta["op"] for p in one_digit} == {"+", "-"}
+
+
+def test_tiny_vocabulary_has_no_silent_rows_and_a_non_text_token_cannot_score(tmp_path):
+    from mpts.training.environments.lm.rollout.base import decode_completions
+    from mpts.training.environments.lm.tiny_lm import build_char_tokenizer, build_tiny_model, TinyModelOptions
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(tokenizer, TinyModelOptions(**TINY), 0)
+    assert model.config.vocab_size == len(tokenizer)
+    for token in range(model.config.vocab_size):  # every row decodes to some text
+        assert tokenizer.decode([token], skip_special_tokens=False) != "", token
+    eight, one = tokenizer("8", add_special_tokens=False)["input_ids"], tokenizer("1", add_special_tokens=False)["input_ids"]
+    eos = {tokenizer.eos_token_id}
+    texts = decode_completions(tokenizer, [[eight + one + [tokenizer.eos_token_id],
+                                            eight + [tokenizer.bos_token_id] + one + [tokenizer.eos_token_id],
+                                            eight + [tokenizer.eos_token_id] + one]], eos)[0]
+    assert texts[0] == "81" and texts[2] == "8"
+    task = get_task("arithmetic")
+    problem = Problem("40+41=", "81", 1)
+    assert task.reward(texts[0], problem) == 1.0 and task.reward(texts[1], problem) == 0.0

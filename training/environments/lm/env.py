@@ -71,7 +71,8 @@ class LMOptions(EnvironmentOptions):
     warmup_sft_steps: int = Field(0, ge=0, description="supervised steps on reference answers before GRPO")
     warmup_sft_batch: int = Field(64, ge=1)
     warmup_sft_lr: float = Field(3e-3, gt=0.0)
-    warmup_sft_problems: int = Field(4096, ge=1, description="problems drawn for the warm-up (those in pool or eval are dropped)")
+    warmup_sft_problems: int = Field(4096, ge=1, description="problems drawn for the warm-up (eval problems are "
+                                     "dropped; pool ones may recur)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="compute dtype; auto: bf16 on CUDA")
     generation_batch: int = Field(64, ge=1, description="prompts per HF generate call")
@@ -119,11 +120,8 @@ class LMEnvironment(Environment):
         self.eval_problems = [p for p in problems[opts.num_prompts:] if p.question not in train_questions]
         if not self.eval_problems:
             raise ValueError("eval_prompts: every evaluation problem also occurs in the training pool")
-        warmup_problems: list[Problem] = []
-        if opts.warmup_sft_steps > 0:  # its own stream, so the warm-up set does not move with the pool size
-            seen = train_questions | {p.question for p in self.eval_problems}
-            warmup_problems = [p for p in self.task.problems(opts.warmup_sft_problems, seed + 1)
-                               if p.question not in seen]
+        warmup_problems = (warmup_set(self.task, opts.warmup_sft_problems, seed, self.eval_problems)
+                           if opts.warmup_sft_steps > 0 else [])
 
         self.model, self.tokenizer, model_dir = self._build_policy(warmup_problems)
         self.pad_id = self.tokenizer.pad_token_id
@@ -391,6 +389,15 @@ class LMEnvironment(Environment):
         if torch.unique(ids).numel() != ids.numel():
             raise ValueError("prompt ids repeat within one rollout call")
         return ids.long()
+
+
+def warmup_set(task: Task, n: int, seed: int, eval_problems: list[Problem]) -> list[Problem]:
+    """The supervised warm-up's problems: their own stream (the set does not move with the pool size),
+    minus every held-out eval question. Pool questions may recur: a small family such as arithmetic's
+    155 one-digit problems is used up by pool and eval, and a warm-up without them leaves that part
+    of the eval unreachable."""
+    held_out = {p.question for p in eval_problems}
+    return [p for p in task.problems(n, seed + 1) if p.question not in held_out]
 
 
 def reference_completion(task: Task, problem: Problem) -> str:

@@ -8,7 +8,6 @@ neither all 0 nor all 1 and GRPO has something to move.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -68,7 +67,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerFast, options: TinyModelOptions, seed: int) -> Qwen2ForCausalLM:
     """A randomly initialised Qwen2 sized by `options`, deterministic given `seed`."""
-    vocab_size = 64 * math.ceil(len(tokenizer) / 64)  # round up: friendlier matmul shapes
+    # Exactly one row per token: padding rows (rounded up for matmul shapes) would be sampled as ids
+    # that decode to no text at all, so "8<row 300>1" would read as "81".
+    vocab_size = len(tokenizer)
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=options.hidden_size, intermediate_size=options.intermediate_size,
         num_hidden_layers=options.num_layers, num_attention_heads=options.num_heads,

@@ -1,8 +1,9 @@
 """The rollout-backend seam: sample completions from the current policy, take new weights.
 
 Backends work on token ids, not text: the environment tokenizes each prompt once, the backend
-samples completion ids, and the trainer scores exactly those ids. Texts (decoded without special
-tokens) come along for the verifier.
+samples completion ids, and the trainer scores exactly those ids. Texts come along for the verifier:
+everything before the end-of-sequence token, special tokens included, so a sampled token with no
+text of its own (a pad or BOS in mid-answer) stays visible to the verifier instead of vanishing.
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def check_prompts(prompt_ids: list[list[int]], n: int) -> None:
         raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token (got an empty prompt list or an empty prompt)")
+
+
+def decode_completions(tokenizer, token_ids: list[list[list[int]]], eos_ids: set[int]) -> list[list[str]]:
+    """texts[prompt][sample]: the tokens before the first EOS, decoded with special tokens kept."""
+    def before_eos(ids: list[int]) -> list[int]:
+        cut = cut_at_eos(ids, eos_ids)
+        return cut[:-1] if cut and cut[-1] in eos_ids else cut
+    return [tokenizer.batch_decode([before_eos(ids) for ids in samples], skip_special_tokens=False)
+            for samples in token_ids]
 
 
 def cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:

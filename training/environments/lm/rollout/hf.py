@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from .base import Completions, RolloutBackend, SamplingConfig, check_prompts, cut_at_eos
+from .base import Completions, RolloutBackend, SamplingConfig, check_prompts, cut_at_eos, decode_completions
 
 
 class HFBackend(RolloutBackend):
@@ -53,7 +53,7 @@ class HFBackend(RolloutBackend):
                     token_ids.extend(self._generate_batch(prompt_ids[start:start + self.batch_prompts], n, sampling, device))
         finally:
             self.model.train(was_training)
-        texts = [self.tokenizer.batch_decode(samples, skip_special_tokens=True) for samples in token_ids]
+        texts = decode_completions(self.tokenizer, token_ids, self.eos_ids)
         return Completions(token_ids, texts)
 
     def _generate_batch(self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig,

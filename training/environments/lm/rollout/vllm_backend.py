@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Completions, RolloutBackend, SamplingConfig, check_prompts, cut_at_eos
+from .base import Completions, RolloutBackend, SamplingConfig, check_prompts, cut_at_eos, decode_completions
 
 
 def vllm_available() -> bool:
@@ -77,7 +77,7 @@ class VLLMBackend(RolloutBackend):
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         token_ids = [[cut_at_eos(list(sample.token_ids), self.eos_ids) for sample in sorted(out.outputs, key=lambda o: o.index)]
                      for out in outputs]
-        texts = [self.tokenizer.batch_decode(samples, skip_special_tokens=True) for samples in token_ids]
+        texts = decode_completions(self.tokenizer, token_ids, self.eos_ids)
         return Completions(token_ids, texts)
 
     def close(self) -> None:
