@@ -69,3 +69,20 @@ def test_exclusion_window_keeps_recent_prompts_out_for_any_rule(tmp_path):
         run(load_config("quickstart", SMALL + ["exclusion_window=20"]), tmp_path / "too_long")
     with pytest.raises(ConfigError, match="exclusion_window"):
         load_config("quickstart", SMALL + ["exclusion_window=-1"])
+
+
+def test_decay_unobserved_lets_a_prompt_seen_unsolved_be_retried_by_thompson_target(tmp_path):
+    """The review's case: a prompt first seen at 0/8 is Beta(1, 9) and, without decay of unobserved
+    prompts, stays far from the target until it happens to be rolled out again."""
+    def rerolled(decay_unobserved):
+        folder = tmp_path / str(decay_unobserved)
+        run(load_config("quickstart", SMALL + ["steps=30", "env.num_prompts=200", "candidate_ratio=8",
+                                               "predictor.decay=0.7",
+                                               f"predictor.decay_unobserved={decay_unobserved}"]), folder)
+        trace = pd.read_parquet(folder / "trace.parquet").sort_values(["prompt_id", "step"])
+        previous = trace.groupby("prompt_id")["successes"].shift()
+        gap = trace["step"] - trace.groupby("prompt_id")["step"].shift()
+        return trace[(previous == 0) & (gap >= 5)]
+    with_decay, without = rerolled(True), rerolled(False)
+    # after a gap, a prompt last seen at 0/8 is predicted nearer the prior mean 0.5 with decay of unobserved prompts
+    assert with_decay["pred_mean"].mean() > without["pred_mean"].mean() + 0.05
