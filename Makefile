@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test test-vllm bench system-deps clean
+.PHONY: setup demo test test-vllm bench gpu-check system-deps clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,12 @@ test-vllm: $(VLLM_VENV)/.installed
 
 bench: setup
 	$(BIN)/mpts bench --predictor beta --pool 1000000 --candidates 4096 --batch 256 --k 8 --steps 50 --json
+
+# GRPO on one GPU with the machine's own (CUDA) torch, no virtualenv: missing packages come from
+# local wheels in .whl/, nothing is downloaded. Writes runs/gpu-check-cuda-*/ with timing.json.
+# `GPU_CHECK_ARGS="--device cpu"` is the dry run that the test suite also runs.
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -346,3 +346,12 @@ def test_tiny_vocabulary_has_no_silent_rows_and_a_non_text_token_cannot_score(tm
     task = get_task("arithmetic")
     problem = Problem("40+41=", "81", 1)
     assert task.reward(texts[0], problem) == 1.0 and task.reward(texts[1], problem) == 0.0
+
+
+def test_backend_auto_falls_back_to_hf_generate_with_a_log_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("mpts.training.environments.lm.rollout.vllm_backend.vllm_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        env = make_env(tmp_path, backend="auto")
+    assert env.backend_name == "hf" and env.backend.name == "hf"
+    assert "vLLM is not importable here; rollouts fall back to HF generate" in caplog.text
+    env.close()

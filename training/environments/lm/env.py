@@ -46,7 +46,8 @@ class LMOptions(EnvironmentOptions):
     model: str | None = Field(None, description="local HF checkpoint directory; null: the tiny char-level Qwen2")
     tiny: TinyModelOptions = Field(default_factory=TinyModelOptions, description="shape of the tiny model")
     chat_template: bool = Field(False, description="wrap prompts in the tokenizer's chat template (instruct models)")
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf", "vllm", "auto"] = Field("hf", description="rollout engine; auto: vLLM when it imports, "
+                                                 "else HF generate (with a log line saying so)")
     num_prompts: int = Field(1024, ge=1, description="training prompts in the pool")
     eval_prompts: int = Field(128, ge=1, description="held-out problems for evaluate()")
     eval_samples: int = Field(4, ge=0, description="samples per eval problem at the rollout temperature for "
@@ -191,7 +192,15 @@ class LMEnvironment(Environment):
 
     def _build_backend(self, model_dir: Path) -> RolloutBackend:
         opts = self.options
-        if opts.backend == "hf":
+        backend = opts.backend
+        if backend == "auto":
+            from .rollout.vllm_backend import vllm_available
+
+            backend = "vllm" if vllm_available() else "hf"
+            if backend == "hf":
+                logger.warning("backend auto: vLLM is not importable here; rollouts fall back to HF generate")
+        self.backend_name = backend
+        if backend == "hf":
             return make_backend("hf", model=self.model, tokenizer=self.tokenizer, share=True,
                                 batch_prompts=opts.generation_batch, autocast_dtype=self.autocast_dtype)
         dtype = "bfloat16" if self.autocast_dtype == torch.bfloat16 else "float32"
