@@ -26,7 +26,8 @@ from .posterior import group_inference_data, posterior_summary, write_netcdf
 from .render import Document, FigureBlock, Section, TextBlock, render_html, render_markdown
 from .runs import RUN_FILES, Run, group_slug, load_runs
 from .stats import BOOTSTRAP_DRAWS, LEVEL
-from .tables import CALIBRATION_COLUMNS, comparison_table, frame_table, headline_columns, runs_table, timing_table
+from .tables import (CALIBRATION_COLUMNS, LEARNING_COLUMNS, comparison_table, frame_table, headline_columns,
+                     runs_table, timing_table)
 
 FIGURES = "figures"
 POSTERIOR_ROWS_SHOWN = 6
@@ -183,6 +184,28 @@ def _efficiency(report: _Report) -> Section:
     ])
 
 
+def _learning(report: _Report) -> Section | None:
+    """Both held-out accuracies, trained vs held-out, and where each rule spent its updates."""
+    columns = [c for c in LEARNING_COLUMNS
+               if any(g["estimates"][c.key].mean is not None for g in report.groups)]
+    if not columns:
+        return None
+    table, _ = comparison_table(
+        "learning", report.groups, columns,
+        "Mean over seeds with 95% bootstrap interval. Gain: mean of the last three evaluations minus the "
+        "evaluation before the first step. Recently trained prompts: those trained since the previous "
+        "evaluation, scored as the held-out set is (greedy for the LM). Overlap: share of a step's batch "
+        "already trained in the previous 20 steps (mean over steps). Top 10%: share of all updates on the "
+        "most-trained tenth of the pool at the end. Solved greedily: share of the rolled-out batch that "
+        "greedy decoding already answered correctly before the update (LM only).")
+    return Section("learning", "Learning and selection diagnostics", [
+        table,
+        report.figure(plots.learning_curves(report.metrics, report.colors), "learning_curves.png",
+                      "Held-out greedy (solid) and sampled (dashed) accuracy and accuracy on recently trained "
+                      "prompts (dotted) at each evaluation, averaged over seeds."),
+    ])
+
+
 def _posterior(report: _Report) -> Section | None:
     """ELBO trace of SVI-fitted predictors; ArviZ export of every group that saved posterior draws."""
     blocks: list = []
@@ -255,6 +278,8 @@ def export_report(run_dirs: Sequence[Path], out_dir: Path, *, target_accuracy: f
     headline, headline_best = _headline(report)
     calibration, calibration_best = _calibration(report)
     sections = [headline, calibration, _over_time(report), _efficiency(report)]
+    learning = _learning(report)
+    sections += [learning] if learning else []
     posterior = _posterior(report)
     sections += [posterior] if posterior else []
     sections.append(Section("runs", "Runs", [runs_table(run_rows)]))

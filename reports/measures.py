@@ -23,10 +23,16 @@ UNIFORM = "uniform"
 DYNAMIC_SAMPLING = "dynamic_sampling"
 LOOP_PHASES = ("predict", "select", "rollout", "observe", "train")
 
+# learning and selection diagnostics (training/diagnostics.py); NaN where a run did not record them
+LEARNING_NUMBERS = (
+    "final_eval_accuracy_greedy", "final_eval_accuracy_sampled", "eval_gain_greedy", "eval_gain_sampled",
+    "final_trained_accuracy", "mean_recent_overlap", "final_top_decile_share", "mean_greedy_solved_share",
+)
 # per-run numbers pooled over seeds in every group
 RUN_NUMBERS = (
     "final_eval_accuracy", "rollouts_to_target", "steps_to_target", "mean_effective_ratio",
     "total_rollouts", "wall_seconds", "seconds_per_step", *[k for k in SCORE_KEYS if k != "rows"],
+    *LEARNING_NUMBERS,
 )
 RECORDED_CHECKED = ("final_eval_accuracy", "rollouts_to_target", "mean_effective_ratio", "total_rollouts",
                     "wall_seconds", *SCORE_KEYS)
@@ -62,9 +68,31 @@ def run_numbers(run: Run, target: float) -> dict[str, Any]:
         "steps": int(len(metrics)),
     }
     numbers["seconds_per_step"] = numbers["wall_seconds"] / numbers["steps"]
+    numbers.update(learning_numbers(metrics, run.recorded_summary or {}))
     numbers.update(score_trace(run.trace))
     numbers["time_per_step"] = {c: float(metrics[c].astype(float).mean()) for c in seconds_columns(metrics)}
     return numbers
+
+
+def learning_numbers(metrics: pd.DataFrame, summary: dict[str, Any]) -> dict[str, float]:
+    """Final held-out accuracies, their gain over the run (mean of the last three evaluations minus
+    the evaluation before the first step) and the selection diagnostics, where recorded."""
+    def column(name: str) -> pd.Series:
+        return metrics[name].astype(float).dropna() if name in metrics else pd.Series(dtype=float)
+
+    out: dict[str, float] = {}
+    for kind in ("greedy", "sampled"):
+        evals = column(f"eval_accuracy_{kind}")
+        initial = summary.get(f"initial_eval_accuracy_{kind}", math.nan)
+        out[f"final_eval_accuracy_{kind}"] = float(evals.iloc[-1]) if len(evals) else math.nan
+        out[f"eval_gain_{kind}"] = float(evals.tail(3).mean()) - float(initial) if len(evals) else math.nan
+    trained, overlap, top, solved = (column(c) for c in ("trained_accuracy", "recent_overlap", "top_decile_share",
+                                                         "greedy_solved_share"))
+    out["final_trained_accuracy"] = float(trained.iloc[-1]) if len(trained) else math.nan
+    out["mean_recent_overlap"] = float(overlap.mean()) if len(overlap) else math.nan
+    out["final_top_decile_share"] = float(top.iloc[-1]) if len(top) else math.nan
+    out["mean_greedy_solved_share"] = float(solved.mean()) if len(solved) else math.nan
+    return out
 
 
 def recorded_mismatches(run: Run, numbers: dict[str, Any], target: float) -> list[str]:

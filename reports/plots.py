@@ -234,6 +234,30 @@ def _mean_curve(frames: Sequence[pd.DataFrame], x: str) -> tuple[np.ndarray, np.
     return grid, values.mean(axis=0)
 
 
+LEARNING_CURVES = (("eval_accuracy_greedy", "held-out greedy", "-"), ("eval_accuracy_sampled", "held-out sampled", "--"),
+                   ("trained_accuracy", "recently trained prompts", ":"))
+
+
+@styled
+def learning_curves(metrics: Mapping[str, Sequence[pd.DataFrame]], colors: Mapping[str, tuple]) -> Figure:
+    """Per group: held-out greedy and sampled accuracy and accuracy on recently trained prompts
+    against the step, averaged over seeds at each evaluation step."""
+    fig = _figure(12.0, 4.0)
+    ax = fig.subplots(1, 1)
+    for group, frames in metrics.items():
+        for column, label, style in LEARNING_CURVES:
+            parts = [f[["step", column]].dropna() for f in frames if column in f]
+            if not parts or all(p.empty for p in parts):
+                continue
+            mean = pd.concat(parts).groupby("step")[column].mean()
+            ax.plot(mean.index, mean.to_numpy(), color=colors[group], ls=style, lw=1.6, label=f"{group}: {label}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Held-out (greedy, sampled) vs recently trained prompts (seed mean)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=7)
+    return fig
+
+
 @styled
 def accuracy_curves(metrics: Mapping[str, Sequence[pd.DataFrame]], colors: Mapping[str, tuple],
                     targets: Sequence[float]) -> Figure:

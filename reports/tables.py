@@ -113,6 +113,24 @@ CALIBRATION_COLUMNS = [
 ]
 
 
+LEARNING_COLUMNS = [
+    Column("final_eval_accuracy_greedy", "final held-out greedy ↑", "max", fmt_rate,
+           _estimate("final_eval_accuracy_greedy")),
+    Column("eval_gain_greedy", "greedy gain ↑", "max", fmt_score, _estimate("eval_gain_greedy")),
+    Column("final_eval_accuracy_sampled", "final held-out sampled ↑", "max", fmt_rate,
+           _estimate("final_eval_accuracy_sampled")),
+    Column("eval_gain_sampled", "sampled gain ↑", "max", fmt_score, _estimate("eval_gain_sampled")),
+    Column("final_trained_accuracy", "final accuracy on recently trained prompts", None, fmt_rate,
+           _estimate("final_trained_accuracy")),
+    Column("mean_recent_overlap", "batch overlap with last 20 steps", None, fmt_rate,
+           _estimate("mean_recent_overlap")),
+    Column("final_top_decile_share", "updates on top 10% of prompts", None, fmt_rate,
+           _estimate("final_top_decile_share")),
+    Column("mean_greedy_solved_share", "batch already solved greedily", None, fmt_rate,
+           _estimate("mean_greedy_solved_share")),
+]
+
+
 def headline_columns(groups: Sequence[dict[str, Any]]) -> list[Column]:
     columns = [
         Column("final_eval_accuracy", "final eval accuracy ↑", "max", fmt_rate, _estimate("final_eval_accuracy")),

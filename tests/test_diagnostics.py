@@ -86,3 +86,24 @@ def test_decay_unobserved_lets_a_prompt_seen_unsolved_be_retried_by_thompson_tar
     with_decay, without = rerolled(True), rerolled(False)
     # after a gap, a prompt last seen at 0/8 is predicted nearer the prior mean 0.5 with decay of unobserved prompts
     assert with_decay["pred_mean"].mean() > without["pred_mean"].mean() + 0.05
+
+
+def test_learning_numbers_gain_is_last_three_evaluations_minus_the_initial_one():
+    from mpts.reports.measures import learning_numbers
+    metrics = pd.DataFrame({"step": range(6), "eval_accuracy_greedy": [np.nan, 0.3, np.nan, 0.4, 0.5, 0.6],
+                            "recent_overlap": [0, 0.5, 0.5, 0.5, 0.5, 0.5],
+                            "top_decile_share": [0.1, 0.2, 0.2, 0.2, 0.2, 0.25]})
+    numbers = learning_numbers(metrics, {"initial_eval_accuracy_greedy": 0.2})
+    assert numbers["final_eval_accuracy_greedy"] == 0.6
+    assert numbers["eval_gain_greedy"] == pytest.approx(0.5 - 0.2)
+    assert numbers["mean_recent_overlap"] == pytest.approx(2.5 / 6) and numbers["final_top_decile_share"] == 0.25
+    assert np.isnan(numbers["eval_gain_sampled"]) and np.isnan(numbers["mean_greedy_solved_share"])
+
+
+def test_report_has_the_learning_and_selection_section(tmp_path):
+    from mpts.reports import export_report
+    run(load_config("quickstart", SMALL), tmp_path / "r")
+    export_report([tmp_path / "r"], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Learning and selection diagnostics" in text and "batch overlap with last 20 steps" in text
+    assert (tmp_path / "report" / "figures" / "learning_curves.png").stat().st_size > 0

@@ -23,6 +23,8 @@ from mpts.training.run_dir import write_json
 HEADLINE = [
     ("rollouts_to_target", "rollouts to target", "min"),
     ("final_eval_accuracy", "final eval acc", "max"),
+    ("final_eval_accuracy_greedy", "final greedy acc", "max"),  # LM: both held-out accuracies
+    ("final_eval_accuracy_sampled", "final sampled acc", "max"),
     ("mean_effective_ratio", "effective ratio", "max"),
     ("log_predictive_density", "log pred. density", "max"),
     ("ece", "ECE", "min"),
