@@ -355,3 +355,30 @@ def test_backend_auto_falls_back_to_hf_generate_with_a_log_line(tmp_path, monkey
     assert env.backend_name == "hf" and env.backend.name == "hf"
     assert "vLLM is not importable here; rollouts fall back to HF generate" in caplog.text
     env.close()
+
+
+def test_one_grpo_step_raises_the_probability_of_the_right_answer_on_the_trained_prompts(tmp_path):
+    """The update itself is sound: after one step the trained prompts' reference answers are more
+    likely (exactly computed under the rollout temperature, no sampling noise)."""
+    from mpts.training.environments.lm.grpo import completion_logprobs
+    env = make_env(tmp_path, task_options={"min_digits": 1, "max_digits": 1, "operators": ["+"]}, num_prompts=40,
+                   warmup_sft_steps=150, warmup_sft_batch=32, warmup_sft_lr=3e-3, warmup_sft_problems=64,
+                   lr=1e-4, temperature=0.7)
+    out = env.rollout(torch.arange(40), 8)
+    informative = out.informative
+    assert int(informative.sum()) >= 5
+    ids = out.ids[informative].tolist()
+    prompts = [env.prompt_ids[i] for i in ids]
+    answers = [env.tokenizer(env.train_problems[i].answer, add_special_tokens=False)["input_ids"]
+               + [env.tokenizer.eos_token_id] for i in ids]
+
+    def answer_probability():
+        with torch.no_grad():
+            logp, mask = completion_logprobs(env.model, prompts, answers, env.pad_id, temperature=0.7)
+        return (logp * mask).sum(1).exp()
+    before = answer_probability()
+    env.train_on(out)
+    after = answer_probability()
+    assert float(after.mean()) > float(before.mean()) + 0.01
+    assert float((after > before).float().mean()) > 0.5
+    env.close()
