@@ -107,3 +107,16 @@ def test_report_has_the_learning_and_selection_section(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Learning and selection diagnostics" in text and "batch overlap with last 20 steps" in text
     assert (tmp_path / "report" / "figures" / "learning_curves.png").stat().st_size > 0
+
+
+def test_ablation_arms_that_differ_only_in_options_get_their_own_names(tmp_path):
+    from mpts.training.ablate import ablate, expand_runs
+    config = load_config("quickstart", SMALL + ["steps=3", "ablation.seeds=[0]", "ablation.workers=1",
+                                                "ablation.arms=[{predictor: beta, acquisition: uniform}, "
+                                                "{predictor: beta, acquisition: {name: thompson_target, target: 0.5}}, "
+                                                "{predictor: beta, acquisition: {name: thompson_target, target: 0.25}}]"])
+    names = [name for name, _ in expand_runs(config)]
+    assert names == ["beta__uniform__seed0", "beta__thompson_target-target0.5__seed0",
+                     "beta__thompson_target-target0.25__seed0"]
+    table = ablate(config, tmp_path / "abl", show_progress=False)
+    assert sorted(table["acquisition"]) == ["thompson_target-target0.25", "thompson_target-target0.5", "uniform"]

@@ -36,19 +36,29 @@ def _component(value: str | dict[str, Any]) -> dict[str, Any]:
     return {"name": value} if isinstance(value, str) else dict(value)
 
 
+def _options_slug(component: dict[str, Any]) -> str:
+    return "".join(f"-{key}{value}" for key, value in sorted(component.items()) if key != "name")
+
+
 def expand_runs(config: RunConfig) -> list[tuple[str, RunConfig]]:
-    """(folder name, config) for every arm x seed."""
+    """(folder name, config) for every arm x seed. Arms that share a (predictor, rule) pair and
+    differ in options (thompson_target at two targets) get those options in their names."""
     base = config.model_dump(mode="json")
     arms = config.ablation.arms or [None]
+    pairs = [(_component(a.predictor)["name"], _component(a.acquisition)["name"]) for a in arms if a is not None]
     runs = []
     for arm in arms:
         raw = dict(base)
         if arm is not None:
             raw["predictor"] = _component(arm.predictor)
             raw["acquisition"] = _component(arm.acquisition)
+        predictor, acquisition = raw["predictor"]["name"], raw["acquisition"]["name"]
+        if pairs.count((predictor, acquisition)) > 1:
+            predictor += _options_slug(raw["predictor"])
+            acquisition += _options_slug(raw["acquisition"])
         for seed in config.ablation.seeds:
             cfg = validate_config({**raw, "seed": seed})
-            runs.append((f"{cfg.predictor.name}__{cfg.acquisition.name}__seed{seed}", cfg))
+            runs.append((f"{predictor}__{acquisition}__seed{seed}", cfg))
     names = [name for name, _ in runs]
     if len(set(names)) != len(names):
         raise ValueError("ablation arms repeat a (predictor, acquisition) pair; each arm must differ")
@@ -86,7 +96,10 @@ def ablate(config: RunConfig, out_dir: Path | str, *, workers: int | None = None
         for done in futures.as_completed(pending):
             results.append(done.result())
             progress.advance(task)
-    frame = pd.DataFrame(results).sort_values(["predictor", "acquisition", "seed"]).reset_index(drop=True)
+    frame = pd.DataFrame(results)
+    # the arm as named in its folder: differs from (predictor, acquisition) where options tell arms apart
+    frame[["predictor", "acquisition"]] = frame["run"].str.rsplit("__seed", n=1).str[0].str.split("__", n=1).tolist()
+    frame = frame.sort_values(["predictor", "acquisition", "seed"]).reset_index(drop=True)
     frame.to_parquet(out / "runs.parquet", index=False)
     table = aggregate(frame)
     (out / "table.md").write_text(format_table(table))
