@@ -16,12 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mpts.inference.schema import OUTCOME_COLUMNS
 from mpts.inference.scoring import score_trace
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.selector import Selector
 
-REQUIRED_COLUMNS = ("step", "prompt_id", "successes", "trials")
+REQUIRED_COLUMNS = OUTCOME_COLUMNS
 
 
 class TraceError(ValueError):
