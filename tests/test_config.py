@@ -70,3 +70,17 @@ def test_plugins_are_imported_so_their_predictors_validate(tmp_path, monkeypatch
     assert config.predictor.name == "mine_from_plugin"
     with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_module_x'"):
         load_config("quickstart", ["plugins=[no_such_module_x]"])
+
+
+def test_grpo_options_are_one_nested_section_checked_against_grpo_config():
+    from mpts.training.environments.lm.env import LMOptions
+    from mpts.training.environments.lm.grpo import GRPOConfig
+
+    config = load_config("lm_tiny", ["env.grpo.kl_coef=0.05"])
+    options = config.env.with_options(LMOptions)
+    assert isinstance(options.grpo, GRPOConfig) and options.grpo.kl_coef == 0.05 and options.grpo.lr == 3.0e-5
+    assert not set(GRPOConfig.model_fields) & set(LMOptions.model_fields)  # no GRPO field repeated at env level
+    with pytest.raises(ConfigError, match="grpo.lrr: unknown key"):
+        load_config("lm_tiny", ["env.grpo.lrr=0.1"])
+    with pytest.raises(ConfigError, match="env.*lr: unknown key"):
+        load_config("lm_tiny", ["env.lr=0.1"])  # the old flat spelling is refused, not ignored
