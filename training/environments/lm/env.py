@@ -235,7 +235,7 @@ class LMEnvironment(Environment):
         sizes = {len(g[0]) for g in groups}
         if len(sizes) != 1:
             raise ValueError(f"train_on: groups of different sizes {sorted(sizes)}; GRPO groups need one k")
-        advantages = group_advantages(torch.stack([g[1] for g in groups]), self.options.scale_by_std,
+        advantages = group_advantages(torch.stack([g[1] for g in groups]), self.options.grpo.scale_by_std,
                                       self.trainer.config.adv_eps)
         k = sizes.pop()
         keep = [(row, j) for row, g in enumerate(groups) for j in range(k) if len(g[0][j]) > 0]
