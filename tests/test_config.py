@@ -84,3 +84,16 @@ def test_grpo_options_are_one_nested_section_checked_against_grpo_config():
         load_config("lm_tiny", ["env.grpo.lrr=0.1"])
     with pytest.raises(ConfigError, match="env.*lr: unknown key"):
         load_config("lm_tiny", ["env.lr=0.1"])  # the old flat spelling is refused, not ignored
+
+
+def test_config_comments_state_no_measured_duration_without_the_command_that_measured_it():
+    import re
+    from importlib import resources
+
+    for path in resources.files("mpts.training.configs").iterdir():
+        if not path.name.endswith(".yaml"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            comment = line.partition("#")[2]
+            if re.search(r"\d\s*(minutes?|seconds?|hours?|ms|s/step)\b|\bminutes?\b", comment):
+                assert "mpts " in comment, f"{path.name}:{number}: {comment.strip()}"
