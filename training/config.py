@@ -47,7 +47,7 @@ def _check_component(section: str, component: ComponentConfig, lookup) -> None:
     try:
         cls.Options(**component.options)
     except ValidationError as error:
-        raise ValueError(f"{section}: " + _format_errors(error)) from None
+        raise ValueError(f"{section}: " + format_errors(error)) from None
 
 
 class AblationArm(BaseModel):
@@ -109,7 +109,7 @@ class RunConfig(BaseModel):
         return self.candidate_ratio * self.batch_size
 
 
-def _format_errors(error: ValidationError) -> str:
+def format_errors(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
@@ -171,7 +171,7 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig(**raw)
     except ValidationError as error:
-        raise ConfigError("invalid config: " + _format_errors(error)) from None
+        raise ConfigError("invalid config: " + format_errors(error)) from None
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
