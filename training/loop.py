@@ -26,6 +26,7 @@ from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import Acquisition, get_acquisition_class, sample_candidates
 from mpts.training.config import RunConfig, config_to_yaml, validate_config
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
+from mpts.training.memory import check_fits, run_need
 from mpts.training.run_dir import RunFolder
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
@@ -197,6 +198,7 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
         folder.check_new()
         saved = None
 
+    check_fits(run_need(config), "this run")
     torch.manual_seed(config.seed)  # SVI-based predictors draw from the global RNG
     pyro.set_rng_seed(config.seed)
     env = build_environment(config, folder.root)
