@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="score a predictor prequentially on a logged trace")
     replay.add_argument("trace", type=Path, help="parquet, CSV or JSONL with step, prompt_id, successes, trials")
     replay.add_argument("--predictor", required=True)
-    replay.add_argument("--out", type=Path, help="JSON file for the scores (default replay-<predictor>.json)")
+    replay.add_argument("--out", type=Path, help="also write the scores to this JSON file (default: print only)")
     replay.add_argument("--seed", type=int, default=0)
     _add_set(replay)
 
@@ -138,15 +138,17 @@ def cmd_ablate(args) -> int:
 def cmd_replay(args) -> int:
     from mpts.training.config import apply_overrides
     from mpts.training.replay import read_trace, replay
+    from mpts.training.run_dir import to_json, write_json
 
     options = apply_overrides({}, [o.removeprefix("predictor.") for o in args.overrides])
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; name the JSON file to write (e.g. {args.out / 'scores.json'})")
     trace = read_trace(args.trace)
     scores, _ = replay(trace, args.predictor, options, seed=args.seed)
-    out = args.out or Path(f"replay-{args.predictor}.json")
-    from mpts.training.run_dir import write_json
-    write_json(out, scores)
-    console.print_json(json.dumps(scores, default=float))
-    console.print(f"scores written to {out}")
+    print(to_json(scores, indent=2))
+    if args.out is not None:
+        write_json(args.out, scores)
+        console.print(f"scores written to {args.out}")
     return 0
 
 
