@@ -26,9 +26,8 @@ from mpts.inference.scoring import score_trace
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.config import format_errors
-from mpts.training.environments.base import Outcomes
-from mpts.training.loop import prediction_columns
 from mpts.training.memory import MemoryNeed, check_fits, predictor_state_bytes
+from mpts.training.selector import Selector
 
 REQUIRED_COLUMNS = ("step", "prompt_id", "successes", "trials")
 MAX_COUNT = 2**24  # successes and trials of one (step, prompt): exact in float32
@@ -121,19 +120,17 @@ def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None =
         raise TraceError(f"trace has {len(labels)} distinct prompt ids but num_prompts is {size}")
     check_fits(MemoryNeed({"distinct prompt ids": predictor_state_bytes(cls, predictor_options, size, 0)}),
                f"replaying {size} prompts with {predictor}")
-    torch.manual_seed(seed)
-    model = cls(PromptPool(size=size), predictor_options, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
+    selector = Selector(cls(PromptPool(size=size), predictor_options, seed=seed), seed=seed)
     scored = []
     trace = trace.assign(_row=rows_of_labels)
     for step, rows in trace.groupby("step", sort=True):
         ids = torch.tensor(rows["_row"].to_numpy(), dtype=torch.long)
         successes = torch.tensor(rows["successes"].to_numpy(), dtype=torch.float32)
         trials = torch.tensor(rows["trials"].to_numpy(), dtype=torch.float32)
-        posterior = model.predict(ids, int(step))
-        columns = prediction_columns(posterior, Outcomes(ids, successes, trials), generator)
+        posterior = selector.predict(ids, int(step))
+        columns = selector.prediction_columns(posterior, successes, trials, int(step))
         scored.append(rows.drop(columns="_row").assign(**columns))
-        model.observe(ids, successes, trials, int(step))
+        selector.observe(ids, successes, trials, int(step))
     table = pd.concat(scored, ignore_index=True)
     table["failed"] = False
     return {"predictor": predictor, "steps": int(trace["step"].nunique()), **score_trace(table)}, table
