@@ -20,17 +20,16 @@ import abc
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from mpts.models.base import SuccessPosterior
+from mpts.models.options import StrictOptions
 from mpts.models.registry import Registry
 
 
-class AcquisitionOptions(BaseModel):
-    """Base of every rule's options; unknown keys are errors, not silent defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class AcquisitionOptions(StrictOptions):
+    """Base of every rule's options; unknown keys, booleans as numbers and NaN/inf are errors."""
 
 
 class Acquisition(abc.ABC):
