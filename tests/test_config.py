@@ -97,3 +97,10 @@ def test_config_comments_state_no_measured_duration_without_the_command_that_mea
             comment = line.partition("#")[2]
             if re.search(r"\d\s*(minutes?|seconds?|hours?|ms|s/step)\b|\bminutes?\b", comment):
                 assert "mpts " in comment, f"{path.name}:{number}: {comment.strip()}"
+
+
+def test_grpo_section_refuses_booleans_and_non_finite_numbers():
+    for bad, field in (("env.grpo.lr=true", "lr"), ("env.grpo.kl_coef=.nan", "kl_coef"),
+                       ("env.grpo.micro_batch_size=-1", "micro_batch_size")):
+        with pytest.raises(ConfigError, match=field):
+            load_config("lm_tiny", [bad])

@@ -23,14 +23,16 @@ import math
 from typing import Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor
 
+from mpts.models.options import StrictOptions
 
-class GRPOConfig(BaseModel):
+
+class GRPOConfig(StrictOptions):
     """The GRPO options, validated; also the `grpo:` section of the LM environment's config."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(**StrictOptions.model_config, arbitrary_types_allowed=True)
 
     lr: float = Field(1e-5, ge=0.0, description="AdamW learning rate (0 freezes the weights: tests)")
     clip_low: float = Field(0.2, ge=0.0, lt=1.0)
