@@ -1,15 +1,15 @@
 """Controlled ablations: the same loop and seeds, one predictor or one rule swapped per arm.
 
-`ablate(config, out_dir)` runs every (arm, seed) in parallel processes into
-`out_dir/runs/<predictor>__<acquisition>__seed<s>/`, then writes `out_dir/runs.parquet` (one row
-per run) and `out_dir/table.md` (mean and 95% t-interval over seeds). A run already finished is
-reused and an interrupted one resumed, so re-running the same command completes an ablation.
+`ablate(config, out_dir)` runs every arm x grid point x seed (`mpts.training.sweep`) on an
+executor (`local` processes or `ray`, `mpts.training.executors`) into
+`out_dir/runs/<predictor>__<acquisition>[__<key=value>...]__seed<s>/`, then writes
+`out_dir/runs.parquet` (one row per run, `grid.<key>` columns for the point) and `out_dir/table.md`
+(mean and 95% t-interval over seeds, one row per arm x grid point). A finished run is never redone
+and an interrupted one resumed, so re-running the same command completes an ablation.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as futures
-import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mpts.training.config import RunConfig, validate_config
+from mpts.training.config import RunConfig
+from mpts.training.executors import make_executor
+from mpts.training.executors.work import read_summary
 from mpts.training.run_dir import write_json
+from mpts.training.sweep import expand_grid, format_value
+
+GRID_PREFIX = "grid."
 
 HEADLINE = [
     ("rollouts_to_target", "rollouts to target", "min"),
@@ -30,66 +35,44 @@ HEADLINE = [
 ]
 
 
-def _component(value: str | dict[str, Any]) -> dict[str, Any]:
-    return {"name": value} if isinstance(value, str) else dict(value)
-
-
-def expand_runs(config: RunConfig) -> list[tuple[str, RunConfig]]:
-    """(folder name, config) for every arm x seed."""
-    base = config.model_dump(mode="json")
-    arms = config.ablation.arms or [None]
-    runs = []
-    for arm in arms:
-        raw = dict(base)
-        if arm is not None:
-            raw["predictor"] = _component(arm.predictor)
-            raw["acquisition"] = _component(arm.acquisition)
-        for seed in config.ablation.seeds:
-            cfg = validate_config({**raw, "seed": seed})
-            runs.append((f"{cfg.predictor.name}__{cfg.acquisition.name}__seed{seed}", cfg))
-    names = [name for name, _ in runs]
-    if len(set(names)) != len(names):
-        raise ValueError("ablation arms repeat a (predictor, acquisition) pair; each arm must differ")
-    return runs
-
-
-def _run_one(name: str, config_json: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    import torch
-
-    from mpts.training.loop import run
-
-    torch.set_num_threads(1)  # one process per core: threads inside would oversubscribe
-    config = validate_config(config_json)
-    folder = Path(run_dir)
-    summary_path = folder / "summary.json"
-    if summary_path.exists():
-        import json
-        return {"run": name, **json.loads(summary_path.read_text())}
-    resume = (folder / "config.yaml").exists()
-    return {"run": name, **run(config, folder, resume=resume)}
-
-
-def ablate(config: RunConfig, out_dir: Path | str, *, workers: int | None = None, show_progress: bool = True) -> pd.DataFrame:
+def ablate(config: RunConfig, out_dir: Path | str, *, workers: int | None = None, executor: str = "local",
+           address: str | None = None, show_progress: bool = True) -> pd.DataFrame:
     out = Path(out_dir)
+    runs = expand_grid(config)  # a bad grid fails here, before any folder is made
+    runner = make_executor(executor, workers=workers or config.ablation.workers, address=address)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    runs = expand_runs(config)
-    workers = workers or config.ablation.workers
-    results: list[dict[str, Any]] = []
-    context = multiprocessing.get_context("spawn")
+    grid_keys = list(config.ablation.grid)
+    summaries = {run.name: read_summary(out / "runs" / run.name) for run in runs}
+    todo = [run for run in runs if summaries[run.name] is None]  # finished runs are not redone
+    failures: dict[str, BaseException] = {}
     progress = _progress(show_progress)
-    with progress, futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        task = progress.add_task(f"ablation {config.name}", total=len(runs))
-        pending = {pool.submit(_run_one, name, cfg.model_dump(mode="json"), str(out / "runs" / name)): name
-                   for name, cfg in runs}
-        for done in futures.as_completed(pending):
-            results.append(done.result())
-            progress.advance(task)
-    frame = pd.DataFrame(results).sort_values(["predictor", "acquisition", "seed"]).reset_index(drop=True)
+    with progress:
+        task = progress.add_task(f"ablation {config.name} ({executor})", total=len(runs), completed=len(runs) - len(todo))
+        for name, outcome in runner.execute(todo, out / "runs"):
+            if isinstance(outcome, BaseException):
+                failures[name] = outcome
+            else:
+                summaries[name] = outcome.summary
+            progress.update(task, advance=1, description=f"ablation {config.name} ({executor}): {name}")
+    if failures:
+        first = next(iter(failures.values()))
+        raise RuntimeError(f"{len(failures)} of {len(runs)} runs failed (the others are saved; re-run to retry): "
+                           + "; ".join(f"{name}: {error}" for name, error in failures.items())) from first
+    results = [{"run": run.name, **summaries[run.name],
+                **{GRID_PREFIX + key: format_value(run.point[key]) if key in run.point else "" for key in grid_keys}}
+               for run in runs]
+    frame = pd.DataFrame(results)  # in the config's order: arms, then grid points, then seeds
     frame.to_parquet(out / "runs.parquet", index=False)
     table = aggregate(frame)
     (out / "table.md").write_text(format_table(table))
-    write_json(out / "ablation.json", {"config": config.name, "runs": [name for name, _ in runs]})
+    write_json(out / "ablation.json", {"config": config.name, "grid": config.ablation.grid,
+                                       "runs": [run.name for run in runs]})
     return table
+
+
+def grid_columns(frame) -> list[str]:
+    """The run table's grid-point columns (`grid.<dotted key>`)."""
+    return [c for c in frame if c.startswith(GRID_PREFIX)]
 
 
 def _progress(enabled: bool):
@@ -113,8 +96,9 @@ def mean_ci(values: pd.Series) -> tuple[float, float, int]:
 
 def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for (predictor, acquisition), group in frame.groupby(["predictor", "acquisition"], sort=False):
-        row: dict[str, Any] = {"predictor": predictor, "acquisition": acquisition, "seeds": len(group)}
+    keys = ["predictor", "acquisition", *grid_columns(frame)]
+    for values, group in frame.groupby(keys, sort=False, dropna=False):
+        row: dict[str, Any] = {**dict(zip(keys, values)), "seeds": len(group)}
         for column, _, _ in HEADLINE:
             if column in group:
                 mean, half, n = mean_ci(group[column])
@@ -126,8 +110,10 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
 def format_table(table: pd.DataFrame) -> str:
     """Markdown: mean ± 95% CI over seeds; '(m/n)' where only m of n seeds have a value."""
     present = [(c, label) for c, label, _ in HEADLINE if c in table]
-    lines = ["| predictor | acquisition | " + " | ".join(label for _, label in present) + " |",
-             "|---|---|" + "---|" * len(present)]
+    grid = grid_columns(table)
+    lines = ["| predictor | acquisition | " + "".join(f"{c.removeprefix(GRID_PREFIX)} | " for c in grid)
+             + " | ".join(label for _, label in present) + " |",
+             "|---|---|" + "---|" * (len(grid) + len(present))]
     for _, row in table.iterrows():
         cells = []
         for column, _ in present:
@@ -140,5 +126,6 @@ def format_table(table: pd.DataFrame) -> str:
             if n < row["seeds"]:
                 text += f" ({n}/{row['seeds']})"
             cells.append(text)
-        lines.append(f"| {row['predictor']} | {row['acquisition']} | " + " | ".join(cells) + " |")
+        point = "".join(f"{row[c] or '·'} | " for c in grid)  # '·': the key does not apply to this arm
+        lines.append(f"| {row['predictor']} | {row['acquisition']} | {point}" + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_PACKAGE = "mpts.training.configs"
 
@@ -56,11 +56,40 @@ class AblationArm(BaseModel):
     acquisition: str | dict[str, Any]
 
 
+GRID_FORBIDDEN = ("name", "seed", "plugins", "ablation")  # seeds have their own list; the rest name the grid itself
+
+
 class AblationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     arms: list[AblationArm] = Field(default_factory=list, description="(predictor, acquisition) pairs; empty = the run's own")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    workers: int = Field(2, ge=1, description="parallel processes")
+    workers: int = Field(2, ge=1, description="parallel processes (local executor)")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted config key -> values, crossed "
+                                       "with arms and seeds (e.g. predictor.decay: [0.5, 0.9])")
+    point: dict[str, Any] = Field(default_factory=dict, description="this run's point in the grid (written by the "
+                                  "ablation into each run's config)")
+    cpus_per_run: float = Field(1.0, gt=0.0, description="CPUs a run declares to Ray")
+    gpus_per_run: float = Field(1.0, ge=0.0, description="GPUs a run declares to Ray when its environment runs "
+                                "on a GPU (env.device cuda, or auto on a cluster with GPUs)")
+    max_retries: int = Field(3, ge=0, description="times Ray re-runs a run whose worker or node was lost")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_keys_and_values(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            parts = key.split(".")
+            if not all(parts):
+                raise ValueError(f"ablation.grid: key {key!r} has an empty part")
+            if parts[0] in GRID_FORBIDDEN:
+                raise ValueError(f"ablation.grid: {key} cannot be swept (seeds go in ablation.seeds, "
+                                 f"predictor/rule pairs in ablation.arms)")
+            if parts[0] not in RunConfig.model_fields:
+                raise ValueError(f"ablation.grid: {key}: {parts[0]!r} is not a config key")
+            if not values:
+                raise ValueError(f"ablation.grid: {key} has no values")
+            if len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"ablation.grid: {key} repeats a value ({values})")
+        return grid
 
 
 class RunConfig(BaseModel):
@@ -157,14 +186,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key part")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        set_dotted(raw, parts, yaml.safe_load(value) if value.strip() else None, what=f"override {item!r}")
     return raw
+
+
+def set_dotted(raw: dict[str, Any], parts: list[str], value: Any, *, what: str) -> None:
+    """raw[a][b][c] = value for parts [a, b, c], creating sections; in place."""
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def validate_config(raw: dict[str, Any]) -> RunConfig:
