@@ -57,7 +57,8 @@ def _run_row(run: Run, target: float) -> dict[str, Any]:
     return {
         "run": run.name, "path": str(run.path), "group": run.group, "predictor": run.predictor,
         "acquisition": run.acquisition, "predictor_label": run.predictor_label,
-        "acquisition_label": run.acquisition_label, "seed": run.seed, "target_accuracy": target,
+        "acquisition_label": run.acquisition_label, "point_label": run.point_label, "seed": run.seed,
+        "target_accuracy": target,
         **numbers, "has_elbo": run.has_elbo, "has_draws": run.draws is not None,
         "has_recorded_summary": run.recorded_summary is not None,
         "summary_json_mismatches": recorded_mismatches(run, numbers, target),

@@ -100,11 +100,13 @@ def sees_truth(rule: str) -> bool:
         return False
 
 
-def _baseline_group(groups: dict[str, list[dict[str, Any]]], predictor: str, rule: str) -> str | None:
-    """The group of `rule` with the same predictor, else the first group of that rule."""
+def _baseline_group(groups: dict[str, list[dict[str, Any]]], predictor: str, rule: str, point: str = "") -> str | None:
+    """The group of `rule` at the same grid point with the same predictor, else at the same point,
+    else with the same predictor, else the first group of that rule."""
     candidates = sorted(g for g, rows in groups.items() if rows[0]["acquisition"] == rule)
-    same = [g for g in candidates if groups[g][0]["predictor_label"] == predictor]
-    return (same or candidates or [None])[0]
+    at_point = [g for g in candidates if groups[g][0].get("point_label", "") == point]
+    same = [g for g in at_point or candidates if groups[g][0]["predictor_label"] == predictor]
+    return (same or at_point or candidates or [None])[0]
 
 
 def pool_groups(run_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -120,7 +122,7 @@ def pool_groups(run_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         timing = {c: bootstrap_mean([r["time_per_step"].get(c, math.nan) for r in rows]) for c in seconds}
         ratios: dict[str, dict[str, Any]] = {}
         for rule in (UNIFORM, DYNAMIC_SAMPLING):
-            baseline = _baseline_group(groups, first["predictor_label"], rule)
+            baseline = _baseline_group(groups, first["predictor_label"], rule, first.get("point_label", ""))
             if baseline is None:
                 continue
             estimate = bootstrap_ratio([r["rollouts_to_target"] for r in rows],
