@@ -35,6 +35,10 @@ HEADLINE = [
 ]
 
 
+class RunsFailed(RuntimeError):
+    """Some runs of an ablation raised; the finished ones are saved."""
+
+
 def ablate(config: RunConfig, out_dir: Path | str, *, workers: int | None = None, executor: str = "local",
            address: str | None = None, show_progress: bool = True) -> pd.DataFrame:
     out = Path(out_dir)
@@ -56,7 +60,7 @@ def ablate(config: RunConfig, out_dir: Path | str, *, workers: int | None = None
             progress.update(task, advance=1, description=f"ablation {config.name} ({executor}): {name}")
     if failures:
         first = next(iter(failures.values()))
-        raise RuntimeError(f"{len(failures)} of {len(runs)} runs failed (the others are saved; re-run to retry): "
+        raise RunsFailed(f"{len(failures)} of {len(runs)} runs failed (the others are saved; re-run to retry): "
                            + "; ".join(f"{name}: {error}" for name, error in failures.items())) from first
     results = [{"run": run.name, **summaries[run.name],
                 **{GRID_PREFIX + key: format_value(run.point[key]) if key in run.point else "" for key in grid_keys}}

@@ -121,12 +121,16 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from mpts.training.ablate import ablate, format_table
+    from mpts.training.ablate import RunsFailed, ablate, format_table
     from mpts.training.config import load_config
 
     config = load_config(args.config, _overrides(args))
     out = args.out or _default_out(f"ablate-{config.name}")
-    table = ablate(config, out, workers=args.workers, executor=args.executor, address=args.address)
+    try:
+        table = ablate(config, out, workers=args.workers, executor=args.executor, address=args.address)
+    except RunsFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"\n{config.name}: mean ± 95% CI over seeds {list(config.ablation.seeds)}\n")
     print(format_table(table))
     console.print(f"ablation folder: {out}")

@@ -68,7 +68,10 @@ class RayExecutor:
                 name = pending.pop(ready)
                 try:
                     output = ray.get(ready)
-                except Exception as error:  # the run raised, or its retries ran out
+                except ray.exceptions.RayTaskError as error:  # the run raised: its own exception
+                    yield name, error.cause if isinstance(error.cause, BaseException) else error
+                    continue
+                except ray.exceptions.RayError as error:  # retries ran out, or the cluster went away
                     yield name, error
                     continue
                 write_folder(runs_dir / name, output.files)
