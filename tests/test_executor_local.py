@@ -81,3 +81,28 @@ def test_a_failing_run_is_reported_and_the_others_are_kept(tmp_path, capsys):
     assert "1 of 2 runs failed" in error and "beta__uniform__candidate_ratio=20__seed0: candidate pool" in error
     assert (tmp_path / "abl" / "runs" / "beta__uniform__candidate_ratio=2__seed0" / "summary.json").exists()
     assert not (tmp_path / "abl" / "runs" / "beta__uniform__candidate_ratio=20__seed0").exists()
+
+
+def test_ray_resources_declare_gpus_only_for_runs_on_a_gpu():
+    from mpts.training.executors.ray import run_resources
+    from mpts.training.sweep import expand_grid
+
+    def only_run(env):
+        return expand_grid(validate_config({**TINY, "env": env, "ablation": {"seeds": [0], "cpus_per_run": 2,
+                                                                              "gpus_per_run": 0.5}}))[0]
+    sim = only_run(TINY["env"])
+    assert run_resources(sim, cluster_gpus=8) == {"num_cpus": 2, "num_gpus": 0.0}
+    lm_auto, lm_cuda = only_run({"name": "lm"}), only_run({"name": "lm", "device": "cuda"})
+    assert run_resources(lm_auto, cluster_gpus=8) == {"num_cpus": 2, "num_gpus": 0.5}
+    assert run_resources(lm_auto, cluster_gpus=0) == {"num_cpus": 2, "num_gpus": 0.0}
+    assert run_resources(lm_cuda, cluster_gpus=1)["num_gpus"] == 0.5
+    with pytest.raises(ValueError, match="env.device is cuda but the Ray cluster has no GPU"):
+        run_resources(lm_cuda, cluster_gpus=0)
+
+
+def test_ray_executor_without_ray_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ValueError, match=r"pip install 'mpts\[ray\]'"):
+        make_executor("ray", workers=1)
