@@ -106,3 +106,14 @@ def test_ray_executor_without_ray_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ValueError, match=r"pip install 'mpts\[ray\]'"):
         make_executor("ray", workers=1)
+
+
+def test_a_corrupt_summary_is_refused_before_anything_runs(tmp_path):
+    config = validate_config(tiny_grid(arms=[{"predictor": "beta", "acquisition": "uniform"}], seeds=[0, 1]))
+    broken = tmp_path / "abl" / "runs" / "beta__uniform__seed1"
+    broken.mkdir(parents=True)
+    (broken / "summary.json").write_text('{"seed": 1, "predi')
+    with pytest.raises(ValueError, match="summary.json is unreadable"):
+        ablate(config, tmp_path / "abl", show_progress=False)
+    assert sorted(p.name for p in (tmp_path / "abl" / "runs").iterdir()) == ["beta__uniform__seed1"]
+    assert (broken / "summary.json").read_text() == '{"seed": 1, "predi'

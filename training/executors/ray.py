@@ -51,8 +51,11 @@ class RayExecutor:
         ray = import_ray()
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
-                     include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            try:
+                ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
+                         include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError) as error:
+                raise ValueError(f"cannot start or reach Ray at {self.address or 'a local instance'}: {error}") from None
         pending: dict = {}
         try:
             gpus = ray.cluster_resources().get("GPU", 0.0)

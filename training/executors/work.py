@@ -76,4 +76,12 @@ def write_folder(folder: Path, files: dict[str, bytes]) -> None:
 def read_summary(folder: Path) -> dict[str, Any] | None:
     """A finished run's summary, else None."""
     path = folder / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is unreadable ({error}); move it aside to finish that run again") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} does not hold a JSON object; move it aside to finish that run again")
+    return summary
