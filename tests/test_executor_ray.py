@@ -120,3 +120,15 @@ def test_a_run_that_raises_is_reported_not_retried(tmp_path, local_ray):
         ablate(config, tmp_path / "abl", executor="ray", show_progress=False)
     assert (tmp_path / "abl" / "runs" / "beta__uniform__candidate_ratio=2__seed0" / "summary.json").exists()
     assert not (tmp_path / "abl" / "runs" / "beta__uniform__candidate_ratio=20__seed0").exists()
+
+
+def test_cli_executor_ray(tmp_path, local_ray, capsys):
+    import yaml
+
+    from mpts.training.cli import main
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(tiny_grid(arms=ARMS[:1], grid={"predictor.decay": [0.5, 0.9]}, seeds=[3])))
+    assert main(["ablate", str(config), "--out", str(tmp_path / "abl"), "--executor", "ray"]) == 0
+    assert "| beta | uniform | 0.9 |" in capsys.readouterr().out
+    assert (tmp_path / "abl" / "runs" / "beta__uniform__predictor.decay=0.9__seed3" / "summary.json").exists()
