@@ -19,6 +19,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mpts.training.sweep import format_value
+
 RUN_FILES = ("config.yaml", "trace.parquet", "metrics.parquet")
 
 TRACE_COLUMNS = (
@@ -52,10 +54,15 @@ class Run:
     acquisition_label: str = ""
 
     @property
-    def point_label(self) -> str:
-        """The run's point in an ablation grid, less the component options its labels show."""
+    def point(self) -> dict[str, str]:
+        """The run's point in an ablation grid (`ablation.point` of its config), values as text."""
         point = (self.config.get("ablation") or {}).get("point") or {}
-        return ", ".join(f"{key}={value}" for key, value in point.items()
+        return {str(key): format_value(value) for key, value in point.items()}
+
+    @property
+    def point_label(self) -> str:
+        """The grid point, less the component options the predictor and rule labels show."""
+        return ", ".join(f"{key}={value}" for key, value in self.point.items()
                          if key.split(".")[0] not in ("predictor", "acquisition"))
 
     @property

@@ -5,7 +5,7 @@ import pytest
 import yaml
 from grid_helpers import tiny_grid
 
-from mpts.training.ablate import ablate
+from mpts.training.ablate import ablate, aggregate
 from mpts.training.cli import main
 from mpts.training.config import ConfigError, validate_config
 from mpts.training.sweep import expand_grid
@@ -66,7 +66,18 @@ def test_sweep_end_to_end_table_runs_and_report_group_by_point(tmp_path, capsys)
     assert set(runs.loc[runs["acquisition"] == "uniform", "grid.acquisition.target"]) == {""}
     table = (out / "table.md").read_text()
     assert "| beta | thompson_target | 0.5 | 3 |" in table and "| beta | uniform | · | 2 |" in table
-    assert len(table.strip().splitlines()) == 2 + 6  # header, rule, one row per arm x point
+    main_table = table.split("\n\n")[0].strip().splitlines()
+    assert len(main_table) == 2 + 6  # header, rule, one row per arm x point
+    # paired differences are taken with the uniform arm at the same grid point
+    paired = aggregate(runs).set_index(["acquisition", "grid.acquisition.target", "grid.candidate_ratio"])
+    for target in ("0.3", "0.5"):
+        for ratio in ("2", "3"):
+            mine = runs[(runs["acquisition"] == "thompson_target") & (runs["grid.acquisition.target"] == target)
+                        & (runs["grid.candidate_ratio"] == ratio)].set_index("seed")["final_eval_accuracy"]
+            base = runs[(runs["acquisition"] == "uniform") & (runs["grid.candidate_ratio"] == ratio)].set_index("seed")
+            expected = (mine - base["final_eval_accuracy"]).mean()
+            got = paired.loc[("thompson_target", target, ratio), "vs_uniform.final_eval_accuracy"]
+            assert got == pytest.approx(expected, abs=1e-12)
     recorded = yaml.safe_load((out / "runs" / "beta__uniform__candidate_ratio=3__seed0" / "config.yaml").read_text())
     assert recorded["candidate_ratio"] == 3 and recorded["ablation"]["point"] == {"candidate_ratio": 3}
 
@@ -86,11 +97,14 @@ def test_sweep_end_to_end_table_runs_and_report_group_by_point(tmp_path, capsys)
 def test_report_baseline_is_the_uniform_group_at_the_same_grid_point():
     from mpts.reports.measures import _baseline_group
 
-    def row(predictor, rule, point):
-        return [{"acquisition": rule, "predictor_label": predictor, "point_label": point}]
+    def row(predictor, rule, **point):
+        return [{"acquisition": rule, "predictor_label": predictor, "point": point}]
 
-    groups = {"a": row("beta", "uniform", "candidate_ratio=2"), "b": row("beta", "uniform", "candidate_ratio=3"),
-              "c": row("hmm3", "uniform", "candidate_ratio=3"), "d": row("beta", "thompson_target", "candidate_ratio=3")}
-    assert _baseline_group(groups, "beta", "uniform", "candidate_ratio=3") == "b"
-    assert _baseline_group(groups, "hmm3", "uniform", "candidate_ratio=2") == "a"
-    assert _baseline_group(groups, "hmm3", "uniform", "candidate_ratio=3") == "c"
+    groups = {"a": row("beta", "uniform", candidate_ratio="2"), "b": row("beta", "uniform", candidate_ratio="3"),
+              "c": row("hmm3", "uniform", candidate_ratio="3"),
+              "d": row("beta", "thompson_target", candidate_ratio="3", **{"acquisition.target": "0.3"})}
+    # uniform takes no `target`: its point is a part of the Thompson arm's
+    assert _baseline_group(groups, "beta", "uniform", groups["d"][0]["point"]) == "b"
+    assert _baseline_group(groups, "hmm3", "uniform", {"candidate_ratio": "2"}) == "a"
+    assert _baseline_group(groups, "hmm3", "uniform", {"candidate_ratio": "3"}) == "c"
+    assert _baseline_group(groups, "hmm3", "uniform", None) == "c"  # no grid: same predictor

@@ -3,20 +3,25 @@
 `ablate(config, out_dir)` runs every arm x grid point x seed (`mpts.training.sweep`) on an
 executor (`local` processes or `ray`, `mpts.training.executors`) into
 `out_dir/runs/<predictor>__<acquisition>[__<key=value>...]__seed<s>/`, then writes
-`out_dir/runs.parquet` (one row per run, `grid.<key>` columns for the point) and `out_dir/table.md`
-(mean and 95% t-interval over seeds, one row per arm x grid point). A finished run is never redone
-and an interrupted one resumed, so re-running the same command completes an ablation.
+`out_dir/runs.parquet` (one row per run, `grid.<key>` columns for the point) and `out_dir/table.md`:
+mean and 95% t-interval over seeds per arm x grid point, then each one's paired differences with the
+baseline arms (uniform, dynamic sampling) at the same grid point seed by seed, pooled by the
+report's own code so `mpts ablate` and `mpts report` agree. A finished run is never redone and an
+interrupted one resumed, so re-running the same command completes an ablation.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from mpts.reports.measures import PAIRED_NUMBERS, RUN_NUMBERS, pool_groups
+from mpts.reports.stats import Estimate
+from mpts.training.acquisition import get_acquisition_class, reference_role
 from mpts.training.config import RunConfig
 from mpts.training.executors import make_executor
 from mpts.training.executors.work import read_summary
@@ -86,50 +91,81 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
-def mean_ci(values: pd.Series) -> tuple[float, float, int]:
-    """Mean and half-width of the 95% t-interval over the finite values; count of them."""
-    finite = values[np.isfinite(values.astype(float))].astype(float)
-    n = len(finite)
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    if n == 1:
-        return float(finite.iloc[0]), float("nan"), 1
-    half = stats.t.ppf(0.975, n - 1) * finite.std(ddof=1) / np.sqrt(n)
-    return float(finite.mean()), float(half), n
-
-
 def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm: each HEADLINE number's seed mean, the half-width of its 95% t-interval and its
+    count; then, per baseline rule, the paired differences with that baseline's arm
+    (`vs_<rule>.<number>`, same columns). Pooled by the report's own code (`pool_groups`)."""
+    grid = grid_columns(frame)
+    records = frame.to_dict("records")
+    points = [{c.removeprefix(GRID_PREFIX): record[c] for c in grid if record[c] != ""} for record in records]
+    runs = [{**{key: math.nan for key in RUN_NUMBERS}, **{k: v for k, v in record.items() if not _missing(v)},
+             "group": " · ".join([record["predictor"], record["acquisition"], *(f"{k}={v}" for k, v in point.items())]),
+             "predictor_label": record["predictor"], "acquisition_label": record["acquisition"], "point": point,
+             "reference": reference_role(get_acquisition_class(record["acquisition"])),
+             "time_per_step": {}, "has_elbo": False, "has_draws": False, "run": record.get("run", "")}
+            for record, point in zip(records, points)]
+    by_run = {run["run"]: record for run, record in zip(runs, records)}
     rows = []
-    keys = ["predictor", "acquisition", *grid_columns(frame)]
-    for values, group in frame.groupby(keys, sort=False, dropna=False):
-        row: dict[str, Any] = {**dict(zip(keys, values)), "seeds": len(group)}
+    for group in pool_groups(runs):
+        first = by_run[group["runs"][0]]
+        row: dict[str, Any] = {"predictor": group["predictor"], "acquisition": group["acquisition"],
+                               **{c: first[c] for c in grid}, "seeds": len(group["seeds"])}
         for column, _, _ in HEADLINE:
-            if column in group:
-                mean, half, n = mean_ci(group[column])
-                row[column], row[f"{column}_ci"], row[f"{column}_n"] = mean, half, n
+            _put(row, column, group["estimates"][column])
+        for rule, compared in group["paired_differences"].items():
+            if compared["baseline"] != group["group"]:
+                for column in PAIRED_NUMBERS:
+                    _put(row, f"vs_{rule}.{column}", compared[column])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _put(row: dict[str, Any], column: str, estimate: Estimate) -> None:
+    row[column] = math.nan if estimate.mean is None else estimate.mean
+    row[f"{column}_ci"] = (estimate.hi - estimate.lo) / 2 if estimate.n > 1 else math.nan
+    row[f"{column}_n"] = estimate.n
+
+
+def _cell(row: pd.Series, column: str, digits: int, total: int, signed: bool = False) -> str:
+    mean, half, n = row[column], row[f"{column}_ci"], row[f"{column}_n"]
+    if not n or _missing(n):
+        return "not reached" if column.endswith("rollouts_to_target") else "n/a"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    text += f" ± {half:.{digits}f}" if np.isfinite(half) else ""
+    return text + (f" ({int(n)}/{total})" if n < total else "")
+
+
 def format_table(table: pd.DataFrame) -> str:
-    """Markdown: mean ± 95% CI over seeds; '(m/n)' where only m of n seeds have a value."""
+    """Markdown, one row per arm x grid point: mean ± 95% t-interval over seeds ('(m/n)' where only m
+    of n seeds have a value); then the paired differences with each baseline arm at the same grid
+    point (same seeds), where the ablation has one."""
     present = [(c, label) for c, label, _ in HEADLINE if c in table]
     grid = grid_columns(table)
-    lines = ["| predictor | acquisition | " + "".join(f"{c.removeprefix(GRID_PREFIX)} | " for c in grid)
-             + " | ".join(label for _, label in present) + " |",
-             "|---|---|" + "---|" * (len(grid) + len(present))]
+    arm = "| predictor | acquisition | " + "".join(f"{c.removeprefix(GRID_PREFIX)} | " for c in grid)
+    rule_line = "|---|---|" + "---|" * len(grid)
+
+    def arm_cells(row: pd.Series) -> str:  # '·': the grid key does not apply to this arm
+        return f"| {row['predictor']} | {row['acquisition']} | " + "".join(f"{row[c] or '·'} | " for c in grid)
+
+    lines = [arm + " | ".join(label for _, label in present) + " |", rule_line + "---|" * len(present)]
     for _, row in table.iterrows():
-        cells = []
-        for column, _ in present:
-            mean, half, n = row[column], row[f"{column}_ci"], row[f"{column}_n"]
-            if n == 0:
-                cells.append("not reached" if column == "rollouts_to_target" else "n/a")
+        cells = [_cell(row, column, 0 if column == "rollouts_to_target" else 3, row["seeds"])
+                 for column, _ in present]
+        lines.append(arm_cells(row) + " | ".join(cells) + " |")
+    rules = sorted({c.split(".")[0].removeprefix("vs_") for c in table.columns if c.startswith("vs_")})
+    for rule in rules:
+        columns = [(f"vs_{rule}.{c}", label) for c, label, _ in HEADLINE if c in PAIRED_NUMBERS]
+        lines += ["", f"Paired differences with {rule.replace('_', ' ')} (this arm − that arm, same seed; "
+                  "mean ± 95% t-interval over seeds):", "",
+                  arm + " | ".join(f"Δ {label}" for _, label in columns) + " |", rule_line + "---|" * len(columns)]
+        for _, row in table.iterrows():
+            if all(_missing(row.get(f"{c}_n")) for c, _ in columns):
                 continue
-            digits = 0 if column == "rollouts_to_target" else 3
-            text = f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if np.isfinite(half) else "")
-            if n < row["seeds"]:
-                text += f" ({n}/{row['seeds']})"
-            cells.append(text)
-        point = "".join(f"{row[c] or '·'} | " for c in grid)  # '·': the key does not apply to this arm
-        lines.append(f"| {row['predictor']} | {row['acquisition']} | {point}" + " | ".join(cells) + " |")
+            cells = [_cell(row, c, 0 if c.endswith("rollouts_to_target") else 3, row["seeds"], signed=True)
+                     for c, _ in columns]
+            lines.append(arm_cells(row) + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
