@@ -91,14 +91,19 @@ def validate_trace(frame: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
 
 
 def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None = None, *,
-           num_prompts: int | None = None, seed: int = 0) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Score `predictor` prequentially on a validated trace; returns (scores, scored rows)."""
+           num_prompts: int | None = None, seed: int = 0, pool: PromptPool | None = None,
+           ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Score `predictor` prequentially on a validated trace; returns (scores, scored rows).
+
+    `pool` carries what is known about the prompts (texts, embeddings, clusters; see
+    `mpts.training.logs.replay_pool`); without it the pool is bare ids.
+    """
     cls = get_predictor_class(predictor)
-    size = int(trace["prompt_id"].max()) + 1 if num_prompts is None else num_prompts
+    size = pool.size if pool is not None else int(trace["prompt_id"].max()) + 1 if num_prompts is None else num_prompts
     if size <= int(trace["prompt_id"].max()):
         raise TraceError(f"trace has prompt id {int(trace['prompt_id'].max())} but num_prompts is {size}")
     torch.manual_seed(seed)
-    model = cls(PromptPool(size=size), cls.Options(**(options or {})), seed=seed)
+    model = cls(pool if pool is not None else PromptPool(size=size), cls.Options(**(options or {})), seed=seed)
     generator = torch.Generator().manual_seed(seed)
     scored = []
     for step, rows in trace.groupby("step", sort=True):
