@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,21 +97,27 @@ class IdMap:
 class Selection:
     """What the rule chose, in rollout order, with the prediction made before any outcome.
 
-    `positions` index the candidates passed to `select`; `posterior` is that of the chosen.
+    `positions` index the candidates passed to `select`; `posterior` is that of the chosen;
+    `seconds` the wall time of the "predict" and "select" phases.
     """
 
     ids: Tensor | np.ndarray
     rows: Tensor
     positions: Tensor
     posterior: SuccessPosterior
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Selector:
-    def __init__(self, predictor: RiskPredictor, rule: Acquisition, *, k: int, seed: int,
-                 ids: Sequence[Any] | np.ndarray | Tensor | None = None):
-        if isinstance(k, bool) or int(k) != k or k < 1:
+    """`rule` and `k` may be None where nothing is selected (replaying a logged trace)."""
+
+    def __init__(self, predictor: RiskPredictor, rule: Acquisition | None = None, *, k: int | None = None,
+                 seed: int = 0, ids: Sequence[Any] | np.ndarray | Tensor | None = None):
+        if k is not None and (isinstance(k, bool) or int(k) != k or k < 1):
             raise ValueError(f"k (rollouts per prompt) must be a positive integer, got {k!r}")
-        self.predictor, self.rule, self.k = predictor, rule, int(k)
+        if (rule is None) != (k is None):
+            raise ValueError("a selector needs both a rule and k (rollouts per prompt) to select, or neither")
+        self.predictor, self.rule, self.k = predictor, rule, None if k is None else int(k)
         self.streams = RandomStreams(seed)
         self.id_map = IdMap(ids, predictor.num_prompts)
 
@@ -136,9 +143,13 @@ class Selector:
         """Predict the candidates, then let the rule choose `batch_size` of them (all of them, in
         rollout order, for a rule that rolls out everything). A rule that needs the true success
         probabilities (`oracle`) ranks on `truth` instead of the prediction."""
+        if self.rule is None:
+            raise ValueError("this selector has no acquisition rule: it can predict and observe, not select")
         rows = self.rows(candidates)
+        start = time.perf_counter()
         with self._predictor_rng(step):
             posterior = self.predictor.predict(rows, step)
+        predicted = time.perf_counter()
         if self.rule.needs_truth:
             if truth is None:
                 raise ValueError(f"acquisition {self.rule.name!r} needs the true success probabilities, "
@@ -152,7 +163,8 @@ class Selector:
         count = rows.shape[0] if self.rule.rolls_out_all else batch_size
         positions = self.rule.select(basis, count, self.streams.generator("acquisition", step), self.k)
         chosen = rows[positions]
-        return Selection(self.id_map.ids(chosen), chosen, positions, posterior.take(positions))
+        seconds = {"predict": predicted - start, "select": time.perf_counter() - predicted}
+        return Selection(self.id_map.ids(chosen), chosen, positions, posterior.take(positions), seconds)
 
     def observe(self, ids: Any, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
         """Fold in outcomes (after they were predicted); returns the predictor's diagnostics."""
@@ -166,7 +178,8 @@ class Selector:
         return prediction_columns(posterior, successes, trials, self.streams.generator("trace", step), failed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"predictor": self.predictor.state_dict(), "rule": self.rule.name, "k": self.k,
+        return {"predictor": self.predictor.state_dict(),
+                "rule": None if self.rule is None else self.rule.name, "k": self.k,
                 "seed": self.streams.seed,
                 "ids": None if self.id_map.labels is None else self.id_map.labels.tolist()}
 
