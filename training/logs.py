@@ -37,12 +37,17 @@ TABLE_READERS = {".parquet": pd.read_parquet, ".csv": pd.read_csv,
                  ".ndjson": lambda path: pd.read_json(path, lines=True)}
 
 
-def successes_of(rewards: Tensor | np.ndarray, threshold: float = DEFAULT_SUCCESS_THRESHOLD) -> Tensor:
-    """Successes per row of a [prompts, k] reward matrix: how many rewards reach `threshold`."""
+def successes_of(rewards: Tensor | np.ndarray, threshold: float = DEFAULT_SUCCESS_THRESHOLD,
+                 scored: Tensor | None = None) -> Tensor:
+    """Successes per row of a [prompts, k] reward matrix: how many rewards reach `threshold`.
+
+    `scored` (bool, same shape) marks the rewards that exist; the others (NaN allowed) never count.
+    """
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
-    if not bool(torch.isfinite(rewards).all()):
+    scored = torch.ones_like(rewards, dtype=torch.bool) if scored is None else torch.as_tensor(scored, dtype=torch.bool)
+    if not bool(torch.isfinite(rewards[scored]).all()):
         raise ValueError("rewards contain NaN or infinite values; cannot count successes")
-    return (rewards >= _checked_threshold(threshold)).sum(-1)
+    return ((rewards >= _checked_threshold(threshold)) & scored).sum(-1)
 
 
 def read_log(path: Path | str, *, success_threshold: float = DEFAULT_SUCCESS_THRESHOLD,
