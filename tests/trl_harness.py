@@ -43,11 +43,11 @@ def make_trainer(out_dir: Path, *, prompts: int = 24, selection: dict | None = N
     model = build_tiny_model(tokenizer, TinyModelOptions(hidden_size=64, num_layers=1, intermediate_size=128,
                                                          max_positions=64), seed=0)
     dataset = Dataset.from_dict({"prompt": [f"{i} + {i % 7} = " for i in range(prompts)], "idx": list(range(prompts))})
-    args = GRPOConfig(output_dir=str(out_dir), use_cpu=True, bf16=False, report_to=[], seed=3,
-                      per_device_train_batch_size=4, num_generations=4, max_completion_length=3,
-                      gradient_accumulation_steps=2, steps_per_generation=4, max_steps=6, learning_rate=1e-3,
-                      logging_steps=1, save_strategy="steps", save_steps=2, temperature=1.0,
-                      dataloader_num_workers=0, **config)
+    settings = dict(output_dir=str(out_dir), use_cpu=True, bf16=False, report_to=[], seed=3,
+                    per_device_train_batch_size=4, num_generations=4, max_completion_length=3,
+                    gradient_accumulation_steps=2, steps_per_generation=4, max_steps=6, learning_rate=1e-3,
+                    logging_steps=1, save_strategy="steps", save_steps=2, temperature=1.0, dataloader_num_workers=0)
+    args = GRPOConfig(**{**settings, **config})
     return SelectiveGRPOTrainer(model=model, reward_funcs=[parity, bonus], args=args, train_dataset=dataset,
                                 processing_class=tokenizer, selection={"candidate_ratio": 3.0, **(selection or {})})
 
