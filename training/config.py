@@ -102,6 +102,10 @@ class RunConfig(BaseModel):
         _check_component("env", self.env, get_environment_class)
         _check_component("predictor", self.predictor, get_predictor_class)
         _check_component("acquisition", self.acquisition, get_acquisition_class)
+        rule, env = get_acquisition_class(self.acquisition.name), get_environment_class(self.env.name)
+        if rule.needs_truth and not env.provides_truth:
+            raise ValueError(f"acquisition {rule.name!r} ranks on the true success probabilities, which "
+                             f"environment {env.name!r} does not know; use it with the simulator ('sim')")
         return self
 
     @property

@@ -1,9 +1,11 @@
 """The common loop: one readable function for every environment, predictor and rule.
 
-Per step:  sample candidates -> predictor.predict -> rule.select -> env.rollout
+Per step:  selector: sample candidates -> predictor.predict -> rule.select -> env.rollout
            -> trace rows (the prediction made BEFORE the outcome, and the outcome)
-           -> predictor.observe -> env.train_on -> evaluate -> metrics -> checkpoint
-Every run is thereby also a prequential (predict-then-observe) calibration experiment.
+           -> selector.observe -> env.train_on -> evaluate -> metrics -> checkpoint
+Every run is thereby also a prequential (predict-then-observe) calibration experiment. The
+selector's random streams are keyed by (seed, stream, step), so arms of an ablation with the same
+seed see the same candidates, and the environment's rollout noise, at every step.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import torch
 import yaml
 
 from mpts.inference.scoring import score_trace
-from mpts.models.base import RiskPredictor, SuccessPosterior
-from mpts.models.posteriors import PointMassPosterior
+from mpts.models.base import RiskPredictor
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import Acquisition, get_acquisition_class, sample_candidates
 from mpts.training.config import RunConfig, config_to_yaml, validate_config
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
 from mpts.training.run_dir import RunFolder
+from mpts.training.selector import Selector
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
 
@@ -46,6 +48,10 @@ def build_acquisition(config: RunConfig) -> Acquisition:
     return cls(config.acquisition.with_options(cls.Options))
 
 
+def build_selector(config: RunConfig, env: Environment) -> Selector:
+    return Selector(build_predictor(config, env), build_acquisition(config), k=config.k, seed=config.seed)
+
+
 class StepTimer:
     """Accumulates wall seconds per phase of a step."""
 
@@ -61,38 +67,15 @@ class StepTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def prediction_columns(posterior: SuccessPosterior, outcomes: Outcomes,
-                       generator: torch.Generator) -> dict[str, np.ndarray]:
-    """What the predictor said about each rolled-out prompt, scored against its outcome."""
-    trials = outcomes.trials.clamp_min(1.0)  # a failed prompt may report 0 trials; masked below
-    successes = torch.minimum(outcomes.successes, trials)
-    p_unsolved = posterior.log_prob(torch.zeros_like(trials), trials).exp()
-    p_solved = posterior.log_prob(trials, trials).exp()
-    log_prob = posterior.log_prob(successes, trials)
-    pit = posterior.predictive_pit(successes, trials, generator)
-    q25, q75 = posterior.interval(0.5)
-    q05, q95 = posterior.interval(0.9)
-    failed = outcomes.failed
-    columns = {
-        "pred_mean": posterior.mean, "pred_var": posterior.variance,
-        "pred_p_informative": (1.0 - p_unsolved - p_solved).clamp(0.0, 1.0),
-        "pred_p_unsolved": p_unsolved, "pred_p_solved": p_solved,
-        "pred_log_prob": log_prob.masked_fill(failed, float("nan")),
-        "pred_pit": pit.masked_fill(failed, float("nan")),
-        "pred_q05": q05, "pred_q25": q25, "pred_q75": q75, "pred_q95": q95,
-    }
-    return {name: value.double().numpy() for name, value in columns.items()}
-
-
-def trace_rows(step: int, outcomes: Outcomes, posterior: SuccessPosterior, kept: torch.Tensor,
-               rule: str, generator: torch.Generator) -> pd.DataFrame:
+def trace_rows(step: int, outcomes: Outcomes, columns: dict[str, np.ndarray], kept: torch.Tensor,
+               rule: str) -> pd.DataFrame:
     n = outcomes.ids.shape[0]
     frame = {
         "step": np.full(n, step, dtype=np.int64),
         "prompt_id": outcomes.ids.numpy().astype(np.int64),
         "successes": outcomes.successes.numpy().astype(np.int64),
         "trials": outcomes.trials.numpy().astype(np.int64),
-        **prediction_columns(posterior, outcomes, generator),
+        **columns,
         "selected_by": np.full(n, rule, dtype=object),
         "kept": kept.numpy(),
         "failed": outcomes.failed.numpy(),
@@ -119,15 +102,15 @@ def rollout_in_chunks(env: Environment, ids: torch.Tensor, batch_size: int, k: i
     return outcomes, kept
 
 
-def posterior_draws(predictor: RiskPredictor, env: Environment, step: int, num_prompts: int,
-                    seed: int, num_draws: int = 500) -> pd.DataFrame | None:
+def posterior_draws(selector: Selector, env: Environment, step: int, num_prompts: int,
+                    num_draws: int = 500) -> pd.DataFrame | None:
     """Draws of p for a fixed sample of prompts from the final predictor (for ArviZ exports)."""
     num_prompts = min(num_prompts, env.pool.size)
     if num_prompts == 0:
         return None
-    generator = torch.Generator().manual_seed(seed + 7919)
+    generator = selector.streams.generator("trace", step)
     ids = sample_candidates(env.pool.size, num_prompts, generator).sort().values
-    draws = predictor.predict(ids, step).sample(num_draws, generator)  # [draws, prompts]
+    draws = selector.predict(ids, step).sample(num_draws, generator)  # [draws, prompts]
     truth = env.true_success(ids)
     frame = pd.DataFrame({
         "prompt_id": ids.repeat_interleave(num_draws).numpy().astype(np.int64),
@@ -184,8 +167,7 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
         raise
     try:
         try:
-            predictor = build_predictor(config, env)
-            rule = build_acquisition(config)
+            selector = build_selector(config, env)
             if config.num_candidates > env.pool.size:
                 raise ValueError(f"candidate pool of {config.num_candidates} (candidate_ratio x batch_size) "
                                  f"exceeds the {env.pool.size} prompts available")
@@ -193,16 +175,15 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
             if saved is None:
                 folder.remove()
             raise
-        generator = torch.Generator().manual_seed(config.seed)
+        rule = selector.rule
         B, C, k = config.batch_size, config.num_candidates, config.k
 
         if saved is None:
             start, cumulative, wall = 0, 0, 0.0
             initial_eval = env.evaluate()
         else:
-            predictor.load_state_dict(saved["predictor"])
+            selector.load_state_dict(saved["selector"])
             env.load_state_dict(saved["env"])
-            generator.set_state(saved["generator"])
             torch.set_rng_state(saved["torch_rng"])
             start, cumulative, wall = saved["step"] + 1, saved["cumulative_rollouts"], saved["wall_seconds"]
             initial_eval = saved["initial_eval"]
@@ -210,25 +191,25 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
         for step in range(start, config.steps):
             step_start = time.perf_counter()
             timer = StepTimer()
-            candidates = sample_candidates(env.pool.size, C, generator)
-
-            with timer("predict"):
-                posterior = predictor.predict(candidates, step)
-            with timer("select"):
-                basis = PointMassPosterior(env.true_success(candidates)) if rule.needs_truth else posterior
-                order = rule.select(basis, C if rule.rolls_out_all else B, generator, k)
+            candidates = selector.sample_candidates(C, step)
+            truth = env.true_success(candidates) if rule.needs_truth else None
+            selection = selector.select(candidates, B, step, truth=truth)
+            timer.seconds.update(selection.seconds)
+            env.use_generator(selector.streams.generator("environment", step))
             with timer("rollout"):
                 if rule.rolls_out_all:
-                    outcomes, kept = rollout_in_chunks(env, candidates[order], B, k)
+                    outcomes, kept = rollout_in_chunks(env, selection.rows, B, k)
                 else:
-                    outcomes = env.rollout(candidates[order], k)
+                    outcomes = env.rollout(selection.rows, k)
                     kept = ~outcomes.failed
-            rolled_positions = order[: outcomes.ids.shape[0]]
-            trace = trace_rows(step, outcomes, posterior.take(rolled_positions), kept, rule.name, generator)
+            rolled = torch.arange(outcomes.ids.shape[0])
+            columns = selector.prediction_columns(selection.posterior.take(rolled), outcomes.successes,
+                                                  outcomes.trials, step, outcomes.failed)
+            trace = trace_rows(step, outcomes, columns, kept, rule.name)
 
             ok = ~outcomes.failed
             with timer("observe"):
-                diagnostics = (predictor.observe(outcomes.ids[ok], outcomes.successes[ok], outcomes.trials[ok], step)
+                diagnostics = (selector.observe(outcomes.ids[ok], outcomes.successes[ok], outcomes.trials[ok], step)
                                if bool(ok.any()) else {})
             with timer("train"):
                 train_info = env.train_on(outcomes.take(kept)) if bool(kept.any()) else {}
@@ -254,8 +235,8 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
             folder.add_step(step, trace, metrics)
             if (step + 1) % config.checkpoint_every == 0 or step == config.steps - 1:
                 folder.checkpoint(step, {
-                    "predictor": predictor.state_dict(), "env": env.state_dict(),
-                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "selector": selector.state_dict(), "env": env.state_dict(),
+                    "torch_rng": torch.get_rng_state(),  # environments (e.g. the LM) may draw from it
                     "cumulative_rollouts": cumulative, "wall_seconds": wall, "initial_eval": initial_eval,
                 }, config.steps)
             if progress is not None:
@@ -263,8 +244,8 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
 
         trace, metrics_frame = folder.read_parts("trace"), folder.read_parts("metrics")
         summary = summarize(config, trace, metrics_frame, initial_eval)
-        draws = posterior_draws(predictor, env, config.steps, config.posterior_draws_prompts, config.seed)
-        folder.finalize(summary, predictor.state_dict(), draws)
+        draws = posterior_draws(selector, env, config.steps, config.posterior_draws_prompts)
+        folder.finalize(summary, selector.predictor.state_dict(), draws)
         folder.write_progress(config.steps, config.steps, "done")
         return summary
     finally:

@@ -19,8 +19,7 @@ import torch
 from mpts.inference.scoring import score_trace
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
-from mpts.training.environments.base import Outcomes
-from mpts.training.loop import prediction_columns
+from mpts.training.selector import Selector
 
 REQUIRED_COLUMNS = ("step", "prompt_id", "successes", "trials")
 
@@ -102,18 +101,16 @@ def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None =
     size = pool.size if pool is not None else int(trace["prompt_id"].max()) + 1 if num_prompts is None else num_prompts
     if size <= int(trace["prompt_id"].max()):
         raise TraceError(f"trace has prompt id {int(trace['prompt_id'].max())} but num_prompts is {size}")
-    torch.manual_seed(seed)
-    model = cls(pool if pool is not None else PromptPool(size=size), cls.Options(**(options or {})), seed=seed)
-    generator = torch.Generator().manual_seed(seed)
+    pool = pool if pool is not None else PromptPool(size=size)
+    selector = Selector(cls(pool, cls.Options(**(options or {})), seed=seed), seed=seed)
     scored = []
     for step, rows in trace.groupby("step", sort=True):
         ids = torch.tensor(rows["prompt_id"].to_numpy())
         successes = torch.tensor(rows["successes"].to_numpy(), dtype=torch.float32)
         trials = torch.tensor(rows["trials"].to_numpy(), dtype=torch.float32)
-        posterior = model.predict(ids, int(step))
-        columns = prediction_columns(posterior, Outcomes(ids, successes, trials), generator)
-        scored.append(rows.assign(**columns))
-        model.observe(ids, successes, trials, int(step))
+        posterior = selector.predict(ids, int(step))
+        scored.append(rows.assign(**selector.prediction_columns(posterior, successes, trials, int(step))))
+        selector.observe(ids, successes, trials, int(step))
     table = pd.concat(scored, ignore_index=True)
     table["failed"] = False
     return {"predictor": predictor, "steps": int(trace["step"].nunique()), **score_trace(table)}, table
