@@ -89,3 +89,23 @@ def test_the_cli_reports_a_missing_extra_in_one_line(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'mpts[reports]'" in lines[0]
+
+
+def test_gp_runs_on_the_lm_environment_with_embedded_prompts(tmp_path):
+    from mpts.training.embeddings import embed_texts
+    from mpts.training.environments.lm.env import LMEnvironment, LMOptions
+
+    tiny = {"hidden_size": 64, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 128}
+    env = LMEnvironment(LMOptions(num_prompts=12, eval_prompts=4, max_new_tokens=2, tiny=tiny,
+                                  task_options={"max_digits": 2}), seed=0, run_dir=tmp_path / "run")
+    try:
+        assert env.pool.has_features and env.pool.has_clusters
+        torch.testing.assert_close(env.pool.features, embed_texts(list(env.pool.texts)))
+        gp = get_predictor_class("gp")
+        predictor = gp(env.pool, gp.Options(num_inducing=4, svi_steps=5, pca_dim=4), seed=0)
+        ids = torch.arange(6)
+        outcomes = env.rollout(ids, 2)
+        predictor.observe(outcomes.ids, outcomes.successes, outcomes.trials, 0)
+        assert torch.isfinite(predictor.predict(torch.arange(12), 1).mean).all()
+    finally:
+        env.close()
