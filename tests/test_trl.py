@@ -151,3 +151,15 @@ def test_two_processes_select_identically(tmp_path):
     states = [torch.load(tmp_path / f"selector-{rank}.pt", weights_only=True) for rank in (0, 1)]
     for key, value in states[0]["predictor"]["state"].items():
         torch.testing.assert_close(states[1]["predictor"]["state"][key], value)
+
+
+def test_num_iterations_reuses_each_generation(tmp_path):
+    trl_harness.CALLS.clear()
+    trainer = trl_harness.make_trainer(tmp_path, steps_per_generation=2, num_iterations=2, max_steps=4, save_steps=10)
+    trainer.train()
+    trace = pd.read_parquet(tmp_path / "mpts" / "trace.parquet")
+    # a generation every steps_per_generation x num_iterations = 4 micro-steps = 2 optimiser steps
+    assert trace["step"].unique().tolist() == [0, 1] and len(trl_harness.CALLS) == 2
+    for step, call in enumerate(trl_harness.CALLS):
+        rows = trace[trace.step == step]
+        assert len(rows) == 2 and call["idx"] == np.repeat(rows["prompt_id"].to_numpy(), K).tolist()
