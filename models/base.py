@@ -13,14 +13,13 @@ import dataclasses
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from mpts.models.options import StrictOptions
 
-class PredictorOptions(BaseModel):
-    """Base of every predictor's options; unknown keys are errors, not silent defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PredictorOptions(StrictOptions):
+    """Base of every predictor's options; unknown keys, booleans as numbers and NaN/inf are errors."""
 
 
 class PromptPool:
@@ -31,11 +30,13 @@ class PromptPool:
     `clusters` optional integer groups used for pooling. `features` and `clusters` may be given
     as zero-argument callables: they are called once, on first access, and the result is checked
     and kept, so a 10^6-prompt pool (or one whose embeddings take minutes) pays only when a
-    predictor asks. `has_features` / `has_clusters` say whether a source exists without calling it.
+    predictor asks. `has_features` / `has_clusters` say whether a source exists without calling it,
+    and `feature_dim` the width of the features (for lazy ones, the `feature_dim` given).
     """
 
     def __init__(self, size: int, features: Tensor | Callable[[], Tensor] | None = None,
-                 clusters: Tensor | Callable[[], Tensor] | None = None, texts: Sequence[str] | None = None):
+                 clusters: Tensor | Callable[[], Tensor] | None = None, texts: Sequence[str] | None = None,
+                 feature_dim: int | None = None):
         if isinstance(size, bool) or int(size) != size or size <= 0:
             raise ValueError(f"prompt pool is empty (size={size}); a pool needs at least one prompt")
         self.size = int(size)
@@ -47,6 +48,7 @@ class PromptPool:
                 raise TypeError("pool.texts must all be strings")
         self.texts: tuple[str, ...] | None = texts
         self._sources = {"features": features, "clusters": clusters}
+        self._feature_dim = feature_dim
         self._resolved: dict[str, Tensor | None] = {}
         for name, value in self._sources.items():
             if value is not None and not callable(value):
@@ -67,6 +69,16 @@ class PromptPool:
     @property
     def has_clusters(self) -> bool:
         return self._sources["clusters"] is not None
+
+    @property
+    def feature_dim(self) -> int:
+        """Columns of `features` (0 without features), computed features only when already computed."""
+        if self._sources["features"] is None:
+            return 0
+        if "features" in self._resolved or self._feature_dim is None:
+            features = self.features
+            return int(features.shape[1]) if features.dim() > 1 else 1
+        return int(self._feature_dim)
 
     def _resolve(self, name: str) -> Tensor | None:
         if name not in self._resolved:

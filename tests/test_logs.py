@@ -100,7 +100,7 @@ def test_every_predictor_replays_a_log_with_prompt_texts(tmp_path, predictor, sh
 
 def test_gp_on_a_prompt_log_uses_the_embeddings_of_its_texts(tmp_path):
     trace, texts = rollouts_to_trace(rollout_table(), "log")
-    pool = replay_pool(len(texts), texts)
+    pool = replay_pool(trace, texts)
     assert pool.texts == texts and pool.has_features
     from mpts.training.embeddings import embed_texts
     torch.testing.assert_close(pool.features, embed_texts(list(texts)))
@@ -111,8 +111,8 @@ def test_gp_on_a_prompt_log_uses_the_embeddings_of_its_texts(tmp_path):
 def test_hmm3_pooled_falls_back_to_global_pooling_with_a_warning(tmp_path):
     trace, texts = rollouts_to_trace(rollout_table(), "log")
     with pytest.warns(UserWarning, match="no clusters.*pooling='global'"):
-        fallback, fallback_table = replay(trace, "hmm3_pooled", pool=replay_pool(len(texts), texts))
-    _, global_table = replay(trace, "hmm3", {"pooling": "global", "pool_strength": 3.0}, pool=replay_pool(len(texts), texts))
+        fallback, fallback_table = replay(trace, "hmm3_pooled", pool=replay_pool(trace, texts))
+    _, global_table = replay(trace, "hmm3", {"pooling": "global", "pool_strength": 3.0}, pool=replay_pool(trace, texts))
     np.testing.assert_allclose(fallback_table["pred_log_prob"], global_table["pred_log_prob"])
 
 
@@ -123,7 +123,7 @@ def test_a_sidecar_supplies_clusters_and_embeddings(tmp_path):
                             "embedding": [list(row) for row in embeddings[::-1]]})
     path = tmp_path / "info.parquet"
     sidecar.to_parquet(path)
-    pool = replay_pool(len(texts), texts, path)
+    pool = replay_pool(trace, texts, path)
     assert pool.clusters.tolist() == [7, 7, 3, 3, 9]
     torch.testing.assert_close(pool.features, torch.from_numpy(embeddings))
     with warnings.catch_warnings():

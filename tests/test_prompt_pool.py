@@ -109,3 +109,11 @@ def test_gp_runs_on_the_lm_environment_with_embedded_prompts(tmp_path):
         assert torch.isfinite(predictor.predict(torch.arange(12), 1).mean).all()
     finally:
         env.close()
+
+
+def test_feature_dim_is_known_without_computing_lazy_features():
+    called = []
+    pool = PromptPool(3, features=lambda: called.append(1) or torch.zeros(3, 5), feature_dim=5)
+    assert pool.feature_dim == 5 and called == []
+    assert PromptPool(3, features=torch.zeros(3, 2)).feature_dim == 2 and PromptPool(3).feature_dim == 0
+    assert text_pool(["a", "b"]).feature_dim == 384

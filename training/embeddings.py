@@ -125,7 +125,7 @@ def text_pool(texts: Sequence[str], clusters: Tensor | None = None, cache_dir: s
     """A `PromptPool` over `texts` whose features are their embeddings, computed on first use."""
     texts = tuple(_checked_texts(texts))
     return PromptPool(size=len(texts), texts=texts, clusters=clusters,
-                      features=functools.partial(pool_embeddings, texts, cache_dir))
+                      features=functools.partial(pool_embeddings, texts, cache_dir), feature_dim=EMBEDDING_DIM)
 
 
 def _read_cache(path: Path, digest: str, count: int) -> Tensor | None:

@@ -32,9 +32,10 @@ from mpts.training.replay import TraceError, validate_trace
 
 DEFAULT_SUCCESS_THRESHOLD = 1.0
 REWARD_COLUMNS = ("score", "reward", "acc", "correct", "success")  # looked for in this order
-TABLE_READERS = {".parquet": pd.read_parquet, ".csv": pd.read_csv,
-                 ".jsonl": lambda path: pd.read_json(path, lines=True),
-                 ".ndjson": lambda path: pd.read_json(path, lines=True)}
+TABLE_READERS = {".parquet": pd.read_parquet, ".csv": pd.read_csv,  # as replay.read_trace reads them
+                 ".jsonl": lambda path: pd.read_json(path, lines=True, dtype=False),
+                 ".ndjson": lambda path: pd.read_json(path, lines=True, dtype=False),
+                 ".json": lambda path: pd.read_json(path, lines=True, dtype=False)}
 
 
 def successes_of(rewards: Tensor | np.ndarray, threshold: float = DEFAULT_SUCCESS_THRESHOLD,
@@ -175,8 +176,18 @@ def read_prompt_info(path: Path | str, size: int, texts: tuple[str, ...] | None)
     return info
 
 
-def replay_pool(size: int, texts: tuple[str, ...] | None, prompt_info: Path | str | None = None) -> PromptPool:
-    """The pool a replay runs on: texts (embedded lazily) and whatever the sidecar supplies."""
+def replay_pool(trace: pd.DataFrame, texts: tuple[str, ...] | None,
+                prompt_info: Path | str | None = None) -> PromptPool | None:
+    """The pool a replay runs on: texts (embedded lazily) and whatever the sidecar supplies;
+    None for a trace with neither (replay then numbers its prompt labels itself)."""
+    if texts is None and prompt_info is None:
+        return None
+    if texts is not None:
+        size = len(texts)
+    elif pd.api.types.is_integer_dtype(trace["prompt_id"]) and int(trace["prompt_id"].min()) >= 0:
+        size = int(trace["prompt_id"].max()) + 1
+    else:
+        raise TraceError("--prompt-info with a trace keyed by prompt_id needs integer ids 0..n-1 (the sidecar's keys)")
     info = read_prompt_info(prompt_info, size, texts) if prompt_info is not None else {}
     if texts is None or "features" in info:  # the sidecar's embeddings win over computing our own
         return PromptPool(size=size, texts=texts, **info)
