@@ -1,7 +1,7 @@
 """Optional dependencies: one helper for every lazy heavy import.
 
 `pip install mpts` installs the predictor core only (torch, pyro-ppl, numpy, scipy, pandas,
-pyarrow, pydantic, pyyaml, rich). Everything else lives behind an extra declared in
+pyarrow, pydantic, pyyaml, rich, psutil). Everything else lives behind an extra declared in
 pyproject.toml; importing it through `import_extra` turns a missing package into one line that
 names the extra to install, instead of a bare ModuleNotFoundError deep in a traceback.
 """
