@@ -129,13 +129,18 @@ def test_a_sidecar_supplies_clusters_and_embeddings(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # with clusters there is nothing to warn about
         replay(trace, "hmm3_pooled", pool=pool)
+    # a sidecar for a whole dataset: prompts the log never saw are left out
+    bigger = pd.concat([sidecar, pd.DataFrame({"prompt": ["never rolled out"], "cluster": [1],
+                                               "embedding": [[0.0, 0.0, 0.0]]})])
+    bigger.to_parquet(path)
+    assert replay_pool(trace, texts, path).clusters.tolist() == [7, 7, 3, 3, 9]
     by_id = tmp_path / "info.csv"
     pd.DataFrame({"prompt_id": [4, 3, 2, 1, 0], "cluster": [0, 1, 0, 1, 0]}).to_csv(by_id, index=False)
     assert read_prompt_info(by_id, 5, None)["clusters"].tolist() == [0, 1, 0, 1, 0]
 
 
 @pytest.mark.parametrize("table, message", [
-    (pd.DataFrame({"prompt": ["a"], "cluster": [1]}), "does not occur in the log"),
+    (pd.DataFrame({"prompt": ["a"] + PROMPTS[:4], "cluster": [1] * 5}), "1 of the log's 5 prompts are missing \\(e.g. 'What is 12 / 4\\?'\\)"),
     (pd.DataFrame({"prompt_id": [0, 1, 2, 3], "cluster": [1, 1, 1, 1]}), "1 of the log's 5 prompts are missing"),
     (pd.DataFrame({"prompt_id": [0, 1, 2, 3, 4], "cluster": [1, 1, None, 1, 1]}), "'cluster' must hold whole numbers"),
     (pd.DataFrame({"prompt_id": [0, 1, 2, 3, 4, 4], "cluster": [1] * 6}), "listed more than once"),

@@ -137,25 +137,23 @@ def read_prompt_info(path: Path | str, size: int, texts: tuple[str, ...] | None)
         keys = pd.to_numeric(table["prompt_id"], errors="coerce")
         if keys.isna().any() or (keys != keys.round()).any():
             raise TraceError(f"{source}: column 'prompt_id' must hold whole numbers")
-        rows = keys.astype(np.int64).to_numpy()
+        rows = keys.astype(np.int64)
     elif "prompt" in table.columns:
         if texts is None:
             raise TraceError(f"{source}: keyed by 'prompt' text but the log has no prompt texts; key it by prompt_id")
-        position = {text: i for i, text in enumerate(texts)}
-        rows = table["prompt"].map(position)
-        if rows.isna().any():
-            raise TraceError(f"{source}: prompt {table['prompt'][rows.isna()].iloc[0]!r} does not occur in the log")
-        rows = rows.astype(np.int64).to_numpy()
+        rows = table["prompt"].map({text: i for i, text in enumerate(texts)}).fillna(-1).astype(np.int64)
     else:
         raise TraceError(f"{source}: needs a 'prompt_id' or a 'prompt' column to say which prompt each row is")
+    # A sidecar may describe a whole dataset: rows for prompts the log never saw are left out.
+    inside = ((rows >= 0) & (rows < size)).to_numpy()
+    table, rows = table[inside], rows.to_numpy()[inside]
     if len(np.unique(rows)) != len(rows):
         raise TraceError(f"{source}: a prompt is listed more than once")
     missing = np.setdiff1d(np.arange(size), rows)
     if missing.size:
-        raise TraceError(f"{source}: {missing.size} of the log's {size} prompts are missing (e.g. prompt id {missing[0]})")
-    order = np.argsort(rows)[:size] if rows.max() < size else None
-    if order is None:
-        raise TraceError(f"{source}: prompt id {rows.max()} is beyond the log's {size} prompts")
+        example = repr(texts[missing[0]]) if texts is not None else f"prompt id {missing[0]}"
+        raise TraceError(f"{source}: {missing.size} of the log's {size} prompts are missing (e.g. {example})")
+    order = np.argsort(rows)
     info: dict[str, Tensor] = {}
     if "cluster" in table.columns:
         clusters = pd.to_numeric(table["cluster"], errors="coerce").to_numpy()[order]
