@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mpts.integrations.verl_selection import (PromptSelection, VerlSelectionError, batch_labels,
+from mpts.integrations.verl_selection import (PromptSelection, SelectionConfig, VerlSelectionError, batch_labels,
                                               read_selection_config)
 from mpts.training.config import ConfigError, apply_overrides
 
@@ -238,7 +238,7 @@ def compose_config(argv: list[str], config_name: str = "ppo_trainer") -> DictCon
     defaults = [f"{key}={value}" for key, value in
                 (("trainer.use_v1", "False"), ("data.dataloader_num_workers", "0")) if key not in given]
     try:
-        section = apply_overrides({}, mpts_args)
+        section = apply_overrides(SelectionConfig().model_dump(mode="json"), mpts_args)
     except ConfigError as error:
         raise VerlSelectionError(f"mpts: {error}") from None
     read_selection_config(section)  # refuse a bad mpts section before verl starts anything

@@ -71,18 +71,23 @@ def data_files(tmp_path_factory) -> tuple[Path, Path]:
     return write_data(tmp_path_factory.mktemp("data"), [{"index": label} for label in LABELS])
 
 
-def compose(tmp: Path, model_dir: Path, data_files, *extra: str):
+def verl_args(tmp: Path, model_dir: Path, data_files) -> list[str]:
+    """A small CPU-sized verl setup (the fakes ignore the model; verl's config checks do not)."""
     train, val = data_files
-    return adapter.compose_config([
+    return [
         f"data.train_files={train}", f"data.val_files={val}", f"data.train_batch_size={BATCH}",
         "data.filter_overlong_prompts=False", "data.max_prompt_length=64", f"actor_rollout_ref.model.path={model_dir}",
         f"actor_rollout_ref.rollout.n={K}", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
         "algorithm.adv_estimator=grpo", "trainer.val_before_train=False", "trainer.test_freq=-1",
         "trainer.logger=[console]", "trainer.n_gpus_per_node=1", "trainer.nnodes=1", "trainer.device=cpu",
-        f"trainer.default_local_dir={tmp / 'ckpt'}", "trainer.total_training_steps=5", "trainer.save_freq=-1",
-        f"mpts.candidate_ratio={RATIO}", "mpts.seed=3", "mpts.predictor.name=beta",
-        "mpts.acquisition.name=thompson_target", *extra])
+        f"trainer.default_local_dir={tmp / 'ckpt'}", "trainer.total_training_steps=5", "trainer.save_freq=-1"]
+
+
+def compose(tmp: Path, model_dir: Path, data_files, *extra: str):
+    return adapter.compose_config([*verl_args(tmp, model_dir, data_files), f"mpts.candidate_ratio={RATIO}",
+                                   "mpts.seed=3", "mpts.predictor.name=beta", "mpts.acquisition.name=thompson_target",
+                                   *extra])
 
 
 class FakeVerl:
@@ -277,3 +282,36 @@ def test_a_batch_with_foreign_prompts_is_refused_before_the_update(tmp_path, mod
     with pytest.raises(VerlSelectionError, match="did not select for this step"):
         run_verl(compose(tmp_path, model_dir, data_files))
     assert fake_verl.actor_updates == 1  # step 2 never reached the policy update
+
+
+def test_one_command_launch_composes_verls_config_and_runs_the_mpts_task_runner(tmp_path, model_dir, data_files,
+                                                                                fake_verl, monkeypatch):
+    launched = {}
+    monkeypatch.setattr(adapter.main_ppo, "run_ppo",
+                        lambda config, task_runner_class: launched.update(config=config, runner=task_runner_class))
+    train, val = data_files
+    adapter.main([f"data.train_files={train}", f"data.val_files={val}", f"actor_rollout_ref.model.path={model_dir}",
+                  "mpts.predictor.name=hmm3", "mpts.acquisition.name=top_informative", "mpts.candidate_ratio=4"])
+    config = launched["config"]
+    assert launched["runner"] is adapter.SelectingTaskRunner
+    assert config.trainer.use_v1 is False and config.data.dataloader_num_workers == 0
+    assert (config.mpts.predictor, config.mpts.acquisition) == ({"name": "hmm3"}, {"name": "top_informative"})
+    assert config.mpts.candidate_ratio == 4 and config.mpts.success_threshold == 1.0
+    with pytest.raises(SystemExit, match="data.dataloader_num_workers must be 0 \\(got 4\\)"):
+        adapter.main([f"data.train_files={train}", "data.dataloader_num_workers=4"])
+    with pytest.raises(SystemExit, match="mpts.predictor: decai: unknown key"):
+        adapter.main(["mpts.predictor.decai=0.5"])  # the default predictor, beta, has no such option
+
+
+def test_the_task_runner_runs_as_a_ray_actor(tmp_path, model_dir):
+    """The remote runner starts in its own Ray process and refuses there, before any worker starts,
+    a dataset whose prompts all carry the same index."""
+    import ray
+
+    files = write_data(tmp_path / "data", [{"index": 0}] * NUM_PROMPTS)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        with pytest.raises(Exception, match="every row has extra_info\\['index'\\] == 0"):
+            adapter.main(verl_args(tmp_path, model_dir, files))
+    finally:
+        ray.shutdown()
