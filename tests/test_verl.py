@@ -315,3 +315,23 @@ def test_the_task_runner_runs_as_a_ray_actor(tmp_path, model_dir):
             adapter.main(verl_args(tmp_path, model_dir, files))
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize("selection", ["mpts_beta.txt", "mpts_hmm3.txt"])
+def test_the_example_launch_composes_with_verl_and_passes_the_adapters_checks(tmp_path, selection):
+    """examples/verl/run.sh with `python` stubbed to print its arguments, fed to the real composition."""
+    import os
+    import subprocess
+
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\nshift 2\nprintf "%s\\n" "$@"\n')
+    stub.chmod(0o755)
+    example = Path(__file__).parents[1] / "examples" / "verl"
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "MODEL": "/models/qwen", "DATA": "/data/gsm8k"}
+    printed = subprocess.run([str(example / "run.sh"), str(example / "overrides" / selection), "trainer.total_epochs=1"],
+                             env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    config = adapter.compose_config(printed)
+    assert config.data.train_files == "/data/gsm8k/train.parquet" and config.actor_rollout_ref.model.path == "/models/qwen"
+    assert config.trainer.total_epochs == 1 and config.actor_rollout_ref.rollout.name == "vllm"
+    assert config.mpts.predictor.name == selection.removeprefix("mpts_").removesuffix(".txt")
