@@ -184,7 +184,12 @@ class SelectingPPOTrainer(RayPPOTrainer):
     def _load_checkpoint(self):
         result = super()._load_checkpoint()
         if self.global_steps == 0:
-            self.selection.start(self.total_training_steps)
+            try:
+                self.selection.start(self.total_training_steps)
+            except FileExistsError:
+                raise VerlSelectionError(f"the mpts run folder {self.selection.folder.root} already holds a run; "
+                                         "continue it with trainer.resume_mode=auto (from a verl checkpoint) or "
+                                         "set mpts.out to a new folder") from None
             return result
         path = self._selector_file()
         if not path.is_file():
@@ -223,7 +228,7 @@ class _SelectingTaskRunnerBody(main_ppo_v0.TaskRunner.__ray_metadata__.modified_
                 setattr(main_ppo_v0, name, value)
 
 
-SelectingTaskRunner = ray.remote(num_cpus=1)(_SelectingTaskRunnerBody)
+SelectingTaskRunner = ray.remote(_SelectingTaskRunnerBody)
 
 
 def compose_config(argv: list[str], config_name: str = "ppo_trainer") -> DictConfig:

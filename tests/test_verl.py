@@ -242,6 +242,19 @@ def test_selector_state_is_saved_with_verl_checkpoints_and_resumed(tmp_path, mod
     pd.testing.assert_frame_equal(trace, reference)
 
 
+def test_a_resume_without_selector_state_or_over_an_existing_run_is_refused(tmp_path, model_dir, data_files,
+                                                                            fake_verl):
+    run_verl(compose(tmp_path, model_dir, data_files, "trainer.total_training_steps=2", "trainer.save_freq=2"))
+    trace = (tmp_path / "ckpt" / "mpts" / "trace.parquet").read_bytes()
+    with pytest.raises(VerlSelectionError, match="already holds a run; continue it with trainer.resume_mode=auto"):
+        run_verl(compose(tmp_path, model_dir, data_files, "trainer.resume_mode=disable"))
+    (tmp_path / "ckpt" / "global_step_2" / adapter.SELECTOR_FILE).unlink()
+    with pytest.raises(VerlSelectionError, match="has no mpts_selector.pt"):
+        run_verl(compose(tmp_path, model_dir, data_files, "trainer.total_training_steps=4", "trainer.resume_mode=auto"))
+    assert (tmp_path / "ckpt" / "mpts" / "trace.parquet").read_bytes() == trace  # the user's run untouched
+    assert len(fake_verl.generated) == 2
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.dataloader_num_workers=2", "dataloader_num_workers must be 0"),
     ("trainer.use_v1=True", "trainer.use_v1 must be False"),
