@@ -13,14 +13,13 @@ import dataclasses
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from mpts.models.options import StrictOptions
 
-class PredictorOptions(BaseModel):
-    """Base of every predictor's options; unknown keys are errors, not silent defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class PredictorOptions(StrictOptions):
+    """Base of every predictor's options; unknown keys, booleans as numbers and NaN/inf are errors."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,7 +143,7 @@ def coverage(estimates: Mapping[str, Mapping[str, Estimate]], colors: Mapping[st
     ax.set_xticks(range(len(kinds)), [label for _, label in kinds])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share inside the interval")
-    ax.set_title("Interval coverage (dashed: nominal level; bars: mean over seeds, 95% bootstrap CI)")
+    ax.set_title("Interval coverage (dashed: nominal level; bars: mean over seeds, 95% t-interval)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return fig
 
@@ -279,7 +279,7 @@ def rollouts_to_target(estimates: Mapping[str, Estimate], colors: Mapping[str, t
     ax.invert_yaxis()
     ax.set_xlim(0, top * 1.35)
     ax.set_xlabel("rollouts until eval accuracy first reached the target")
-    ax.set_title("Rollouts to target (mean over seeds that reached it, 95% bootstrap CI)")
+    ax.set_title("Rollouts to target (mean over seeds that reached it, 95% t-interval)")
     return fig
 
 

@@ -2,21 +2,26 @@
 
 `ablate(config, out_dir)` runs every (arm, seed) in parallel processes into
 `out_dir/runs/<predictor>__<acquisition>__seed<s>/`, then writes `out_dir/runs.parquet` (one row
-per run) and `out_dir/table.md` (mean and 95% t-interval over seeds). A run already finished is
-reused and an interrupted one resumed, so re-running the same command completes an ablation.
+per run) and `out_dir/table.md`: mean and 95% t-interval over seeds per arm, then each arm's paired
+differences with the baseline arms (uniform, dynamic sampling) seed by seed, pooled by the report's
+own code so `mpts ablate` and `mpts report` agree. A run already finished is reused and an
+interrupted one resumed, so re-running the same command completes an ablation.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import math
 import multiprocessing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from mpts.reports.measures import PAIRED_NUMBERS, RUN_NUMBERS, pool_groups
+from mpts.reports.stats import Estimate
+from mpts.training.acquisition import get_acquisition_class, reference_role
 from mpts.training.config import RunConfig, validate_config
 from mpts.training.run_dir import write_json
 
@@ -99,46 +104,69 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
-def mean_ci(values: pd.Series) -> tuple[float, float, int]:
-    """Mean and half-width of the 95% t-interval over the finite values; count of them."""
-    finite = values[np.isfinite(values.astype(float))].astype(float)
-    n = len(finite)
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    if n == 1:
-        return float(finite.iloc[0]), float("nan"), 1
-    half = stats.t.ppf(0.975, n - 1) * finite.std(ddof=1) / np.sqrt(n)
-    return float(finite.mean()), float(half), n
-
-
 def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm: each HEADLINE number's seed mean, the half-width of its 95% t-interval and its
+    count; then, per baseline rule, the paired differences with that baseline's arm
+    (`vs_<rule>.<number>`, same columns). Pooled by the report's own code (`pool_groups`)."""
+    runs = [{**{key: math.nan for key in RUN_NUMBERS}, **{k: v for k, v in record.items() if not _missing(v)},
+             "group": f"{record['predictor']} · {record['acquisition']}", "predictor_label": record["predictor"],
+             "acquisition_label": record["acquisition"], "reference": reference_role(get_acquisition_class(record["acquisition"])),
+             "time_per_step": {}, "has_elbo": False, "has_draws": False, "run": record.get("run", "")}
+            for record in frame.to_dict("records")]
     rows = []
-    for (predictor, acquisition), group in frame.groupby(["predictor", "acquisition"], sort=False):
-        row: dict[str, Any] = {"predictor": predictor, "acquisition": acquisition, "seeds": len(group)}
+    for group in pool_groups(runs):
+        row: dict[str, Any] = {"predictor": group["predictor"], "acquisition": group["acquisition"],
+                               "seeds": len(group["seeds"])}
         for column, _, _ in HEADLINE:
-            if column in group:
-                mean, half, n = mean_ci(group[column])
-                row[column], row[f"{column}_ci"], row[f"{column}_n"] = mean, half, n
+            _put(row, column, group["estimates"][column])
+        for rule, compared in group["paired_differences"].items():
+            if compared["baseline"] != group["group"]:
+                for column in PAIRED_NUMBERS:
+                    _put(row, f"vs_{rule}.{column}", compared[column])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _put(row: dict[str, Any], column: str, estimate: Estimate) -> None:
+    row[column] = math.nan if estimate.mean is None else estimate.mean
+    row[f"{column}_ci"] = (estimate.hi - estimate.lo) / 2 if estimate.n > 1 else math.nan
+    row[f"{column}_n"] = estimate.n
+
+
+def _cell(row: pd.Series, column: str, digits: int, total: int, signed: bool = False) -> str:
+    mean, half, n = row[column], row[f"{column}_ci"], row[f"{column}_n"]
+    if not n or _missing(n):
+        return "not reached" if column.endswith("rollouts_to_target") else "n/a"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    text += f" ± {half:.{digits}f}" if np.isfinite(half) else ""
+    return text + (f" ({int(n)}/{total})" if n < total else "")
+
+
 def format_table(table: pd.DataFrame) -> str:
-    """Markdown: mean ± 95% CI over seeds; '(m/n)' where only m of n seeds have a value."""
+    """Markdown: mean ± 95% t-interval over seeds ('(m/n)' where only m of n seeds have a value); then
+    the paired differences with each baseline arm (same seeds), where the ablation has one."""
     present = [(c, label) for c, label, _ in HEADLINE if c in table]
     lines = ["| predictor | acquisition | " + " | ".join(label for _, label in present) + " |",
              "|---|---|" + "---|" * len(present)]
     for _, row in table.iterrows():
-        cells = []
-        for column, _ in present:
-            mean, half, n = row[column], row[f"{column}_ci"], row[f"{column}_n"]
-            if n == 0:
-                cells.append("not reached" if column == "rollouts_to_target" else "n/a")
-                continue
-            digits = 0 if column == "rollouts_to_target" else 3
-            text = f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if np.isfinite(half) else "")
-            if n < row["seeds"]:
-                text += f" ({n}/{row['seeds']})"
-            cells.append(text)
+        cells = [_cell(row, column, 0 if column == "rollouts_to_target" else 3, row["seeds"])
+                 for column, _ in present]
         lines.append(f"| {row['predictor']} | {row['acquisition']} | " + " | ".join(cells) + " |")
+    rules = sorted({c.split(".")[0].removeprefix("vs_") for c in table.columns if c.startswith("vs_")})
+    for rule in rules:
+        columns = [(f"vs_{rule}.{c}", label) for c, label, _ in HEADLINE if c in PAIRED_NUMBERS]
+        lines += ["", f"Paired differences with {rule.replace('_', ' ')} (this arm − that arm, same seed; "
+                  "mean ± 95% t-interval over seeds):", "",
+                  "| predictor | acquisition | " + " | ".join(f"Δ {label}" for _, label in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for _, row in table.iterrows():
+            if all(_missing(row.get(f"{c}_n")) for c, _ in columns):
+                continue
+            cells = [_cell(row, c, 0 if c.endswith("rollouts_to_target") else 3, row["seeds"], signed=True)
+                     for c, _ in columns]
+            lines.append(f"| {row['predictor']} | {row['acquisition']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
