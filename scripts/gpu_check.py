@@ -34,7 +34,7 @@ CPU_DRY_RUN = ["steps=3", "batch_size=8", "k=4", "eval_every=2", "checkpoint_eve
                'env.task_options={"min_digits": 1, "max_digits": 1, "operators": ["+"]}',
                "env.warmup_sft_steps=150", "env.warmup_sft_batch=32", "env.warmup_sft_lr=3.0e-3",
                "env.warmup_sft_problems=64",
-               "env.device=cpu", "env.dtype=float32", "env.micro_batch_size=64", "env.generation_batch=64",
+               "env.device=cpu", "env.dtype=float32", "env.grpo.micro_batch_size=64", "env.generation_batch=64",
                'env.tiny={"hidden_size": 64, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, '
                '"intermediate_size": 128}']
 

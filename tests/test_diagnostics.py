@@ -89,7 +89,7 @@ def test_decay_unobserved_lets_a_prompt_seen_unsolved_be_retried_by_thompson_tar
 
 
 def test_learning_numbers_gain_is_last_three_evaluations_minus_the_initial_one():
-    from mpts.reports.measures import learning_numbers
+    from mpts.inference.scoring import learning_numbers
     metrics = pd.DataFrame({"step": range(6), "eval_accuracy_greedy": [np.nan, 0.3, np.nan, 0.4, 0.5, 0.6],
                             "recent_overlap": [0, 0.5, 0.5, 0.5, 0.5, 0.5],
                             "top_decile_share": [0.1, 0.2, 0.2, 0.2, 0.2, 0.25]})
@@ -109,14 +109,11 @@ def test_report_has_the_learning_and_selection_section(tmp_path):
     assert (tmp_path / "report" / "figures" / "learning_curves.png").stat().st_size > 0
 
 
-def test_ablation_arms_that_differ_only_in_options_get_their_own_names(tmp_path):
-    from mpts.training.ablate import ablate, expand_runs
-    config = load_config("quickstart", SMALL + ["steps=3", "ablation.seeds=[0]", "ablation.workers=1",
-                                                "ablation.arms=[{predictor: beta, acquisition: uniform}, "
-                                                "{predictor: beta, acquisition: {name: thompson_target, target: 0.5}}, "
-                                                "{predictor: beta, acquisition: {name: thompson_target, target: 0.25}}]"])
-    names = [name for name, _ in expand_runs(config)]
-    assert names == ["beta__uniform__seed0", "beta__thompson_target-target0.5__seed0",
-                     "beta__thompson_target-target0.25__seed0"]
-    table = ablate(config, tmp_path / "abl", show_progress=False)
-    assert sorted(table["acquisition"]) == ["thompson_target-target0.25", "thompson_target-target0.5", "uniform"]
+def test_lm_tiny_ablation_has_the_issue_10_arms_with_thompson_target_at_two_targets():
+    from mpts.training.sweep import expand_grid
+    runs = expand_grid(load_config("lm_tiny"))
+    arms = sorted({run.name.rsplit("__seed", 1)[0] for run in runs})
+    assert arms == ["beta__dynamic_sampling", "beta__thompson_target__acquisition.target=0.25",
+                    "beta__thompson_target__acquisition.target=0.5", "beta__uniform", "hmm3__top_informative",
+                    "id_vae__thompson_target__acquisition.target=0.25", "id_vae__thompson_target__acquisition.target=0.5"]
+    assert len(runs) == 7 * 4

@@ -119,7 +119,20 @@ def test_clip_bounds_the_ratio_on_later_minibatches_and_kl_pulls_back(tokenizer)
     stats = GRPOTrainer(model, GRPOConfig(lr=5e-2, updates_per_batch=4, micro_batch_size=1, kl_coef=0.1),
                         tokenizer.pad_token_id).step(batch)
     assert stats["clip_fraction"] > 0  # the policy moved past 1 +- clip within the batch
-    assert stats["kl"] >= 0
+    assert stats["kl"] > 1e-6  # measured against the frozen reference after the policy moved
+
+    def drift(kl_coef):
+        """How far the log-probabilities of the batch's completions moved from the initial policy."""
+        moved = make_model(tokenizer)
+        GRPOTrainer(moved, GRPOConfig(lr=1e-2, updates_per_batch=4, micro_batch_size=1, kl_coef=kl_coef),
+                    tokenizer.pad_token_id).step(batch)
+        with torch.no_grad():
+            after, mask = completion_logprobs(moved, [prompt] * 2, [good, bad], tokenizer.pad_token_id)
+            before, _ = completion_logprobs(make_model(tokenizer), [prompt] * 2, [good, bad], tokenizer.pad_token_id)
+        return float(((after - before).abs() * mask).sum())
+
+    free, held = drift(0.0), drift(5.0)
+    assert 0 < held < 0.8 * free  # the KL term pulls the update back toward the reference
 
 
 def test_learning_rate_warms_up_linearly(tokenizer):
@@ -170,7 +183,7 @@ def test_trainer_logprobs_equal_the_samplers_at_the_rollout_temperature(tokenize
     completions = [row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
                    for row in tokens.tolist()]
     mask = torch.tensor([[j < len(c) for j in range(tokens.shape[1])] for c in completions])
-    trainer = GRPOTrainer(model, GRPOConfig(temperature=temperature), tokenizer.pad_token_id)
+    trainer = GRPOTrainer(model, GRPOConfig(), tokenizer.pad_token_id, temperature=temperature)
     scored = trainer._logprobs_no_grad(model, Sequences([prompt] * 6, completions, torch.zeros(6)))
     width = scored.shape[1]
     assert torch.allclose(scored[mask[:, :width]], sampler[:, :width][mask[:, :width]], atol=1e-4)
@@ -187,6 +200,6 @@ def test_lm_environment_passes_the_rollout_temperature_to_the_trainer():
                                   tiny=TinyModelOptions(hidden_size=64, num_layers=1, num_heads=1, num_kv_heads=1,
                                                         intermediate_size=64)), seed=0)
     try:
-        assert env.trainer.config.temperature == 0.7
+        assert env.trainer.temperature == 0.7
     finally:
         env.close()

@@ -16,7 +16,7 @@ from mpts.training.run_dir import METRICS_REQUIRED, TRACE_SCHEMA
 from mpts.training.environments.lm.tasks import Problem, Task, get_task, register_task
 
 TINY = {"hidden_size": 64, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 128}
-BASE = {"num_prompts": 24, "eval_prompts": 8, "max_new_tokens": 3, "tiny": TINY, "lr": 1e-2,
+BASE = {"num_prompts": 24, "eval_prompts": 8, "max_new_tokens": 3, "tiny": TINY, "grpo": {"lr": 1e-2},
         "task_options": {"max_digits": 2}}
 
 
@@ -363,7 +363,7 @@ def test_one_grpo_step_raises_the_probability_of_the_right_answer_on_the_trained
     from mpts.training.environments.lm.grpo import completion_logprobs
     env = make_env(tmp_path, task_options={"min_digits": 1, "max_digits": 1, "operators": ["+"]}, num_prompts=40,
                    warmup_sft_steps=150, warmup_sft_batch=32, warmup_sft_lr=3e-3, warmup_sft_problems=64,
-                   lr=1e-4, temperature=0.7)
+                   grpo={"lr": 1e-4}, temperature=0.7)
     out = env.rollout(torch.arange(40), 8)
     informative = out.informative
     assert int(informative.sum()) >= 5

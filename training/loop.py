@@ -21,13 +21,14 @@ import pyro
 import torch
 import yaml
 
-from mpts.inference.scoring import score_trace
+from mpts.inference.scoring import run_summary
 from mpts.models.base import RiskPredictor
 from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import Acquisition, get_acquisition_class, sample_candidates
+from mpts.training.acquisition import Acquisition, get_acquisition_class, reference_role, sample_candidates
 from mpts.training.config import RunConfig, config_to_yaml, validate_config
 from mpts.training.diagnostics import TrainingHistory, eligible_candidates, trained_accuracy
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
+from mpts.training.memory import check_fits, run_need
 from mpts.training.run_dir import RunFolder
 from mpts.training.selector import Selector
 
@@ -122,72 +123,76 @@ def posterior_draws(selector: Selector, env: Environment, step: int, num_prompts
     return frame
 
 
-def steps_to_target(metrics: pd.DataFrame, target: float) -> tuple[float, float]:
-    """(cumulative rollouts, step) at the first evaluation reaching `target`; NaN if never."""
-    reached = metrics[metrics["eval_accuracy"] >= target]
-    if reached.empty:
-        return float("nan"), float("nan")
-    first = reached.iloc[0]
-    return float(first["cumulative_rollouts"]), float(first["step"])
-
-
-def summarize(config: RunConfig, trace: pd.DataFrame, metrics: pd.DataFrame, initial_evals: dict[str, float]
-              ) -> dict[str, Any]:
-    rollouts_to_target, step_to_target = steps_to_target(metrics, config.target_accuracy)
-    evals = metrics["eval_accuracy"].dropna()
-    initial_eval = initial_evals["eval_accuracy"]
-    extra_evals = {}  # e.g. the LM's greedy and sampled accuracies next to the chosen one
-    for column in sorted(set(initial_evals) - {"eval_accuracy"}):
-        values = metrics[column].dropna() if column in metrics else pd.Series(dtype=float)
-        extra_evals[f"initial_{column}"] = float(initial_evals[column])
-        extra_evals[f"final_{column}"] = float(values.iloc[-1]) if len(values) else float("nan")
+def summarize(config: RunConfig, rule: Acquisition, trace: pd.DataFrame, metrics: pd.DataFrame,
+              initial_evals: dict[str, float]) -> dict[str, Any]:
+    """summary.json: what the run was (and whether its rule is a reference arm), the evaluations
+    before the first step (`initial_eval_accuracy`, and the LM's greedy and sampled ones), then run_summary."""
+    initial = {f"initial_{key}": float(value) for key, value in initial_evals.items()}
     return {
         "config_name": config.name, "predictor": config.predictor.name, "acquisition": config.acquisition.name,
-        "environment": config.env.name, "seed": config.seed, "steps": int(metrics["step"].max()) + 1,
-        "target_accuracy": config.target_accuracy, "rollouts_to_target": rollouts_to_target,
-        "steps_to_target": step_to_target, "initial_eval_accuracy": initial_eval,
-        "final_eval_accuracy": float(evals.iloc[-1]) if len(evals) else float("nan"),
-        "total_rollouts": int(metrics["cumulative_rollouts"].iloc[-1]),
-        "mean_effective_ratio": float(metrics["effective_ratio"].mean()),
-        "wall_seconds": float(metrics["wall_seconds"].iloc[-1]),
-        **extra_evals,
-        **score_trace(trace),
+        "environment": config.env.name, "seed": config.seed, "target_accuracy": config.target_accuracy,
+        "reference": reference_role(rule), **initial,
+        **run_summary(trace, metrics, config.target_accuracy, initial),
     }
 
 
-def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
+def check_checkpoint_fits(saved: dict[str, Any], config: RunConfig, path: Path | None) -> None:
+    """A checkpoint written by another config (another predictor, pool, seed ...) is refused by name."""
+    written_by = saved.get("config")
+    if written_by is None:  # older checkpoints: loading into the built components checks the shapes
+        return
+    current = config.model_dump(mode="json")
+    differ = [key for key in current if key != "steps" and written_by.get(key) != current[key]]
+    if differ:
+        key = differ[0]
+        raise ValueError(f"checkpoint {path} was written by another config ({key}: {written_by.get(key)!r} there, "
+                         f"{current[key]!r} in config.yaml); nothing was changed")
+
+
+def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, rollback_to: int | None = None,
         progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Run (or resume) one configuration into `out_dir`; returns the summary."""
+    """Run (or resume) one configuration into `out_dir`; returns the summary.
+
+    Everything is checked before the folder is touched: a new run's folder is created only once
+    its environment and predictor are built; a resume verifies the parts, the checkpoint and that
+    the checkpoint fits the config before it sets any surplus part aside (see `RunFolder`).
+    """
     folder = RunFolder(Path(out_dir))
     if resume:
         config = validate_config(yaml.safe_load(folder.config_yaml()))
-        saved = folder.load_checkpoint()
+        plan = folder.plan_resume(rollback_to)
+        saved = plan.state
+        if saved is not None:
+            check_checkpoint_fits(saved, config, plan.checkpoint)
     else:
-        folder.create(config_to_yaml(config))
+        if rollback_to is not None:
+            raise ValueError("--rollback-to goes with --resume RUN_DIR")
+        folder.check_new()
         saved = None
 
+    check_fits(run_need(config), "this run")
     torch.manual_seed(config.seed)  # SVI-based predictors draw from the global RNG
     pyro.set_rng_seed(config.seed)
+    env = build_environment(config, folder.root)
     try:
-        env = build_environment(config, folder.root)
-    except BaseException:
-        if saved is None:
-            folder.remove()  # a run that never started leaves no folder behind
-        raise
-    try:
-        try:
-            selector = build_selector(config, env)
-            if config.num_candidates > env.pool.size:
-                raise ValueError(f"candidate pool of {config.num_candidates} (candidate_ratio x batch_size) "
-                                 f"exceeds the {env.pool.size} prompts available")
-            if config.num_candidates + config.exclusion_window * config.batch_size > env.pool.size:
-                raise ValueError(f"exclusion_window={config.exclusion_window}: {config.exclusion_window} steps x "
-                                 f"{config.batch_size} trained prompts + {config.num_candidates} candidates exceed "
-                                 f"the {env.pool.size} prompts available")
-        except BaseException:
-            if saved is None:
-                folder.remove()
-            raise
+        selector = build_selector(config, env)
+        if config.num_candidates > env.pool.size:
+            raise ValueError(f"candidate pool of {config.num_candidates} (candidate_ratio x batch_size) "
+                             f"exceeds the {env.pool.size} prompts available")
+        if config.num_candidates + config.exclusion_window * config.batch_size > env.pool.size:
+            raise ValueError(f"exclusion_window={config.exclusion_window}: {config.exclusion_window} steps x "
+                             f"{config.batch_size} trained prompts + {config.num_candidates} candidates exceed "
+                             f"the {env.pool.size} prompts available")
+        if saved is not None:
+            try:
+                selector.load_state_dict(saved["selector"])
+                env.load_state_dict(saved["env"])
+            except Exception as error:
+                raise ValueError(f"checkpoint {plan.checkpoint} does not fit this run: {error}") from None
+        if resume:
+            folder.apply(plan)
+        else:
+            folder.create(config_to_yaml(config))
         rule = selector.rule
         B, C, k = config.batch_size, config.num_candidates, config.k
         history = TrainingHistory(env.pool.size)
@@ -196,8 +201,6 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
             start, cumulative, wall = 0, 0, 0.0
             initial_evals = env.evaluate_metrics()
         else:
-            selector.load_state_dict(saved["selector"])
-            env.load_state_dict(saved["env"])
             torch.set_rng_state(saved["torch_rng"])
             start, cumulative, wall = saved["step"] + 1, saved["cumulative_rollouts"], saved["wall_seconds"]
             initial_evals = saved.get("initial_evals", {"eval_accuracy": saved["initial_eval"]})
@@ -266,13 +269,13 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
                     "torch_rng": torch.get_rng_state(),  # environments (e.g. the LM) may draw from it
                     "cumulative_rollouts": cumulative, "wall_seconds": wall,
                     "initial_eval": initial_evals["eval_accuracy"], "initial_evals": initial_evals,
-                    "history": history.state_dict(),
+                    "history": history.state_dict(), "config": config.model_dump(mode="json"),
                 }, config.steps)
             if progress is not None:
                 progress(step + 1, config.steps, metrics)
 
         trace, metrics_frame = folder.read_parts("trace"), folder.read_parts("metrics")
-        summary = summarize(config, trace, metrics_frame, initial_evals)
+        summary = summarize(config, rule, trace, metrics_frame, initial_evals)
         draws = posterior_draws(selector, env, config.steps, config.posterior_draws_prompts)
         folder.finalize(summary, selector.predictor.state_dict(), draws)
         folder.write_progress(config.steps, config.steps, "done")

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from mpts.models.base import PromptPool
+from mpts.models.options import StrictOptions
 from mpts.models.registry import Registry
 
 
-class EnvironmentOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class EnvironmentOptions(StrictOptions):
+    """Base of every environment's options (see `StrictOptions`)."""
 
 
 @dataclasses.dataclass

@@ -23,24 +23,31 @@ import math
 from typing import Iterator
 
 import torch
+from pydantic import ConfigDict, Field
 from torch import Tensor
 
+from mpts.models.options import StrictOptions
 
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig:
-    lr: float = 1e-5
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    kl_coef: float = 0.0
-    micro_batch_size: int = 32  # sequences per forward/backward; gradients accumulate across them
-    updates_per_batch: int = 1  # optimiser steps per rollout batch
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    warmup_updates: int = 0  # linear learning-rate warm-up: a fresh AdamW's first steps are sign-sized
-    scale_by_std: bool = True  # False: Dr. GRPO's mean-centred advantages
-    temperature: float = 1.0  # the rollout temperature: the trainer scores tokens under the distribution they were drawn from
-    adv_eps: float = 1e-6
-    autocast_dtype: torch.dtype | None = None  # torch.bfloat16 on CUDA
+
+class GRPOConfig(StrictOptions):
+    """The GRPO options, validated; also the `grpo:` section of the LM environment's config."""
+
+    model_config = ConfigDict(**StrictOptions.model_config, arbitrary_types_allowed=True)
+
+    lr: float = Field(1e-5, ge=0.0, description="AdamW learning rate (0 freezes the weights: tests)")
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0)
+    clip_high: float = Field(0.28, ge=0.0)
+    kl_coef: float = Field(0.0, ge=0.0, description="> 0 keeps a frozen reference copy of the initial policy")
+    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    updates_per_batch: int = Field(1, ge=1, description="optimiser steps per rollout batch")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_updates: int = Field(0, ge=0, description="updates over which the learning rate ramps up linearly "
+                                "(a fresh AdamW's first steps are sign-sized)")
+    scale_by_std: bool = Field(True, description="False: Dr. GRPO's mean-centred advantages")
+    adv_eps: float = Field(1e-6, gt=0.0)
+    autocast_dtype: torch.dtype | None = Field(None, exclude=True,
+                                               description="set by the environment (bf16 on CUDA), not in configs")
 
 
 @dataclasses.dataclass
@@ -144,10 +151,12 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 class GRPOTrainer:
     """Owns the optimiser (and the frozen reference when kl_coef > 0) for one policy."""
 
-    def __init__(self, model: torch.nn.Module, config: GRPOConfig, pad_id: int, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, config: GRPOConfig, pad_id: int, seed: int = 0,
+                 temperature: float = 1.0):
         self.model = model
         self.config = config
         self.pad_id = pad_id
+        self.temperature = temperature  # the rollouts' sampling temperature: completions are scored under it
         self.reference = None
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -177,7 +186,7 @@ class GRPOTrainer:
             for micro in _chunks(active, config.micro_batch_size):
                 part = batch.select(micro)
                 logp, mask = completion_logprobs(self.model, part.prompt_ids, part.completion_ids, self.pad_id,
-                                                 config.autocast_dtype, config.temperature)
+                                                 config.autocast_dtype, self.temperature)
                 old = old_logp[micro][:, : logp.shape[1]] if old_logp is not None else logp.detach()
                 ref = ref_logp[micro][:, : logp.shape[1]] if ref_logp is not None else None
                 loss, stats = policy_loss(logp, old, part.advantages.to(logp.device), mask, config.clip_low,
@@ -208,7 +217,7 @@ class GRPOTrainer:
         for micro in _chunks(list(range(len(batch))), self.config.micro_batch_size):
             part = batch.select(micro)
             logp, _ = completion_logprobs(model, part.prompt_ids, part.completion_ids, self.pad_id,
-                                          self.config.autocast_dtype, self.config.temperature)
+                                          self.config.autocast_dtype, self.temperature)
             out[micro, : logp.shape[1]] = logp
         return out
 
