@@ -8,7 +8,6 @@ import torch
 
 from mpts.training.config import ConfigError, load_config
 from mpts.training.diagnostics import TrainingHistory, eligible_candidates
-from mpts.training.acquisition import sample_candidates
 from mpts.training.loop import run
 
 SMALL = ["steps=12", "batch_size=16", "candidate_ratio=4", "env.num_prompts=300", "env.eval_prompts=100",
@@ -37,11 +36,11 @@ def test_history_overlap_concentration_and_recent_prompts():
 def test_eligible_candidates_skip_recent_prompts_and_refuse_too_few():
     history = TrainingHistory(pool_size=10)
     history.record(3, torch.arange(6))
-    ids = eligible_candidates(history, 4, 2, 4, torch.Generator().manual_seed(0), sample_candidates)
+    ids = eligible_candidates(history, 4, 2, 4, torch.Generator().manual_seed(0))
     assert sorted(ids.tolist()) == [6, 7, 8, 9]
-    assert len(eligible_candidates(history, 6, 2, 8, torch.Generator(), sample_candidates)) == 8  # step 3 expired
+    assert len(eligible_candidates(history, 6, 2, 8, torch.Generator())) == 8  # step 3 expired
     with pytest.raises(ValueError, match="exclusion_window=2: only 4 prompts"):
-        eligible_candidates(history, 4, 2, 5, torch.Generator(), sample_candidates)
+        eligible_candidates(history, 4, 2, 5, torch.Generator())
 
 
 def test_loop_writes_selection_diagnostics_and_trained_accuracy(tmp_path):

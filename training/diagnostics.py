@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mpts.training.acquisition import sample_candidates
+
 NEVER = -(2**62)  # "last trained" of a prompt never trained on
 
 
@@ -84,10 +86,10 @@ def trained_accuracy(history: TrainingHistory, env, since_step: int) -> float:
 
 
 def eligible_candidates(history: TrainingHistory, step: int, exclusion_window: int, num_candidates: int,
-                        generator: torch.Generator, sample) -> Tensor:
+                        generator: torch.Generator) -> Tensor:
     """Candidate ids drawn uniformly from the prompts not trained in the last `exclusion_window` steps."""
     eligible = torch.nonzero(~history.recently_trained(step, exclusion_window)).squeeze(1)
     if eligible.numel() < num_candidates:
         raise ValueError(f"exclusion_window={exclusion_window}: only {eligible.numel()} prompts were not trained "
                          f"in the last {exclusion_window} steps, fewer than the {num_candidates} candidates per step")
-    return eligible[sample(eligible.numel(), num_candidates, generator)]
+    return eligible[sample_candidates(eligible.numel(), num_candidates, generator)]

@@ -212,7 +212,7 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
             timer = StepTimer()
             if config.exclusion_window:
                 rows = eligible_candidates(history, step, config.exclusion_window, C,
-                                           selector.streams.generator("candidates", step), sample_candidates)
+                                           selector.streams.generator("candidates", step))
                 candidates = selector.id_map.ids(rows)
             else:
                 candidates = selector.sample_candidates(C, step)
