@@ -23,7 +23,7 @@ from mpts.inference.scoring import score_trace
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import get_acquisition_class
-from mpts.training.config import ComponentConfig, _check_component, _format_errors
+from mpts.training.config import ComponentConfig, _check_component, format_errors
 from mpts.training.environments.base import Outcomes
 from mpts.training.loop import trace_rows
 from mpts.training.run_dir import RunFolder
@@ -55,7 +55,7 @@ def read_selection_config(raw: dict[str, Any]) -> SelectionConfig:
         _check_component("predictor", options.predictor, get_predictor_class)
         _check_component("acquisition", options.acquisition, get_acquisition_class)
     except ValidationError as error:
-        raise VerlSelectionError("mpts: " + _format_errors(error)) from None
+        raise VerlSelectionError("mpts: " + format_errors(error)) from None
     except ValueError as error:
         raise VerlSelectionError(f"mpts.{error}") from None
     return options
@@ -111,7 +111,7 @@ class PromptSelection:
                                   seed=options.seed)
         rule = rule_cls(options.acquisition.with_options(rule_cls.Options))
         self.selector = Selector(predictor, rule, k=self.k, seed=options.seed, ids=labels)
-        self.folder = RunFolder(Path(run_dir))
+        self.folder = RunFolder(Path(run_dir), first_step=1)  # verl counts global steps from 1
         self.pending: tuple[int, Selection, float] | None = None
         self.last_observed = 0
         self.cumulative_rollouts = 0
@@ -150,12 +150,14 @@ class PromptSelection:
         """Continue from the state saved with verl's checkpoint at `step`; the run folder must agree."""
         if state.get("step") != step:
             raise VerlSelectionError(f"selector state is for step {state.get('step')}, verl resumes at step {step}")
-        saved = self.folder.load_checkpoint()
+        plan = self.folder.plan_resume()  # checks every part against the manifest; changes nothing
+        saved = plan.state
         if saved is None or saved["step"] != step:
             raise VerlSelectionError(f"the mpts run folder {self.folder.root} was last checkpointed at step "
                                      f"{None if saved is None else saved['step']}, verl resumes from step {step}; "
                                      "resume from that step or write to a new mpts.out")
         self.selector.load_state_dict(state["selector"])
+        self.folder.apply(plan)  # rows written after that checkpoint move to parts/.orphaned/
         self.last_observed, self.cumulative_rollouts = step, int(state["cumulative_rollouts"])
         self.wall_seconds = float(state["wall_seconds"])
 

@@ -19,7 +19,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mpts.training.sweep import format_value
+from mpts.inference.schema import format_grid_value
+
 
 RUN_FILES = ("config.yaml", "trace.parquet", "metrics.parquet")
 
@@ -57,7 +58,7 @@ class Run:
     def point(self) -> dict[str, str]:
         """The run's point in an ablation grid (`ablation.point` of its config), values as text."""
         point = (self.config.get("ablation") or {}).get("point") or {}
-        return {str(key): format_value(value) for key, value in point.items()}
+        return {str(key): format_grid_value(value) for key, value in point.items()}
 
     @property
     def point_label(self) -> str:

@@ -177,6 +177,6 @@ def test_replay_bad_option_and_folder_as_trace_are_one_line(tmp_path, capsys):
     assert main(["replay", str(path), "--predictor", "beta", "--set", "decay=true"]) == 2
     assert_one_line_error(capsys, "decay", "boolean")
     assert main(["replay", str(tmp_path), "--predictor", "beta"]) == 2
-    assert_one_line_error(capsys, "is a folder")
+    assert_one_line_error(capsys, "no verl rollout dump files")
     assert main(["replay", str(path), "--predictor", "beta", "--out", str(tmp_path)]) == 2
     assert_one_line_error(capsys, "is a folder")

@@ -15,6 +15,7 @@ import json
 import re
 from typing import Any
 
+from mpts.inference.schema import format_grid_value
 from mpts.training.config import ConfigError, RunConfig, set_dotted, validate_config
 
 COMPONENT_LOOKUPS = {
@@ -35,14 +36,9 @@ def _component(value: str | dict[str, Any]) -> dict[str, Any]:
     return {"name": value} if isinstance(value, str) else dict(value)
 
 
-def format_value(value: Any) -> str:
-    """A grid value as one short string (table cells, run-table columns)."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
 def point_slug(point: dict[str, Any]) -> str:
     """`key=value__key=value`, file-name safe."""
-    return "__".join(re.sub(r"[^A-Za-z0-9._=+-]+", "-", f"{key}={format_value(value)}") for key, value in point.items())
+    return "__".join(re.sub(r"[^A-Za-z0-9._=+-]+", "-", f"{key}={format_grid_value(value)}") for key, value in point.items())
 
 
 def _applies(key: str, raw: dict[str, Any]) -> bool:
