@@ -39,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="local model directory for the LM environment (= --set env.model=...)")
     _add_set(run)
 
-    ablate = sub.add_parser("ablate", help="grid over predictors x acquisition rules x seeds")
+    ablate = sub.add_parser("ablate", help="arms (predictor, rule) x grid of config values x seeds")
     ablate.add_argument("config")
     ablate.add_argument("--out", type=Path)
-    ablate.add_argument("--workers", type=int, help="parallel processes (default: ablation.workers)")
+    ablate.add_argument("--workers", type=int, help="parallel runs on this machine (default: ablation.workers)")
+    ablate.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: processes on this machine; ray: tasks on a Ray cluster")
+    ablate.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
     ablate.add_argument("--model", help="local model directory for the LM environment")
     _add_set(ablate)
 
@@ -131,12 +134,16 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from mpts.training.ablate import ablate, format_table
+    from mpts.training.ablate import RunsFailed, ablate, format_table
     from mpts.training.config import load_config
 
     config = load_config(args.config, _overrides(args))
     out = args.out or _default_out(f"ablate-{config.name}")
-    table = ablate(config, out, workers=args.workers)
+    try:
+        table = ablate(config, out, workers=args.workers, executor=args.executor, address=args.address)
+    except RunsFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"\n{config.name}: mean ± 95% CI over seeds {list(config.ablation.seeds)}\n")
     print(format_table(table))
     console.print(f"ablation folder: {out}")
