@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from mpts.models.base import PromptPool, check_prompt_ids
+from mpts.training.embeddings import text_pool
 from ..base import Environment, EnvironmentOptions, Outcomes
 from .grpo import GRPOConfig, GRPOTrainer, Sequences, group_advantages
 from .rollout import RolloutBackend, SamplingConfig, make_backend
@@ -111,8 +112,8 @@ class LMEnvironment(Environment):
         texts = [self.task.format_prompt(p) for p in self.train_problems]
         self.prompt_ids = [self._encode(t) for t in texts]
         self.eval_prompt_ids = [self._encode(self.task.format_prompt(p)) for p in self.eval_problems]
-        self._pool = PromptPool(size=len(self.train_problems), texts=tuple(texts),
-                                clusters=torch.tensor([p.difficulty for p in self.train_problems], dtype=torch.long))
+        # features = MiniLM embeddings of the prompts, computed only if a predictor asks (gp, id_vae)
+        self._pool = text_pool(texts, clusters=torch.tensor([p.difficulty for p in self.train_problems], dtype=torch.long))
 
         self.trainer = GRPOTrainer(self.model, opts.grpo.model_copy(update={"autocast_dtype": self.autocast_dtype}),
                                    pad_id=self.pad_id, seed=seed)
