@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mpts.models.options import StrictOptions
+from mpts.training.threads import DEFAULT_PREDICTOR_THREADS
 
 CONFIG_PACKAGE = "mpts.training.configs"
 COMPONENT_SECTIONS = ("env", "predictor", "acquisition")
@@ -84,6 +85,9 @@ class RunConfig(StrictOptions):
     eval_every: int = Field(1, ge=1, le=10**9)
     checkpoint_every: int = Field(50, ge=1, le=10**9)
     posterior_draws_prompts: int = Field(64, ge=0, le=10**6, description="prompts whose final posterior draws are saved")
+    predictor_threads: int | None = Field(DEFAULT_PREDICTOR_THREADS, ge=1, le=1024,
+                                          description="torch intra-op threads for predict/select/observe "
+                                                      "(None: torch's setting); see mpts.training.threads")
     env: ComponentConfig = ComponentConfig(name="sim")
     predictor: ComponentConfig = ComponentConfig(name="beta")
     acquisition: ComponentConfig = ComponentConfig(name="thompson_target")

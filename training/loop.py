@@ -30,6 +30,7 @@ from mpts.training.environments.base import Environment, Outcomes, get_environme
 from mpts.training.memory import check_fits, run_need
 from mpts.training.run_dir import RunFolder
 from mpts.training.selector import Selector
+from mpts.training.threads import intra_op_threads
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
 
@@ -216,7 +217,8 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
             timer = StepTimer()
             candidates = selector.sample_candidates(C, step)
             truth = env.true_success(candidates) if rule.needs_truth else None
-            selection = selector.select(candidates, B, step, truth=truth)
+            with intra_op_threads(config.predictor_threads):
+                selection = selector.select(candidates, B, step, truth=truth)
             timer.seconds.update(selection.seconds)
             env.use_generator(selector.streams.generator("environment", step))
             with timer("rollout"):
@@ -226,12 +228,13 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
                     outcomes = env.rollout(selection.rows, k)
                     kept = ~outcomes.failed
             rolled = torch.arange(outcomes.ids.shape[0])
-            columns = selector.prediction_columns(selection.posterior.take(rolled), outcomes.successes,
-                                                  outcomes.trials, step, outcomes.failed)
+            with intra_op_threads(config.predictor_threads):
+                columns = selector.prediction_columns(selection.posterior.take(rolled), outcomes.successes,
+                                                      outcomes.trials, step, outcomes.failed)
             trace = trace_rows(step, outcomes, columns, kept, rule.name)
 
             ok = ~outcomes.failed
-            with timer("observe"):
+            with timer("observe"), intra_op_threads(config.predictor_threads):
                 diagnostics = (selector.observe(outcomes.ids[ok], outcomes.successes[ok], outcomes.trials[ok], step)
                                if bool(ok.any()) else {})
             with timer("train"):
