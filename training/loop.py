@@ -21,10 +21,10 @@ import pyro
 import torch
 import yaml
 
-from mpts.inference.scoring import score_trace
+from mpts.inference.scoring import run_summary
 from mpts.models.base import RiskPredictor
 from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import Acquisition, get_acquisition_class, sample_candidates
+from mpts.training.acquisition import Acquisition, get_acquisition_class, reference_role, sample_candidates
 from mpts.training.config import RunConfig, config_to_yaml, validate_config
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
 from mpts.training.memory import check_fits, run_need
@@ -123,28 +123,14 @@ def posterior_draws(selector: Selector, env: Environment, step: int, num_prompts
     return frame
 
 
-def steps_to_target(metrics: pd.DataFrame, target: float) -> tuple[float, float]:
-    """(cumulative rollouts, step) at the first evaluation reaching `target`; NaN if never."""
-    reached = metrics[metrics["eval_accuracy"] >= target]
-    if reached.empty:
-        return float("nan"), float("nan")
-    first = reached.iloc[0]
-    return float(first["cumulative_rollouts"]), float(first["step"])
-
-
-def summarize(config: RunConfig, trace: pd.DataFrame, metrics: pd.DataFrame, initial_eval: float) -> dict[str, Any]:
-    rollouts_to_target, step_to_target = steps_to_target(metrics, config.target_accuracy)
-    evals = metrics["eval_accuracy"].dropna()
+def summarize(config: RunConfig, rule: Acquisition, trace: pd.DataFrame, metrics: pd.DataFrame,
+              initial_eval: float) -> dict[str, Any]:
+    """summary.json: what the run was (and whether its rule is a reference arm), then run_summary."""
     return {
         "config_name": config.name, "predictor": config.predictor.name, "acquisition": config.acquisition.name,
-        "environment": config.env.name, "seed": config.seed, "steps": int(metrics["step"].max()) + 1,
-        "target_accuracy": config.target_accuracy, "rollouts_to_target": rollouts_to_target,
-        "steps_to_target": step_to_target, "initial_eval_accuracy": initial_eval,
-        "final_eval_accuracy": float(evals.iloc[-1]) if len(evals) else float("nan"),
-        "total_rollouts": int(metrics["cumulative_rollouts"].iloc[-1]),
-        "mean_effective_ratio": float(metrics["effective_ratio"].mean()),
-        "wall_seconds": float(metrics["wall_seconds"].iloc[-1]),
-        **score_trace(trace),
+        "environment": config.env.name, "seed": config.seed, "target_accuracy": config.target_accuracy,
+        "reference": reference_role(rule), "initial_eval_accuracy": initial_eval,
+        **run_summary(trace, metrics, config.target_accuracy),
     }
 
 
@@ -270,7 +256,7 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
                 progress(step + 1, config.steps, metrics)
 
         trace, metrics_frame = folder.read_parts("trace"), folder.read_parts("metrics")
-        summary = summarize(config, trace, metrics_frame, initial_eval)
+        summary = summarize(config, rule, trace, metrics_frame, initial_eval)
         draws = posterior_draws(selector, env, config.steps, config.posterior_draws_prompts)
         folder.finalize(summary, selector.predictor.state_dict(), draws)
         folder.write_progress(config.steps, config.steps, "done")

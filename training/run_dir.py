@@ -3,7 +3,7 @@
 Layout of a run folder:
 
     config.yaml             the resolved config
-    trace.parquet           one row per rolled-out prompt per step (schema: TRACE_SCHEMA)
+    trace.parquet           one row per rolled-out prompt per step (columns: mpts.inference.schema)
     metrics.parquet         one row per step (METRICS_REQUIRED plus extras)
     summary.json            final scores
     posterior_draws.parquet draws of p for a sample of prompts from the final predictor
@@ -41,20 +41,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-TRACE_SCHEMA = pa.schema([
-    ("step", pa.int64()), ("prompt_id", pa.int64()), ("successes", pa.int64()), ("trials", pa.int64()),
-    ("pred_mean", pa.float64()), ("pred_var", pa.float64()), ("pred_p_informative", pa.float64()),
-    ("pred_p_unsolved", pa.float64()), ("pred_p_solved", pa.float64()), ("pred_log_prob", pa.float64()),
-    ("pred_pit", pa.float64()), ("pred_q05", pa.float64()), ("pred_q25", pa.float64()),
-    ("pred_q75", pa.float64()), ("pred_q95", pa.float64()), ("selected_by", pa.string()),
-    ("kept", pa.bool_()), ("failed", pa.bool_()), ("true_p", pa.float64()),
-])
+from mpts.inference.schema import METRICS_REQUIRED, TRACE_FIELDS  # noqa: F401  (METRICS_REQUIRED re-exported)
 
-METRICS_REQUIRED = [
-    "step", "rollouts", "cumulative_rollouts", "prompts_rolled_out", "effective_ratio", "train_accuracy",
-    "eval_accuracy", "wall_seconds", "predict_seconds", "select_seconds", "rollout_seconds",
-    "observe_seconds", "train_seconds",
-]
+TRACE_SCHEMA = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in TRACE_FIELDS])
 
 PART_KINDS = ("trace", "metrics")
 PART_NAME = re.compile(r"^(trace|metrics)-(\d+)-(\d+)\.parquet$")
