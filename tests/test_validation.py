@@ -180,3 +180,20 @@ def test_replay_bad_option_and_folder_as_trace_are_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, str(tmp_path))
     assert main(["replay", str(path), "--predictor", "beta", "--out", str(tmp_path)]) == 2
     assert_one_line_error(capsys, "is a folder")
+
+
+def test_a_diverging_predictor_stops_with_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    from mpts.models.beta_bernoulli import BetaBernoulli
+
+    def diverge(self, *args, **kwargs):
+        raise FloatingPointError("SVI produced a non-finite loss (inf)")
+    monkeypatch.setattr(BetaBernoulli, "observe", diverge)
+    assert main(["run", "quickstart", "--out", str(tmp_path / "r"), "--set", "steps=3",
+                 "--set", "predictor.decay=0.5"]) == 2
+    assert_one_line_error(capsys, "predictor beta failed at step 0", "non-finite loss", "decay")
+    assert (tmp_path / "r" / "config.yaml").exists()  # the run's folder stays, for a look or a resume
+
+
+def test_learning_rates_have_a_documented_range(tmp_path, capsys):
+    assert main(["run", "quickstart", "--out", str(tmp_path / "r"), "--set", "predictor={name: id_vae, lr: 2.0}"]) == 2
+    assert_one_line_error(capsys, "lr", "less than or equal to 1")
