@@ -197,3 +197,24 @@ def test_a_diverging_predictor_stops_with_one_line_naming_it(tmp_path, capsys, m
 def test_learning_rates_have_a_documented_range(tmp_path, capsys):
     assert main(["run", "quickstart", "--out", str(tmp_path / "r"), "--set", "predictor={name: id_vae, lr: 2.0}"]) == 2
     assert_one_line_error(capsys, "lr", "less than or equal to 1")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--steps", "true"], "--steps"), (["bench", "--pool", "0"], "--pool"),
+    (["bench", "--k", "1000000000000"], "--k"), (["bench", "--background-load", "-1"], "--background-load"),
+    (["replay", "t.csv", "--predictor", "beta", "--success-threshold", "nan"], "--success-threshold"),
+    (["replay", "t.csv", "--predictor", "beta", "--seed", "1e29"], "--seed"),
+    (["report", "r", "--out", "o", "--target-accuracy", "inf"], "--target-accuracy"),
+    (["run", "--resume", "r", "--rollback-to", "-3"], "--rollback-to"),
+    (["ablate", "quickstart", "--workers", "true"], "--workers"),
+])
+def test_numeric_flags_go_through_the_same_checks(capsys, argv, needle):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert_one_line_error(capsys, needle)
+
+
+def test_bench_pool_beyond_memory_is_refused_up_front(capsys):
+    assert main(["bench", "--pool", "1000000000", "--predictor", "hmm3", "--steps", "1"]) == 2
+    assert_one_line_error(capsys, "would need about", "--pool")
