@@ -19,8 +19,6 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mpts.training.sweep import format_value
-
 RUN_FILES = ("config.yaml", "trace.parquet", "metrics.parquet")
 
 TRACE_COLUMNS = (
@@ -57,7 +55,9 @@ class Run:
     def point(self) -> dict[str, str]:
         """The run's point in an ablation grid (`ablation.point` of its config), values as text."""
         point = (self.config.get("ablation") or {}).get("point") or {}
-        return {str(key): format_value(value) for key, value in point.items()}
+        # the text `mpts ablate` puts in its grid.<key> columns (reports never import training)
+        return {str(key): value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+                for key, value in point.items()}
 
     @property
     def point_label(self) -> str:
