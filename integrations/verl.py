@@ -145,7 +145,7 @@ class SelectingPPOTrainer(RayPPOTrainer):
         else:
             raise VerlSelectionError(f"mpts.reward={reward!r} is neither 'score' nor a reward extra of the batch "
                                      f"({', '.join(sorted(batch.non_tensor_batch))})")
-        self.selection.observe(batch.non_tensor_batch.get("extra_info"), rewards, self.global_steps)
+        self.selection.observe(batch.non_tensor_batch.get("extra_info"), rewards, self.global_steps - 1)
         self._observed_step = self.global_steps
 
     def _update_critic(self, batch):
@@ -184,12 +184,7 @@ class SelectingPPOTrainer(RayPPOTrainer):
     def _load_checkpoint(self):
         result = super()._load_checkpoint()
         if self.global_steps == 0:
-            try:
-                self.selection.start(self.total_training_steps)
-            except FileExistsError:
-                raise VerlSelectionError(f"the mpts run folder {self.selection.folder.root} already holds a run; "
-                                         "continue it with trainer.resume_mode=auto (from a verl checkpoint) or "
-                                         "set mpts.out to a new folder") from None
+            self.selection.start(self.total_training_steps)
             return result
         path = self._selector_file()
         if not path.is_file():
@@ -205,7 +200,7 @@ class SelectingPPOTrainer(RayPPOTrainer):
 
     def fit(self):
         super().fit()
-        if self.selection.last_observed > 0:
+        if self.selection.steps_done > 0:
             self.selection.finish(self.total_training_steps)
 
 
