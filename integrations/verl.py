@@ -20,9 +20,9 @@ its own sampler and has no prompt hook, hence the legacy trainer.
 
 The run is written as an mpts run folder (`mpts.out`, default `<trainer.default_local_dir>/mpts`):
 config.yaml, trace.parquet, metrics.parquet, summary.json, so `mpts report` and `mpts replay` read
-it as they read `mpts run`'s. The selector's state is saved next to verl's checkpoint
-(`global_step_N/mpts_selector.pt`) and restored with it; verl's validation metrics stay in verl's
-own logger (eval_accuracy is empty in the mpts metrics).
+it as they read `mpts run`'s; its steps count from 0 (verl's global step minus one). The selector's
+state is saved next to verl's checkpoint (`global_step_N/mpts_selector.pt`) and restored with it;
+verl's validation metrics stay in verl's own logger (eval_accuracy is empty in the mpts metrics).
 """
 
 from __future__ import annotations
