@@ -36,6 +36,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 from mpts.integrations.verl_selection import (PromptSelection, SelectionConfig, VerlSelectionError, batch_labels,
                                               read_selection_config)
@@ -43,11 +44,11 @@ from mpts.training.config import ConfigError, apply_overrides
 
 try:
     import ray
-    from omegaconf import DictConfig, OmegaConf, open_dict
     from hydra import compose, initialize_config_module
-    from torch.utils.data import Sampler
+    from omegaconf import DictConfig, OmegaConf, open_dict
     from verl.trainer import main_ppo, main_ppo_v0
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.trainer.ppo.utils import need_critic
 except ImportError as error:  # pragma: no cover - exercised where verl is absent
     raise ImportError(f"mpts.integrations.verl needs verl 0.9.1 ({error}); install mpts into verl's environment "
                       "with `pip install 'mpts[verl]'` (see examples/verl/README.md)") from None
@@ -66,7 +67,7 @@ def check_verl_config(config: DictConfig) -> None:
         raise VerlSelectionError(f"data.dataloader_num_workers must be 0 (got {workers}): with worker processes the "
                                  "dataloader chooses batches ahead, before the previous steps' outcomes are known, "
                                  "so the predictor would select blind")
-    if config.trainer.get("critic_warmup", 0) > 0 and not (config.get("critic") or {}).get("enable", False):
+    if config.trainer.get("critic_warmup", 0) > 0 and not need_critic(config):
         raise VerlSelectionError("trainer.critic_warmup > 0 without a critic skips every update during warm-up, so "
                                  "mpts would never see those steps' outcomes; set trainer.critic_warmup=0")
 

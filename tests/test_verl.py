@@ -258,6 +258,7 @@ def test_a_resume_without_selector_state_or_over_an_existing_run_is_refused(tmp_
 @pytest.mark.parametrize("override, message", [
     ("data.dataloader_num_workers=2", "dataloader_num_workers must be 0"),
     ("trainer.use_v1=True", "trainer.use_v1 must be False"),
+    ("trainer.critic_warmup=2", "critic_warmup > 0 without a critic"),
     ("mpts.predictor.decai=0.5", "predictor: decai: unknown key"),
     ("mpts.acquisition.name=dynamic_sampling", "rolls out every candidate"),
     ("mpts.candidate_ratio=20", "exceeds the 48 training prompts"),
