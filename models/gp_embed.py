@@ -45,11 +45,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import gpytorch
 import pyro
 import pyro.distributions as dist
 import torch
-from linear_operator.utils.cholesky import psd_safe_cholesky
 from pydantic import Field
 from pyro.infer import TraceMeanField_ELBO
 from torch import Tensor
@@ -57,7 +55,11 @@ from torch import Tensor
 from mpts.inference.streaming import StreamingSVI
 
 from .base import PredictorOptions, PromptPool, RiskPredictor
+from .extras import import_extra
 from .posteriors import LogitNormalPosterior
+
+gpytorch = import_extra("gpytorch", "gp")
+psd_safe_cholesky = import_extra("linear_operator.utils.cholesky", "gp").psd_safe_cholesky
 
 _PCA_SAMPLE = 20_000  # rows of the pool used to fit the projection
 _PREDICT_CHUNK = 8192  # candidates per GP evaluation, bounds memory for huge candidate sets

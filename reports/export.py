@@ -57,7 +57,7 @@ def _run_row(run: Run, target: float) -> dict[str, Any]:
     return {
         "run": run.name, "path": str(run.path), "group": run.group, "predictor": run.predictor,
         "acquisition": run.acquisition, "predictor_label": run.predictor_label,
-        "acquisition_label": run.acquisition_label, "seed": run.seed, "target_accuracy": target,
+        "acquisition_label": run.acquisition_label, "point": run.point, "seed": run.seed, "target_accuracy": target,
         "reference": reference_role(run),
         **numbers, "has_elbo": run.has_elbo, "has_draws": run.draws is not None,
         "has_recorded_summary": run.recorded_summary is not None,

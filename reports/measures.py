@@ -71,11 +71,15 @@ def recorded_mismatches(run: Run, numbers: dict[str, Any], target: float) -> lis
     return wrong
 
 
-def _baseline_group(groups: dict[str, list[dict[str, Any]]], predictor: str, rule: str) -> str | None:
-    """The group of `rule` with the same predictor, else the first group of that rule."""
+def _baseline_group(groups: dict[str, list[dict[str, Any]]], predictor: str, rule: str,
+                    point: dict[str, str] | None = None) -> str | None:
+    """The group of `rule` at the same ablation-grid point (its point a part of this one: a key the
+    baseline does not take is not in its point) with the same predictor, else at that point, else
+    with the same predictor, else the first group of that rule."""
     candidates = sorted(g for g, rows in groups.items() if rows[0]["acquisition"] == rule)
-    same = [g for g in candidates if groups[g][0]["predictor_label"] == predictor]
-    return (same or candidates or [None])[0]
+    at_point = [g for g in candidates if groups[g][0].get("point", {}).items() <= (point or {}).items()]
+    same = [g for g in at_point or candidates if groups[g][0]["predictor_label"] == predictor]
+    return (same or at_point or candidates or [None])[0]
 
 
 def _by_seed(rows: Sequence[dict[str, Any]], key: str) -> dict[int, float]:
@@ -98,7 +102,7 @@ def pool_groups(run_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ratios: dict[str, dict[str, Any]] = {}
         differences: dict[str, dict[str, Any]] = {}
         for rule in baselines:
-            baseline = _baseline_group(groups, first["predictor_label"], rule)
+            baseline = _baseline_group(groups, first["predictor_label"], rule, first.get("point"))
             reference = groups[baseline]
             ratio = paired_ratio(_by_seed(rows, "rollouts_to_target"), _by_seed(reference, "rollouts_to_target"))
             ratios[rule] = {"baseline": baseline, **ratio.as_dict()}

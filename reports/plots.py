@@ -12,13 +12,15 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from mpts.inference.scoring import STATE_NAMES, reliability_table, state_confusion
+from mpts.models.extras import import_extra
+
+matplotlib = import_extra("matplotlib", "reports")
+from matplotlib import colormaps  # noqa: E402 (after the extra check)
+from matplotlib.figure import Figure  # noqa: E402
 
 from .stats import Estimate
 from .tables import time_unit

@@ -65,10 +65,39 @@ class AblationArm(StrictOptions):
     acquisition: str | dict[str, Any]
 
 
+GRID_FORBIDDEN = ("name", "seed", "plugins", "ablation")  # seeds have their own list; the rest name the grid itself
+
+
 class AblationConfig(StrictOptions):
     arms: list[AblationArm] = Field(default_factory=list, description="(predictor, acquisition) pairs; empty = the run's own")
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    workers: int = Field(2, ge=1, le=1024, description="parallel processes")
+    workers: int = Field(2, ge=1, le=1024, description="parallel runs on this machine (local processes, local Ray CPUs)")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted config key -> values, crossed "
+                                       "with arms and seeds (e.g. predictor.decay: [0.5, 0.9])")
+    point: dict[str, Any] = Field(default_factory=dict, description="this run's point in the grid (written by the "
+                                  "ablation into each run's config)")
+    cpus_per_run: float = Field(1.0, gt=0.0, description="CPUs a run declares to Ray")
+    gpus_per_run: float = Field(1.0, ge=0.0, description="GPUs a run declares to Ray when its environment runs "
+                                "on a GPU (env.device cuda, or auto on a cluster with GPUs)")
+    max_retries: int = Field(3, ge=0, description="times Ray re-runs a run whose worker or node was lost")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_keys_and_values(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            parts = key.split(".")
+            if not all(parts):
+                raise ValueError(f"ablation.grid: key {key!r} has an empty part")
+            if parts[0] in GRID_FORBIDDEN:
+                raise ValueError(f"ablation.grid: {key} cannot be swept (seeds go in ablation.seeds, "
+                                 f"predictor/rule pairs in ablation.arms)")
+            if parts[0] not in RunConfig.model_fields:
+                raise ValueError(f"ablation.grid: {key}: {parts[0]!r} is not a config key")
+            if not values:
+                raise ValueError(f"ablation.grid: {key} has no values")
+            if len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"ablation.grid: {key} repeats a value ({values})")
+        return grid
 
 
 class RunConfig(StrictOptions):
@@ -179,19 +208,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         if current_name != value:
             raw[section] = {"name": value}
     for parts, value in parsed:
-        node = raw
-        for part in parts[:-1]:
-            child = node.get(part)
-            if isinstance(child, str) and part in COMPONENT_SECTIONS and node is raw:
-                child = {"name": child}  # `predictor: beta` shorthand, now with options
-            elif child is None:
-                child = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {'.'.join(parts)}={value!r}: {part!r} is not a section")
-            node[part] = child
-            node = child
-        node[parts[-1]] = value
+        set_dotted(raw, parts, value, what=f"override {'.'.join(parts)}={value!r}")
     return raw
+
+
+def set_dotted(raw: dict[str, Any], parts: list[str], value: Any, *, what: str) -> None:
+    """raw[a][b][c] = value for parts [a, b, c], creating sections; in place."""
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part in COMPONENT_SECTIONS and node is raw:
+            child = {"name": child}  # `predictor: beta` shorthand, now with options
+        elif child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {part!r} is not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

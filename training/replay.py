@@ -108,20 +108,32 @@ def _refuse(bad: pd.Series, message: str, shown: pd.Series) -> None:
 
 
 def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None = None, *,
-           num_prompts: int | None = None, seed: int = 0) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Score `predictor` prequentially on a validated trace; returns (scores, scored rows)."""
+           num_prompts: int | None = None, seed: int = 0, pool: PromptPool | None = None,
+           ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Score `predictor` prequentially on a validated trace; returns (scores, scored rows).
+
+    `pool` carries what is known about the prompts (texts, embeddings, clusters; see
+    `mpts.training.logs.replay_pool`); without it the pool is bare ids.
+    """
     cls = get_predictor_class(predictor)
     try:
         predictor_options = cls.Options(**(options or {}))
     except ValidationError as error:
         raise TraceError(f"predictor {predictor}: {format_errors(error)}") from None
-    rows_of_labels, labels = pd.factorize(trace["prompt_id"], sort=False)
-    size = len(labels) if num_prompts is None else num_prompts
-    if size < len(labels):
-        raise TraceError(f"trace has {len(labels)} distinct prompt ids but num_prompts is {size}")
-    check_fits(MemoryNeed({"distinct prompt ids": predictor_state_bytes(cls, predictor_options, size, 0)}),
+    if pool is None:
+        rows_of_labels, labels = pd.factorize(trace["prompt_id"], sort=False)
+        size = len(labels) if num_prompts is None else num_prompts
+        if size < len(labels):
+            raise TraceError(f"trace has {len(labels)} distinct prompt ids but num_prompts is {size}")
+    else:  # a log reader numbered the prompts: the ids are the pool's rows
+        rows_of_labels, size = trace["prompt_id"].to_numpy(np.int64), pool.size
+        if int(rows_of_labels.max()) >= size or int(rows_of_labels.min()) < 0:
+            raise TraceError(f"trace has prompt id {int(rows_of_labels.max())} but the prompt pool has {size} prompts")
+    feature_dim = pool.feature_dim if pool is not None else 0
+    check_fits(MemoryNeed({"distinct prompt ids": predictor_state_bytes(cls, predictor_options, size, feature_dim)}),
                f"replaying {size} prompts with {predictor}")
-    selector = Selector(cls(PromptPool(size=size), predictor_options, seed=seed), seed=seed)
+    pool = pool if pool is not None else PromptPool(size=size)
+    selector = Selector(cls(pool, predictor_options, seed=seed), seed=seed)
     scored = []
     trace = trace.assign(_row=rows_of_labels)
     for step, rows in trace.groupby("step", sort=True):

@@ -14,9 +14,13 @@ from typing import Sequence
 
 import torch
 from pydantic import Field
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-from mpts.models.options import StrictOptions
+from mpts.models.extras import import_extra
+
+import_extra("transformers", "lm")
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer  # noqa: E402
+
+from mpts.models.options import StrictOptions  # noqa: E402
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
