@@ -323,7 +323,7 @@ def test_the_task_runner_runs_as_a_ray_actor(tmp_path, model_dir):
     import ray
 
     files = write_data(tmp_path / "data", [{"index": 0}] * NUM_PROMPTS)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own cluster, not a neighbour's
     try:
         with pytest.raises(Exception, match="every row has extra_info\\['index'\\] == 0"):
             adapter.main(verl_args(tmp_path, model_dir, files))
