@@ -127,9 +127,8 @@ class ResumePlan:
 class RunFolder:
     """Writes one run's folder; buffers rows in memory between checkpoints."""
 
-    def __init__(self, root: Path, first_step: int = 0):
+    def __init__(self, root: Path):
         self.root = Path(root)
-        self.first_step = first_step  # mpts's loop counts from 0; verl's global steps from 1
         self.parts = self.root / "parts"
         self.checkpoints = self.root / "checkpoints"
         self.manifest_path = self.parts / "manifest.json"
@@ -255,7 +254,7 @@ class RunFolder:
             older = [s for s in self.checkpoint_steps() if s < rollback_to]
             checkpoint = self.checkpoints / f"step-{older[-1]:07d}.pt" if older else None
         state = self._load_checkpoint(checkpoint) if checkpoint is not None else None
-        step = self.first_step - 1 if state is None else int(state["step"])
+        step = -1 if state is None else int(state["step"])
 
         recorded = self.manifest()
         parts = self._legacy_parts() if recorded is None else recorded
@@ -270,7 +269,7 @@ class RunFolder:
                 self._verify(part)
         for kind in PART_KINDS:
             spans = sorted((p.first, p.last) for p in keep if p.kind == kind)
-            expected = self.first_step
+            expected = 0
             for first, last in spans:
                 if first != expected:
                     raise RunFolderError(f"{self.parts}: {kind} rows for steps {expected}-{first - 1} are missing; "
