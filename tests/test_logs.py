@@ -116,6 +116,12 @@ def test_hmm3_pooled_falls_back_to_global_pooling_with_a_warning(tmp_path):
     np.testing.assert_allclose(fallback_table["pred_log_prob"], global_table["pred_log_prob"])
 
 
+def test_hmm3_asked_for_cluster_pooling_without_clusters_refuses():
+    trace, texts = rollouts_to_trace(rollout_table(), "log")
+    with pytest.raises(ValueError, match="pooling='cluster' needs pool.clusters"):
+        replay(trace, "hmm3", {"pooling": "cluster"}, pool=replay_pool(trace, texts))
+
+
 def test_a_sidecar_supplies_clusters_and_embeddings(tmp_path):
     trace, texts = rollouts_to_trace(rollout_table(), "log")
     embeddings = np.arange(len(texts) * 3, dtype=np.float32).reshape(len(texts), 3)
