@@ -170,7 +170,7 @@ def test_bad_logs_are_refused_in_one_line(tmp_path, capsys):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(TraceError, match="no verl rollout dump files"):
+    with pytest.raises(TraceError, match="is a folder with no verl rollout dump files"):
         read_log(empty)
     wrong_step = tmp_path / "wrong"
     wrong_step.mkdir()
