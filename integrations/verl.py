@@ -81,6 +81,16 @@ def dataset_labels(dataset) -> np.ndarray:
     return batch_labels(frame["extra_info"], "training data")
 
 
+def dataset_texts(dataset) -> list[str]:
+    """Each training row's prompt as text (a chat prompt's message contents, one per line)."""
+    frame = dataset.dataframe
+    key = getattr(dataset, "prompt_key", "prompt")
+    if key not in frame.column_names:
+        raise VerlSelectionError(f"the training data has no {key!r} column (data.prompt_key)")
+    return [prompt if isinstance(prompt, str) else "\n".join(str(m.get("content", "")) for m in prompt)
+            for prompt in frame[key]]
+
+
 class SelectingSampler(Sampler):
     """Yields the rows `PromptSelection` chooses, one batch at a time, when the dataloader asks.
 
@@ -117,7 +127,8 @@ def build_sampler(config: DictConfig, dataset) -> SelectingSampler:
     batch_size = config.data.get("gen_batch_size") or config.data.train_batch_size
     labels = dataset_labels(dataset)
     out = Path(options.out) if options.out else Path(config.trainer.default_local_dir) / "mpts"
-    selection = PromptSelection(options, labels, batch_size, config.actor_rollout_ref.rollout.n, out)
+    selection = PromptSelection(options, labels, batch_size, config.actor_rollout_ref.rollout.n, out,
+                                texts=dataset_texts(dataset))
     return SelectingSampler(selection, len(labels) // batch_size)
 
 

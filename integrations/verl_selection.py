@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import get_acquisition_class, reference_role
 from mpts.models.options import StrictOptions
 from mpts.training.config import ComponentConfig, _check_component, format_errors
+from mpts.training.embeddings import text_pool
 from mpts.training.environments.base import Outcomes
 from mpts.training.loop import trace_rows
 from mpts.training.run_dir import RunFolder, RunFolderError
@@ -96,7 +97,8 @@ class PromptSelection:
     unobserved, which catches a dataloader that reads ahead.
     """
 
-    def __init__(self, options: SelectionConfig, labels: np.ndarray, batch_size: int, k: int, run_dir: Path):
+    def __init__(self, options: SelectionConfig, labels: np.ndarray, batch_size: int, k: int, run_dir: Path,
+                 texts: Sequence[str] | None = None):
         self.options, self.labels, self.batch_size, self.k = options, labels, int(batch_size), int(k)
         self.num_candidates = options.candidate_ratio * self.batch_size
         if self.num_candidates > len(labels):
@@ -108,8 +110,9 @@ class PromptSelection:
             why = "needs the true success rates" if rule_cls.needs_truth else "rolls out every candidate"
             raise VerlSelectionError(f"mpts.acquisition.name={rule_cls.name!r} {why}; verl rolls out exactly "
                                      "data.train_batch_size prompts per step")
-        predictor = predictor_cls(PromptPool(size=len(labels)), options.predictor.with_options(predictor_cls.Options),
-                                  seed=options.seed)
+        # with the prompt texts, predictors that use embeddings (gp) get them, computed on first use
+        pool = text_pool(texts) if texts is not None else PromptPool(size=len(labels))
+        predictor = predictor_cls(pool, options.predictor.with_options(predictor_cls.Options), seed=options.seed)
         rule = rule_cls(options.acquisition.with_options(rule_cls.Options))
         self.selector = Selector(predictor, rule, k=self.k, seed=options.seed, ids=labels)
         self.folder = RunFolder(Path(run_dir))

@@ -211,6 +211,15 @@ def test_fit_generates_exactly_the_selected_prompts_and_observes_their_outcomes(
     assert (trace["selected_by"] == "thompson_target").all() and trace["kept"].all() and not trace["failed"].any()
 
 
+def test_the_predictor_sees_the_prompt_texts_in_dataset_order(tmp_path, model_dir, data_files):
+    from verl.trainer.ppo.utils import create_rl_dataset
+
+    config = compose(tmp_path, model_dir, data_files)
+    dataset = create_rl_dataset(config.data.train_files, config.data, tokenizer=None, processor=None)
+    pool = adapter.build_sampler(config, dataset).selection.selector.predictor.pool
+    assert pool.texts == tuple(f"question {i}" for i in range(NUM_PROMPTS)) and pool.has_features
+
+
 def test_run_folder_holds_the_mpts_schema_and_replays(tmp_path, model_dir, data_files, fake_verl):
     run_verl(compose(tmp_path, model_dir, data_files, "trainer.total_training_steps=3"))
     run_dir = tmp_path / "ckpt" / "mpts"

@@ -18,10 +18,10 @@ from mpts.training.cli import main as mpts_main
 B, K, RATIO, N = 3, 4, 2, 20
 
 
-def make_selection(tmp_path, labels=None, **options) -> PromptSelection:
+def make_selection(tmp_path, labels=None, texts=None, **options) -> PromptSelection:
     labels = np.array([100 + 5 * i for i in range(N)]) if labels is None else labels
     config = read_selection_config({"candidate_ratio": RATIO, "seed": 1, **options})
-    selection = PromptSelection(config, labels, B, K, tmp_path / "run")
+    selection = PromptSelection(config, labels, B, K, tmp_path / "run", texts=texts)
     selection.start(total_steps=4)
     return selection
 
@@ -96,6 +96,17 @@ def test_a_foreign_prompt_is_refused(tmp_path):
     infos[0] = {"index": stranger}
     with pytest.raises(VerlSelectionError, match=f"prompt {stranger}, which mpts did not select"):
         selection.observe(infos, rewards, 0)
+
+
+def test_the_prompt_texts_let_the_embedding_gp_select(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPTS_CACHE_DIR", str(tmp_path / "cache"))
+    texts = [f"What is {i} + {i % 7}?" for i in range(N)]
+    selection = make_selection(tmp_path, texts=texts, predictor={"name": "gp"}, acquisition={"name": "top_informative"})
+    generator = np.random.default_rng(6)
+    for step in (0, 1):
+        selection.observe(*rollouts(selection, selection.choose(), generator), step)
+    assert selection.selector.predictor.pool.features.shape == (N, 384)
+    assert np.isfinite(selection.row[1]["pred_mean"]).all()
 
 
 def test_selecting_ahead_of_the_outcomes_is_refused(tmp_path):
