@@ -5,7 +5,7 @@ its own type and range, plus values that must be refused (booleans, NaN/inf, bel
 sizes beyond memory, wrong types). Property: either one clean error line naming a drawn field,
 or a few steps run to finite metrics.
 
-Traces: columns come from the public trace schema (`TRACE_SCHEMA`); values are drawn valid or
+Traces: columns come from the public trace schema (`mpts.inference.schema`, via `TRACE_SCHEMA`); values are drawn valid or
 broken (NaN, inf, 1e30, booleans, negatives, strings, successes > trials). Property: either one
 clean error naming the file, or replay scores that are finite.
 """
@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from mpts.inference.schema import OUTCOME_COLUMNS as REQUIRED_COLUMNS
 from mpts.models.registry import PREDICTORS
 from mpts.training.acquisition import RULES
 from mpts.training.cli import main
 from mpts.training.config import RunConfig
-from mpts.training.replay import REQUIRED_COLUMNS
 from mpts.training.run_dir import TRACE_SCHEMA
 
 PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, database=None,
