@@ -69,7 +69,7 @@ class IdentifierVAEOptions(PredictorOptions):
     num_hashes: int = Field(2, ge=1, le=8, description="R: rows per prompt id, summed")
     hidden_dim: int = Field(32, ge=1, description="width of the decoder and encoder layers")
     svi_steps: int = Field(3, ge=1, description="SVI steps per observe(), warm-started (more overfit the batch)")
-    lr: float = Field(0.02, gt=0.0, description="Adam learning rate of the SVI steps")
+    lr: float = Field(0.02, gt=0.0, le=1.0, description="Adam learning rate of the SVI steps (0, 1]")
     clip_norm: float = Field(10.0, gt=0.0, description="gradient clipping of the SVI steps")
     forgetting: float = Field(0.9, ge=0.0, le=1.0,
                               description="z's posterior is tempered toward N(0, I) as forgetting**steps waited")
