@@ -42,10 +42,10 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpts.inference.scoring import score_trace
+from mpts.inference.scoring import run_summary
 from mpts.models.extras import import_extra
 from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import get_acquisition_class
+from mpts.training.acquisition import get_acquisition_class, reference_role
 from mpts.training.embeddings import text_pool
 from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, successes_of
 from mpts.training.run_dir import TRACE_SCHEMA, _write_parquet, write_json
@@ -197,10 +197,11 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
         trace, metrics = self._tables()
         _write_parquet(trace, self.mpts_dir / "trace.parquet")
         _write_parquet(metrics, self.mpts_dir / "metrics.parquet")
-        frame = trace.to_pandas()
-        write_json(self.mpts_dir / "summary.json", {"predictor": o.predictor, "acquisition": o.rule,
-                                                    "seed": self.selector.streams.seed, "steps": self._generation + 1,
-                                                    **score_trace(frame)})
+        # the same per-run numbers as the mpts loop writes (one summary path: scoring.run_summary)
+        write_json(self.mpts_dir / "summary.json", {
+            "predictor": o.predictor, "acquisition": o.rule, "seed": self.selector.streams.seed,
+            "reference": reference_role(self.selector.rule), "initial_eval_accuracy": float("nan"),
+            **run_summary(trace.to_pandas(), metrics.to_pandas(), o.target_accuracy)})
 
     def _tables(self) -> tuple[pa.Table, pa.Table]:
         trace = pd.concat(self._mpts_trace, ignore_index=True) if self._mpts_trace else pd.DataFrame(columns=TRACE_SCHEMA.names)

@@ -19,11 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("trl")
 
 import trl_harness  # noqa: E402
 
+from mpts.inference.scoring import run_summary  # noqa: E402
 from mpts.models.registry import get_predictor_class  # noqa: E402
 from mpts.training.acquisition import get_acquisition_class  # noqa: E402
 from mpts.training.cli import main  # noqa: E402
@@ -89,6 +91,14 @@ def test_mpts_report_and_replay_read_the_run_folder(run, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == 12
     assert main(["report", str(folder), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "report.md").is_file()
+    # summary.json holds the mpts loop's per-run numbers, computed by the one summary path
+    summary = json.loads((folder / "summary.json").read_text())
+    target = yaml.safe_load((folder / "config.yaml").read_text())["target_accuracy"]
+    expected = run_summary(pd.read_parquet(folder / "trace.parquet"), metrics, target)
+    assert summary["reference"] is None and summary["total_rollouts"] == 48 and summary["steps"] == 3
+    for key, value in expected.items():
+        recorded = float("nan") if summary[key] is None else summary[key]  # JSON writes NaN as null
+        assert recorded == pytest.approx(value, nan_ok=True), key
 
 
 def test_resume_from_a_checkpoint_restores_the_selector_and_the_rows(run, tmp_path):
