@@ -233,6 +233,3 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def log_binomial_coefficient(trials: Tensor, successes: Tensor) -> Tensor:
-    return torch.lgamma(trials + 1) - torch.lgamma(successes + 1) - torch.lgamma(trials - successes + 1)
-

@@ -53,7 +53,8 @@ from pydantic import Field, field_validator
 from scipy import special
 from torch import Tensor
 
-from .base import PredictorOptions, PromptPool, RiskPredictor, SuccessPosterior, log_binomial_coefficient
+from .base import PredictorOptions, PromptPool, RiskPredictor, SuccessPosterior
+from .distributions import ThreeStateCount, beta_binomial_log_prob
 
 NUM_STATES = 3
 UNSEEN = 3  # state code of a prompt never rolled out
@@ -216,10 +217,6 @@ def states_of(successes: Tensor, trials: Tensor) -> Tensor:
 
 
 # -- the predictive ---------------------------------------------------------------------------------
-def _lbeta(a: Tensor, b: Tensor) -> Tensor:
-    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
-
-
 @dataclasses.dataclass(frozen=True)
 class ThreeStateMixturePosterior(SuccessPosterior):
     """Success count and rate from a belief over the three states.
@@ -245,9 +242,8 @@ class ThreeStateMixturePosterior(SuccessPosterior):
         k = self.trials_ref
         w = self.state_probs.double()
         s = torch.arange(k + 1, dtype=torch.float64)
-        log_bb = log_binomial_coefficient(torch.full_like(s, k), s) + _lbeta(self.a + s, self.b + k - s) \
-            - _lbeta(torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64))
-        within = log_bb.exp()
+        a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
+        within = beta_binomial_log_prob(a, b, s, torch.full_like(s, k)).exp()
         within[0] = within[-1] = 0.0
         within = within / within.sum()
         pi = w[:, 1:2] * within
@@ -281,27 +277,13 @@ class ThreeStateMixturePosterior(SuccessPosterior):
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         return torch.from_numpy(rng.beta(a[counts].numpy(), b[counts].numpy())).to(self.state_probs.dtype)
 
+    def predictive(self, trials: Tensor) -> ThreeStateCount:
+        """The success count of a group of `trials` rollouts, as a Pyro distribution."""
+        return ThreeStateCount(self.state_probs.double(), self.a, self.b, trials.double(), validate_args=False)
+
     def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
         """Exact log P(S = successes | trials); broadcasts successes [..., n] against trials [n]."""
-        s = successes.double()
-        n = trials.double().expand_as(s)
-        w = self.state_probs.double()
-        log_w = w.log()
-        a = torch.tensor(self.a, dtype=torch.float64)
-        b = torch.tensor(self.b, dtype=torch.float64)
-        base = _lbeta(a, b)
-        log_bb = log_binomial_coefficient(n, s) + _lbeta(a + s, b + n - s) - base
-        log_end0 = _lbeta(a, b + n) - base  # BB(0; n)
-        log_endn = _lbeta(a + n, b) - base  # BB(n; n)
-        log_middle = torch.log1p(-(log_end0.exp() + log_endn.exp()).clamp_max(1.0 - 1e-15))
-        partial = log_w[..., 1] + log_bb - log_middle
-        at_zero = torch.where(s == 0, log_w[..., 0], partial)
-        out = torch.where(s == n, log_w[..., 2], at_zero)
-        # one trial: no partial bucket; w1 follows the plain Beta-Binomial
-        single = torch.logaddexp(torch.where(s == 0, log_w[..., 0], log_w[..., 2]), log_w[..., 1] + log_bb)
-        out = torch.where(n == 1, single, out)
-        outside = (s < 0) | (s > n) | (s != s.round())
-        return out.masked_fill(outside, -math.inf).to(self.state_probs.dtype)
+        return self.predictive(trials).log_prob(successes).to(self.state_probs.dtype)
 
     def log_prob_grid(self, successes: Tensor, trials: Tensor) -> Tensor:
         return self.log_prob(successes, trials)

@@ -40,12 +40,10 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from pydantic import Field
-from pyro.distributions import constraints
 from pyro.infer import TraceMeanField_ELBO
 from torch import Tensor, nn
 
@@ -53,13 +51,11 @@ from mpts.inference.forgetting import decay_gaussian
 from mpts.inference.streaming import StreamingSVI
 
 from .base import PredictorOptions, PromptPool, RiskPredictor
+from .distributions import BinomialLogitNormal, binomial_logit_normal
 from .posteriors import LogitNormalPosterior
 
 MODULE_NAME = "id_vae"
 _PRIME = 2**31 - 1  # universal hashing ((a x + b) mod P) mod B; a, x < 2^31 keeps a x inside int64
-_gh_x, _gh_w = np.polynomial.hermite_e.hermegauss(20)  # nodes for N(0, 1) expectations
-_GH_X = torch.tensor(_gh_x, dtype=torch.float32)
-_GH_LOGW = torch.tensor(np.log(_gh_w / math.sqrt(2 * math.pi)), dtype=torch.float32)
 
 
 class IdentifierVAEOptions(PredictorOptions):
@@ -208,23 +204,11 @@ def code_logit(rows_loc: Tensor, rows_var: Tensor, loadings: Tensor) -> tuple[Te
 
 def logit_posterior(eta_loc: Tensor, eta_var: Tensor, offset: Tensor, successes: Tensor,
                     trials: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """eta ~ N(eta_loc, eta_var), s ~ Binomial(k, sigmoid(offset + eta)): log p(s), E[eta | s], Var[eta | s].
-
-    Gauss-Hermite quadrature centred at the posterior mode with the Laplace scale (the nodes
-    then sit where the posterior is, however peaked the likelihood is next to the prior); the
-    centre is held fixed under differentiation, the integrand is not.
-    """
-    centre, spread = _posterior_mode(eta_loc.detach(), eta_var.detach(), offset.detach(), successes, trials)
-    nodes = centre + spread * _GH_X.unsqueeze(1)  # [Q, n]
-    logits = offset + nodes
-    log_terms = (_GH_LOGW.unsqueeze(1) + 0.5 * _GH_X.square().unsqueeze(1)  # importance weights of N(centre, spread)
-                 - 0.5 * (nodes - eta_loc).square() / eta_var - 0.5 * eta_var.log()
-                 + successes * nn.functional.logsigmoid(logits) + (trials - successes) * nn.functional.logsigmoid(-logits))
-    log_marginal = torch.logsumexp(log_terms, 0) + spread.log() + _log_binomial(trials, successes)
-    w = torch.softmax(log_terms, dim=0)
-    post_loc = (w * nodes).sum(0)
-    post_var = (w * (nodes - post_loc).square()).sum(0).clamp(max=eta_var)
-    return log_marginal, post_loc, post_var
+    """eta ~ N(eta_loc, eta_var), s ~ Binomial(k, sigmoid(offset + eta)): log p(s), E[eta | s], Var[eta | s]
+    (the package's one Binomial-LogitNormal quadrature, `distributions.binomial_logit_normal`)."""
+    log_marginal, post_loc, post_var = binomial_logit_normal(offset + eta_loc, eta_var.sqrt(), successes, trials,
+                                                             moments=True)
+    return log_marginal, post_loc - offset, post_var.clamp(max=eta_var)
 
 
 def condition_rows(rows_loc: Tensor, rows_var: Tensor, offset: Tensor, loadings: Tensor,
@@ -244,78 +228,6 @@ def condition_rows(rows_loc: Tensor, rows_var: Tensor, offset: Tensor, loadings:
     gain = ((post_loc - eta_loc) / eta_var)[:, None, None]
     evidence = (1 / post_var - 1 / eta_var).clamp_min(0.0)[:, None, None]  # precision of the factor on eta
     return rows_loc + weighted * gain, 1 / (1 / rows_var + loadings.unsqueeze(1).square() * evidence)
-
-
-def _log_binomial(trials: Tensor, successes: Tensor) -> Tensor:
-    return torch.lgamma(trials + 1) - torch.lgamma(successes + 1) - torch.lgamma(trials - successes + 1)
-
-
-class BinomialLogitNormal(dist.TorchDistribution):
-    """s ~ Binomial(k, sigmoid(f)) with f ~ Normal(loc, scale) integrated out: the code's marginal."""
-
-    arg_constraints = {"total_count": constraints.nonnegative, "loc": constraints.real,
-                       "scale": constraints.positive}
-
-    def __init__(self, total_count: Tensor, loc: Tensor, scale: Tensor, validate_args=None):
-        self.total_count, self.loc, self.scale = torch.broadcast_tensors(total_count, loc, scale)
-        super().__init__(self.loc.shape, validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=True, event_dim=0)
-    def support(self):
-        return constraints.integer_interval(0, self.total_count)
-
-    def expand(self, batch_shape, _instance=None):
-        shape = torch.Size(batch_shape)
-        return BinomialLogitNormal(self.total_count.expand(shape), self.loc.expand(shape), self.scale.expand(shape))
-
-    def sample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
-        with torch.no_grad():
-            logits = self.loc.expand(shape) + self.scale.expand(shape) * torch.randn(shape)
-            return torch.distributions.Binomial(self.total_count.expand(shape), logits=logits).sample()
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        loc, scale, count = self.loc.reshape(-1), self.scale.reshape(-1), self.total_count.reshape(-1)
-        log_marginal, _, _ = logit_posterior(torch.zeros_like(loc), scale.square(), loc,
-                                             value.expand(self.loc.shape).reshape(-1), count)
-        return log_marginal.reshape(self.loc.shape)
-
-
-def _posterior_mode(prior_loc: Tensor, prior_var: Tensor, offset: Tensor, successes: Tensor,
-                    trials: Tensor, steps: int = 5) -> tuple[Tensor, Tensor]:
-    """Mode and Laplace scale of N(eta; prior) x Binomial(s | k, sigmoid(offset + eta)).
-
-    The log posterior is concave, so its slope falls monotonically through zero between the
-    prior's mode and the likelihood's (and within [prior - (k - s) var, prior + s var]). Newton
-    steps are taken inside that bracket; a step that would leave it bisects instead (plain
-    Newton overshoots when the prior is far off). The start combines the prior with the
-    smoothed empirical logit, which is usually close already.
-    """
-    interior = (successes > 0) & (successes < trials)
-    likelihood_mode = torch.where(interior, torch.log(successes.clamp_min(1) / (trials - successes).clamp_min(1)),
-                                  torch.where(successes > 0, math.inf, -math.inf)) - offset
-    low = torch.maximum(torch.minimum(prior_loc, likelihood_mode), prior_loc - (trials - successes) * prior_var)
-    high = torch.minimum(torch.maximum(prior_loc, likelihood_mode), prior_loc + successes * prior_var)
-    empirical = torch.log((successes + 0.5) / (trials - successes + 0.5)) - offset
-    empirical_precision = 1 / (1 / (successes + 0.5) + 1 / (trials - successes + 0.5))
-    eta = (prior_loc / prior_var + empirical * empirical_precision) / (1 / prior_var + empirical_precision)
-    eta = torch.minimum(torch.maximum(eta, low), high)
-    move, older_move = high - low, high - low
-    for _ in range(steps):
-        p = torch.sigmoid(offset + eta)
-        slope = successes - trials * p - (eta - prior_loc) / prior_var
-        curvature = trials * p * (1 - p) + 1 / prior_var
-        rising = slope > 0
-        low, high = torch.where(rising, eta, low), torch.where(rising, high, eta)
-        newton = eta + slope / curvature
-        # Newton where it stays in the bracket and converges fast enough, else bisect (rtsafe).
-        take = (newton >= low) & (newton <= high) & (2 * slope.abs() <= older_move * curvature)
-        moved = torch.where(take, newton, 0.5 * (low + high))
-        moved = torch.where(slope.abs() <= 1e-5 * curvature.sqrt(), eta, moved)  # converged: stay
-        move, older_move = (moved - eta).abs(), move
-        eta = moved
-    p = torch.sigmoid(offset + eta)
-    return eta, (trials * p * (1 - p) + 1 / prior_var).rsqrt()
 
 
 def model(batch: ObservedBatch, nets: IdentifierNetworks) -> None:

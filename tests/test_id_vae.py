@@ -239,21 +239,22 @@ def test_failed_update_leaves_predictions_unchanged(monkeypatch):
     probe = torch.arange(0, 2400, 7)
     before = predictor.predict(probe, 5)
     state_before = predictor.state_dict()
-    real = id_vae.logit_posterior
+    from mpts.models import distributions
+    real = distributions.binomial_logit_normal
     calls = {"n": 0}
 
-    def fails_mid_update(*args):  # the model's likelihood calls it once per SVI step
+    def fails_mid_update(*args, **kwargs):  # the model's likelihood calls it once per SVI step
         calls["n"] += 1
         if calls["n"] == 3:  # after two SVI steps have already moved the weights
             raise RuntimeError("injected failure")
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(id_vae, "logit_posterior", fails_mid_update)
+    monkeypatch.setattr(distributions, "binomial_logit_normal", fails_mid_update)
     ids = torch.arange(100, 228)
     successes, trials = world.rollout(ids, 2.0)
     with pytest.raises(RuntimeError, match="injected"):
         predictor.observe(ids, successes, trials, 5)
-    monkeypatch.setattr(id_vae, "logit_posterior", real)
+    monkeypatch.setattr(distributions, "binomial_logit_normal", real)
     after = predictor.predict(probe, 5)
     assert torch.equal(before.loc, after.loc) and torch.equal(before.scale, after.scale)
     state_after = predictor.state_dict()["state"]
