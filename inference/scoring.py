@@ -5,7 +5,9 @@ the same code scores a live run, a replayed trace, or a notebook experiment. All
 over rows. Empty input gives nan rather than an error or a warning: a window of steps in which
 every rollout failed is a legitimate thing to score.
 
-`score_trace` scores a whole trace in the run-folder schema (see training/run_dir.py).
+`score_trace` scores a whole trace in the run-folder schema (`mpts.inference.schema`);
+`run_summary` is the one per-run summary (eval accuracy, rollouts to target, effective ratio,
+scores) that the loop writes to summary.json and ablate, report and replay reuse.
 """
 
 from __future__ import annotations
@@ -17,13 +19,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .schema import LOOP_PHASES, SCORED_COLUMNS, SchemaError, require_columns
+
 STATE_NAMES = ("unsolved", "partial", "solved")
 UNIT_TOLERANCE = 1e-6
-
-TRACE_REQUIRED = (
-    "successes", "trials", "pred_mean", "pred_log_prob", "pred_p_informative", "pred_p_unsolved",
-    "pred_p_solved", "pred_pit", "pred_q05", "pred_q25", "pred_q75", "pred_q95",
-)
 
 SCORE_KEYS = (
     "rows", "log_predictive_density", "brier", "ece", "spearman_empirical", "spearman_true",
@@ -255,9 +254,7 @@ def state_confusion(pred_p_unsolved, pred_p_informative, pred_p_solved, successe
 def _usable_rows(trace: pd.DataFrame, required: Iterable[str]) -> pd.DataFrame:
     if not isinstance(trace, pd.DataFrame):
         raise ValueError(f"trace must be a pandas DataFrame, got {type(trace).__name__}")
-    missing = [column for column in required if column not in trace.columns]
-    if missing:
-        raise ValueError(f"trace is missing required column(s): {', '.join(missing)}")
+    require_columns(trace, tuple(required), "trace")
     if "failed" not in trace.columns:
         return trace
     failed = trace["failed"].fillna(False).astype(bool).to_numpy()
@@ -285,13 +282,13 @@ def score_trace(trace: pd.DataFrame) -> dict[str, float]:
     Keys: SCORE_KEYS. `*_true` scores need a `true_p` column with known values (simulator);
     otherwise they are nan. Zero usable rows gives rows = 0 and nan everywhere else.
     """
-    rows = _usable_rows(trace, TRACE_REQUIRED)
+    rows = _usable_rows(trace, SCORED_COLUMNS)
     result: dict[str, float] = {key: math.nan for key in SCORE_KEYS}
     result["rows"] = int(len(rows))
     if len(rows) == 0:
         return result
-    col = {name: _column(rows, name) for name in TRACE_REQUIRED}
-    for name in TRACE_REQUIRED[2:]:  # check here so an error names the trace column
+    col = {name: _column(rows, name) for name in SCORED_COLUMNS}
+    for name in SCORED_COLUMNS[2:]:  # check here so an error names the trace column
         _floats(name, col[name], unit=name != "pred_log_prob", allow_neg_inf=name == "pred_log_prob")
     s, k = _counts(col["successes"], col["trials"])
     pred = col["pred_mean"]
@@ -321,7 +318,7 @@ def scores_by_window(trace: pd.DataFrame, window_steps: int) -> pd.DataFrame:
     """
     if not isinstance(window_steps, (int, np.integer)) or isinstance(window_steps, bool) or window_steps < 1:
         raise ValueError(f"window_steps must be a positive integer, got {window_steps!r}")
-    _usable_rows(trace, ("step", *TRACE_REQUIRED))
+    _usable_rows(trace, ("step", *SCORED_COLUMNS))
     columns = ["window_start", "window_end", *SCORE_KEYS]
     step = _floats("step", _column(trace, "step"))
     if step.size == 0:
@@ -336,3 +333,45 @@ def scores_by_window(trace: pd.DataFrame, window_steps: int) -> pd.DataFrame:
         part = groups.get(index, trace.iloc[0:0])
         records.append({"window_start": start, "window_end": start + int(window_steps) - 1, **score_trace(part)})
     return pd.DataFrame.from_records(records, columns=columns)
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+RUN_KEYS = ("final_eval_accuracy", "rollouts_to_target", "steps_to_target", "mean_effective_ratio",
+            "total_rollouts", "wall_seconds", "steps", "seconds_per_step")
+
+
+def steps_to_target(metrics: pd.DataFrame, target: float) -> tuple[float, float]:
+    """(cumulative rollouts, step) at the first evaluation with eval_accuracy >= target; NaN if never."""
+    reached = metrics[metrics["eval_accuracy"].astype(float) >= target]
+    if reached.empty:
+        return math.nan, math.nan
+    first = reached.iloc[0]
+    return float(first["cumulative_rollouts"]), float(first["step"])
+
+
+def seconds_columns(metrics: pd.DataFrame) -> list[str]:
+    """Per-step timing columns: the loop's phases first, then any extra `*_seconds` (not wall)."""
+    present = [c for c in metrics.columns if c.endswith("_seconds") and c != "wall_seconds"]
+    phases = [f"{p}_seconds" for p in LOOP_PHASES if f"{p}_seconds" in present]
+    return phases + sorted(c for c in present if c not in phases)
+
+
+def run_summary(trace: pd.DataFrame, metrics: pd.DataFrame, target: float) -> dict[str, float]:
+    """Every per-run number: RUN_KEYS from the step metrics, SCORE_KEYS from the trace."""
+    require_columns(metrics, ("step", "eval_accuracy", "cumulative_rollouts", "effective_ratio", "wall_seconds"),
+                    "metrics")
+    if metrics.empty:
+        raise SchemaError("metrics has no rows: the run recorded no step")
+    evals = metrics["eval_accuracy"].astype(float).dropna()
+    rollouts, step = steps_to_target(metrics, target)
+    steps = int(len(metrics))
+    wall = float(metrics["wall_seconds"].iloc[-1])
+    return {
+        "final_eval_accuracy": float(evals.iloc[-1]) if len(evals) else math.nan,
+        "rollouts_to_target": rollouts, "steps_to_target": step,
+        "mean_effective_ratio": float(metrics["effective_ratio"].astype(float).mean()),
+        "total_rollouts": int(metrics["cumulative_rollouts"].iloc[-1]),
+        "wall_seconds": wall, "steps": steps, "seconds_per_step": wall / steps,
+        **score_trace(trace),
+    }

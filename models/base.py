@@ -10,40 +10,92 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-
-class PredictorOptions(BaseModel):
-    """Base of every predictor's options; unknown keys are errors, not silent defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from mpts.models.options import StrictOptions
 
 
-@dataclasses.dataclass(frozen=True)
+class PredictorOptions(StrictOptions):
+    """Base of every predictor's options; unknown keys, booleans as numbers and NaN/inf are errors."""
+
+
 class PromptPool:
     """What a predictor may know about the prompts before any rollout.
 
-    `features` are optional per-prompt vectors (text embeddings, or the simulator's
-    embedding-like features); `clusters` optional integer groups used for pooling.
-    Both may be callables so that a 10^6-prompt pool pays for them only when asked.
+    `texts` are the prompts themselves (when the environment or log has them); `features`
+    optional per-prompt vectors (text embeddings, or the simulator's embedding-like features);
+    `clusters` optional integer groups used for pooling. `features` and `clusters` may be given
+    as zero-argument callables: they are called once, on first access, and the result is checked
+    and kept, so a 10^6-prompt pool (or one whose embeddings take minutes) pays only when a
+    predictor asks. `has_features` / `has_clusters` say whether a source exists without calling it,
+    and `feature_dim` the width of the features (for lazy ones, the `feature_dim` given).
     """
 
-    size: int
-    features: Tensor | None = None
-    clusters: Tensor | None = None
-    texts: tuple[str, ...] | None = None
+    def __init__(self, size: int, features: Tensor | Callable[[], Tensor] | None = None,
+                 clusters: Tensor | Callable[[], Tensor] | None = None, texts: Sequence[str] | None = None,
+                 feature_dim: int | None = None):
+        if isinstance(size, bool) or int(size) != size or size <= 0:
+            raise ValueError(f"prompt pool is empty (size={size}); a pool needs at least one prompt")
+        self.size = int(size)
+        if texts is not None:
+            texts = tuple(texts)
+            if len(texts) != self.size:
+                raise ValueError(f"pool.texts has {len(texts)} entries but the pool has {self.size} prompts")
+            if not all(isinstance(text, str) for text in texts):
+                raise TypeError("pool.texts must all be strings")
+        self.texts: tuple[str, ...] | None = texts
+        self._sources = {"features": features, "clusters": clusters}
+        self._feature_dim = feature_dim
+        self._resolved: dict[str, Tensor | None] = {}
+        for name, value in self._sources.items():
+            if value is not None and not callable(value):
+                self._resolved[name] = self._checked(name, value)
 
-    def __post_init__(self) -> None:
-        if self.size <= 0:
-            raise ValueError(f"prompt pool is empty (size={self.size}); a pool needs at least one prompt")
-        for name in ("features", "clusters"):
-            value = getattr(self, name)
-            if value is not None and value.shape[0] != self.size:
-                raise ValueError(f"pool.{name} has {value.shape[0]} rows but the pool has {self.size} prompts")
+    @property
+    def features(self) -> Tensor | None:
+        return self._resolve("features")
+
+    @property
+    def clusters(self) -> Tensor | None:
+        return self._resolve("clusters")
+
+    @property
+    def has_features(self) -> bool:
+        return self._sources["features"] is not None
+
+    @property
+    def has_clusters(self) -> bool:
+        return self._sources["clusters"] is not None
+
+    @property
+    def feature_dim(self) -> int:
+        """Columns of `features` (0 without features), computed features only when already computed."""
+        if self._sources["features"] is None:
+            return 0
+        if "features" in self._resolved or self._feature_dim is None:
+            features = self.features
+            return int(features.shape[1]) if features.dim() > 1 else 1
+        return int(self._feature_dim)
+
+    def _resolve(self, name: str) -> Tensor | None:
+        if name not in self._resolved:
+            source = self._sources[name]
+            self._resolved[name] = None if source is None else self._checked(name, source())
+        return self._resolved[name]
+
+    def _checked(self, name: str, value: Any) -> Tensor:
+        value = torch.as_tensor(value)
+        if value.dim() == 0 or value.shape[0] != self.size:
+            raise ValueError(f"pool.{name} has shape {tuple(value.shape)} but the pool has {self.size} prompts")
+        return value
+
+    def __repr__(self) -> str:
+        parts = [f"size={self.size}"] + [name for name in ("texts",) if self.texts is not None]
+        parts += [name for name, source in self._sources.items() if source is not None]
+        return f"PromptPool({', '.join(parts)})"
 
 
 class SuccessPosterior(abc.ABC):

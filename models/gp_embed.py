@@ -44,11 +44,9 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-import gpytorch
 import pyro
 import pyro.distributions as dist
 import torch
-from linear_operator.utils.cholesky import psd_safe_cholesky
 from pydantic import Field
 from pyro.infer import TraceMeanField_ELBO
 from torch import Tensor
@@ -57,7 +55,11 @@ from mpts.inference.forgetting import factor
 from mpts.inference.streaming import StreamingSVI, SVIState, WithModule
 
 from .base import PredictorOptions, Program, PromptPool, RiskPredictor, TensorDict
+from .extras import import_extra
 from .posteriors import LogitNormalPosterior
+
+gpytorch = import_extra("gpytorch", "gp")
+psd_safe_cholesky = import_extra("linear_operator.utils.cholesky", "gp").psd_safe_cholesky
 
 _PCA_SAMPLE = 20_000  # rows of the pool used to fit the projection
 _PREDICT_CHUNK = 8192  # candidates per GP evaluation, bounds memory for huge candidate sets

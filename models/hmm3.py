@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -396,6 +397,7 @@ class HMMState:
 class ThreeStateHMM(RiskPredictor):
     name = "hmm3"
     Options = ThreeStateHMMOptions
+    global_pooling_without_clusters = False  # hmm3 with pooling='cluster' asked for clusters explicitly
 
     def __init__(self, pool: PromptPool, options: ThreeStateHMMOptions | None = None, seed: int = 0):
         super().__init__(pool, options, seed)
@@ -417,11 +419,14 @@ class ThreeStateHMM(RiskPredictor):
             return None, 0
         if mode == "global":
             return None, 1
-        clusters = pool.clusters() if callable(pool.clusters) else pool.clusters
+        clusters = pool.clusters
         if clusters is None:
+            if self.global_pooling_without_clusters:
+                warnings.warn(f"{self.name}: the prompt pool has no clusters; pooling transition counts "
+                              "across all prompts instead (pooling='global')", stacklevel=3)
+                return None, 1
             raise ValueError("pooling='cluster' needs pool.clusters (an integer group per prompt); "
                              "use pooling='global' or 'none' for a pool without clusters")
-        clusters = torch.as_tensor(clusters)
         if clusters.is_floating_point() or clusters.dtype == torch.bool:
             raise TypeError(f"pool.clusters must be integers, got dtype {clusters.dtype}")
         if int(clusters.min()) >= 0 and int(clusters.max()) < clusters.shape[0]:
@@ -585,3 +590,5 @@ class PooledThreeStateHMM(ThreeStateHMM):
 
     name = "hmm3_pooled"
     Options = PooledThreeStateHMMOptions
+    # replayed logs and some environments have no clusters: pool globally (warned) rather than fail
+    global_pooling_without_clusters = True

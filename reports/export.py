@@ -1,7 +1,7 @@
 """`export_report`: run folders in, report.html + report.md + figures/ + summary.json out.
 
-Runs are grouped by predictor x acquisition rule and seeds pooled (means with 95% bootstrap
-intervals). Everything shown is recomputed from the runs' parquet files; the summary.json
+Runs are grouped by predictor x acquisition rule and seeds pooled (means with 95% t-intervals over
+seeds; comparisons with the baseline arms paired by seed, see `stats`). Everything shown is recomputed from the runs' parquet files; the summary.json
 written here holds every number the report shows, so scripts can read what people look at.
 """
 
@@ -17,16 +17,16 @@ from typing import Any
 
 import pandas as pd
 
-from mpts.inference.scoring import scores_by_window
+from mpts.inference.scoring import scores_by_window, seconds_columns
 
 from . import plots
-from .measures import (DYNAMIC_SAMPLING, UNIFORM, json_ready, pool_groups, recorded_mismatches, run_numbers,
-                       seconds_columns)
+from .measures import json_ready, pool_groups, recorded_mismatches, reference_role, run_numbers
 from .posterior import group_inference_data, posterior_summary, write_netcdf
 from .render import Document, FigureBlock, Section, TextBlock, render_html, render_markdown
 from .runs import RUN_FILES, Run, group_slug, load_runs
-from .stats import BOOTSTRAP_DRAWS, LEVEL
-from .tables import CALIBRATION_COLUMNS, comparison_table, frame_table, headline_columns, runs_table, timing_table
+from .stats import LEVEL, METHOD
+from .tables import (CALIBRATION_COLUMNS, comparison_table, frame_table, headline_columns, paired_table, runs_table,
+                     timing_table)
 
 FIGURES = "figures"
 POSTERIOR_ROWS_SHOWN = 6
@@ -57,7 +57,8 @@ def _run_row(run: Run, target: float) -> dict[str, Any]:
     return {
         "run": run.name, "path": str(run.path), "group": run.group, "predictor": run.predictor,
         "acquisition": run.acquisition, "predictor_label": run.predictor_label,
-        "acquisition_label": run.acquisition_label, "seed": run.seed, "target_accuracy": target,
+        "acquisition_label": run.acquisition_label, "point": run.point, "seed": run.seed, "target_accuracy": target,
+        "reference": reference_role(run),
         **numbers, "has_elbo": run.has_elbo, "has_draws": run.draws is not None,
         "has_recorded_summary": run.recorded_summary is not None,
         "summary_json_mismatches": recorded_mismatches(run, numbers, target),
@@ -104,19 +105,22 @@ class _Report:
 
 def _headline(report: _Report) -> tuple[Section, dict[str, list[str]]]:
     groups = report.groups
-    baselines = [rule.replace("_", " ") for rule in (UNIFORM, DYNAMIC_SAMPLING)
-                 if any(rule in g["rollouts_ratio"] for g in groups)]
+    baselines = sorted({rule for g in groups for rule in g["rollouts_ratio"]})
     table, best = comparison_table(
         "headline", groups, headline_columns(groups),
-        "Mean over seeds with 95% bootstrap interval; ★ marks the best value per column. "
+        "Mean over seeds with 95% t-interval; ★ marks the best value per column. "
         "Rollouts to target average the seeds that reached the target (count shown when not all did; "
         "more seeds reaching it ranks first). "
-        + (f"Rollouts ÷ {' / ÷ '.join(baselines)}: ratio to that rule's mean, with the same predictor where "
-           "that arm exists (below 1: fewer rollouts). " if baselines else "")
+        + (f"Rollouts ÷ {' / ÷ '.join(r.replace('_', ' ') for r in baselines)}: geometric mean over seeds of the "
+           "ratio to that rule's run with the same seed (and the same predictor where that arm exists; below 1: "
+           "fewer rollouts). " if baselines else "")
         + "Calibration scores are of the predictions made before each outcome."
         + (" Reference arms (the rule sees the true success rates) are never marked best."
            if any(g["reference"] for g in groups) else ""))
-    return Section("headline", "Headline comparison", [table]), best
+    blocks = [table]
+    if baselines:
+        blocks.append(paired_table(groups, baselines))
+    return Section("headline", "Headline comparison", blocks), best
 
 
 def _calibration(report: _Report) -> tuple[Section, dict[str, list[str]]]:
@@ -269,7 +273,7 @@ def export_report(run_dirs: Sequence[Path], out_dir: Path, *, target_accuracy: f
                            "calibration_over_time": per_window.mean().reset_index().to_dict(orient="records")})
     summary = json_ready({
         "target_accuracy": target_accuracy, "window_steps": window,
-        "bootstrap": {"level": LEVEL, "draws": BOOTSTRAP_DRAWS, "method": "percentile bootstrap over seeds"},
+        "intervals": {"level": LEVEL, "method": METHOD},
         "runs": run_rows, "groups": group_json,
         "best": {"headline": headline_best, "calibration": calibration_best},
         "files": {"html": "report.html", "markdown": "report.md",

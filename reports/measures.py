@@ -1,8 +1,10 @@
 """The numbers of a report: per run (recomputed from the parquet files) and per group (seeds pooled).
 
-Every per-run number is recomputed from trace.parquet / metrics.parquet rather than copied from
-the run's summary.json, so a report over replayed or hand-made traces is scored the same way; a
-recorded summary that disagrees is reported as a warning.
+Every per-run number is recomputed from trace.parquet / metrics.parquet with the function the loop
+wrote summary.json with (`mpts.inference.scoring.run_summary`), so a report over replayed or
+hand-made traces is scored the same way; a recorded summary that disagrees (an edited file, rows
+lost between the run and the report) is reported as a warning. Which arms are references is read
+from the run's summary.json: nothing here imports `mpts.training`.
 """
 
 from __future__ import annotations
@@ -14,57 +16,36 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mpts.inference.scoring import SCORE_KEYS, score_trace
+from mpts.inference.scoring import RUN_KEYS, SCORE_KEYS, run_summary, seconds_columns
 
 from .runs import Run
-from .stats import Estimate, bootstrap_mean, bootstrap_ratio, finite_or_none
+from .stats import Estimate, finite_or_none, mean_interval, paired_difference, paired_ratio
 
-UNIFORM = "uniform"
-DYNAMIC_SAMPLING = "dynamic_sampling"
-LOOP_PHASES = ("predict", "select", "rollout", "observe", "train")
+# Reference arms for runs whose summary.json does not say (hand-made or older runs).
+DEFAULT_BASELINES = ("uniform", "dynamic_sampling")
 
 # per-run numbers pooled over seeds in every group
-RUN_NUMBERS = (
-    "final_eval_accuracy", "rollouts_to_target", "steps_to_target", "mean_effective_ratio",
-    "total_rollouts", "wall_seconds", "seconds_per_step", *[k for k in SCORE_KEYS if k != "rows"],
-)
+RUN_NUMBERS = (*[k for k in RUN_KEYS if k != "steps"], *[k for k in SCORE_KEYS if k != "rows"])
 RECORDED_CHECKED = ("final_eval_accuracy", "rollouts_to_target", "mean_effective_ratio", "total_rollouts",
                     "wall_seconds", *SCORE_KEYS)
-
-
-def seconds_columns(metrics: pd.DataFrame) -> list[str]:
-    """Per-step timing columns: the loop's phases first, then any extra `*_seconds` (not wall)."""
-    present = [c for c in metrics.columns if c.endswith("_seconds") and c != "wall_seconds"]
-    phases = [f"{p}_seconds" for p in LOOP_PHASES if f"{p}_seconds" in present]
-    return phases + sorted(c for c in present if c not in phases)
-
-
-def first_reaching(metrics: pd.DataFrame, target: float) -> tuple[float, float]:
-    """(cumulative rollouts, step) at the first evaluation with eval_accuracy >= target; NaN if never."""
-    reached = metrics[metrics["eval_accuracy"].astype(float) >= target]
-    if reached.empty:
-        return math.nan, math.nan
-    first = reached.iloc[0]
-    return float(first["cumulative_rollouts"]), float(first["step"])
+# paired differences against each baseline arm (same seeds)
+PAIRED_NUMBERS = ("rollouts_to_target", "final_eval_accuracy", "mean_effective_ratio")
 
 
 def run_numbers(run: Run, target: float) -> dict[str, Any]:
-    metrics = run.metrics
-    evals = metrics["eval_accuracy"].astype(float).dropna()
-    rollouts, step = first_reaching(metrics, target)
-    numbers: dict[str, Any] = {
-        "final_eval_accuracy": float(evals.iloc[-1]) if len(evals) else math.nan,
-        "rollouts_to_target": rollouts,
-        "steps_to_target": step,
-        "mean_effective_ratio": float(metrics["effective_ratio"].astype(float).mean()),
-        "total_rollouts": int(metrics["cumulative_rollouts"].iloc[-1]),
-        "wall_seconds": float(metrics["wall_seconds"].iloc[-1]),
-        "steps": int(len(metrics)),
-    }
-    numbers["seconds_per_step"] = numbers["wall_seconds"] / numbers["steps"]
-    numbers.update(score_trace(run.trace))
-    numbers["time_per_step"] = {c: float(metrics[c].astype(float).mean()) for c in seconds_columns(metrics)}
+    """The run's summary (the same function the loop wrote summary.json with), plus timings."""
+    numbers: dict[str, Any] = run_summary(run.trace, run.metrics, target)
+    numbers["time_per_step"] = {c: float(run.metrics[c].astype(float).mean()) for c in seconds_columns(run.metrics)}
     return numbers
+
+
+def reference_role(run: Run) -> str | None:
+    """"sees_truth" (the rule ranks on the true p: an upper bound), "baseline" or None, as the run
+    recorded it; runs without that record: the default baselines by rule name."""
+    recorded = run.recorded_summary or {}
+    if "reference" in recorded:
+        return recorded["reference"]
+    return "baseline" if run.acquisition in DEFAULT_BASELINES else None
 
 
 def recorded_mismatches(run: Run, numbers: dict[str, Any], target: float) -> list[str]:
@@ -90,49 +71,51 @@ def recorded_mismatches(run: Run, numbers: dict[str, Any], target: float) -> lis
     return wrong
 
 
-def sees_truth(rule: str) -> bool:
-    """Whether an acquisition rule selects with the true success rates (the oracle): a reference arm."""
-    try:
-        from mpts.training.acquisition import get_acquisition_class
-
-        return bool(getattr(get_acquisition_class(rule), "needs_truth", False))
-    except (ImportError, KeyError):  # a rule registered only in another process (a notebook's)
-        return False
-
-
-def _baseline_group(groups: dict[str, list[dict[str, Any]]], predictor: str, rule: str) -> str | None:
-    """The group of `rule` with the same predictor, else the first group of that rule."""
+def _baseline_group(groups: dict[str, list[dict[str, Any]]], predictor: str, rule: str,
+                    point: dict[str, str] | None = None) -> str | None:
+    """The group of `rule` at the same ablation-grid point (its point a part of this one: a key the
+    baseline does not take is not in its point) with the same predictor, else at that point, else
+    with the same predictor, else the first group of that rule."""
     candidates = sorted(g for g, rows in groups.items() if rows[0]["acquisition"] == rule)
-    same = [g for g in candidates if groups[g][0]["predictor_label"] == predictor]
-    return (same or candidates or [None])[0]
+    at_point = [g for g in candidates if groups[g][0].get("point", {}).items() <= (point or {}).items()]
+    same = [g for g in at_point or candidates if groups[g][0]["predictor_label"] == predictor]
+    return (same or at_point or candidates or [None])[0]
+
+
+def _by_seed(rows: Sequence[dict[str, Any]], key: str) -> dict[int, float]:
+    return {r["seed"]: r[key] for r in rows}
 
 
 def pool_groups(run_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per group: every RUN_NUMBERS entry as a bootstrap Estimate, plus ratios to the baselines."""
+    """Per group: every RUN_NUMBERS entry as an Estimate, and paired comparisons with each baseline:
+    `rollouts_ratio[rule]` and `paired_differences[rule][key]` over the seeds both arms ran."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in run_rows:
         groups.setdefault(row["group"], []).append(row)
+    baselines = sorted({r["acquisition"] for r in run_rows if r["reference"] == "baseline"})
     pooled = []
     for name, rows in groups.items():
         first = rows[0]
-        estimates: dict[str, Estimate] = {key: bootstrap_mean([r[key] for r in rows]) for key in RUN_NUMBERS}
+        estimates: dict[str, Estimate] = {key: mean_interval([r[key] for r in rows]) for key in RUN_NUMBERS}
         seconds = sorted({c for r in rows for c in r["time_per_step"]})
-        timing = {c: bootstrap_mean([r["time_per_step"].get(c, math.nan) for r in rows]) for c in seconds}
+        timing = {c: mean_interval([r["time_per_step"].get(c, math.nan) for r in rows]) for c in seconds}
         ratios: dict[str, dict[str, Any]] = {}
-        for rule in (UNIFORM, DYNAMIC_SAMPLING):
-            baseline = _baseline_group(groups, first["predictor_label"], rule)
-            if baseline is None:
-                continue
-            estimate = bootstrap_ratio([r["rollouts_to_target"] for r in rows],
-                                       [r["rollouts_to_target"] for r in groups[baseline]])
-            ratios[rule] = {"baseline": baseline, **estimate.as_dict()}
+        differences: dict[str, dict[str, Any]] = {}
+        for rule in baselines:
+            baseline = _baseline_group(groups, first["predictor_label"], rule, first.get("point"))
+            reference = groups[baseline]
+            ratio = paired_ratio(_by_seed(rows, "rollouts_to_target"), _by_seed(reference, "rollouts_to_target"))
+            ratios[rule] = {"baseline": baseline, **ratio.as_dict()}
+            differences[rule] = {"baseline": baseline, **{
+                key: paired_difference(_by_seed(rows, key), _by_seed(reference, key)) for key in PAIRED_NUMBERS}}
         pooled.append({
             "group": name, "predictor": first["predictor_label"], "acquisition": first["acquisition_label"],
             "seeds": [r["seed"] for r in rows], "runs": [r["run"] for r in rows],
             "reached_target": int(sum(np.isfinite(r["rollouts_to_target"]) for r in rows)),
             "estimates": estimates, "time_per_step": timing, "rollouts_ratio": ratios,
+            "paired_differences": differences,
             "has_elbo": any(r["has_elbo"] for r in rows), "has_posterior_draws": any(r["has_draws"] for r in rows),
-            "reference": sees_truth(first["acquisition"]),
+            "reference": first["reference"] == "sees_truth", "baseline": first["reference"] == "baseline",
         })
     return pooled
 

@@ -12,13 +12,15 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from mpts.inference.scoring import STATE_NAMES, reliability_table, state_confusion
+from mpts.models.extras import import_extra
+
+matplotlib = import_extra("matplotlib", "reports")
+from matplotlib import colormaps  # noqa: E402 (after the extra check)
+from matplotlib.figure import Figure  # noqa: E402
 
 from .stats import Estimate
 from .tables import time_unit
@@ -143,7 +145,7 @@ def coverage(estimates: Mapping[str, Mapping[str, Estimate]], colors: Mapping[st
     ax.set_xticks(range(len(kinds)), [label for _, label in kinds])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share inside the interval")
-    ax.set_title("Interval coverage (dashed: nominal level; bars: mean over seeds, 95% bootstrap CI)")
+    ax.set_title("Interval coverage (dashed: nominal level; bars: mean over seeds, 95% t-interval)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return fig
 
@@ -279,7 +281,7 @@ def rollouts_to_target(estimates: Mapping[str, Estimate], colors: Mapping[str, t
     ax.invert_yaxis()
     ax.set_xlim(0, top * 1.35)
     ax.set_xlabel("rollouts until eval accuracy first reached the target")
-    ax.set_title("Rollouts to target (mean over seeds that reached it, 95% bootstrap CI)")
+    ax.set_title("Rollouts to target (mean over seeds that reached it, 95% t-interval)")
     return fig
 
 

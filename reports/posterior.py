@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mpts.models.extras import import_extra
+
 from .runs import Run
 
 
 def _arviz():
     with warnings.catch_warnings():  # ArviZ 0.2x announces its 1.0 refactor on import
         warnings.simplefilter("ignore", FutureWarning)
-        import arviz
-
-    return arviz
+        return import_extra("arviz", "reports")
 
 
 def draws_matrix(draws: pd.DataFrame, where: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

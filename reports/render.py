@@ -11,9 +11,11 @@ import base64
 import dataclasses
 from pathlib import Path
 
-import jinja2
+from mpts.models.extras import import_extra
 
 from .tables import Table
+
+jinja2 = import_extra("jinja2", "reports")
 
 
 @dataclasses.dataclass(frozen=True)

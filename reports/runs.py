@@ -2,8 +2,8 @@
 
 A run folder (written by `mpts run`) holds config.yaml, trace.parquet, metrics.parquet,
 summary.json and, at the end of a run, posterior_draws.parquet. An ablation folder holds run
-folders under `runs/<name>/`. Runs are grouped by (predictor, acquisition rule); seeds of one
-group are pooled by the report.
+folders under `runs/<name>/`. Runs are grouped by (predictor, acquisition rule, and the point of
+an ablation grid); seeds of one group are pooled by the report.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 import yaml
+
+from mpts.training.sweep import format_value
 
 RUN_FILES = ("config.yaml", "trace.parquet", "metrics.parquet")
 
@@ -52,8 +54,20 @@ class Run:
     acquisition_label: str = ""
 
     @property
+    def point(self) -> dict[str, str]:
+        """The run's point in an ablation grid (`ablation.point` of its config), values as text."""
+        point = (self.config.get("ablation") or {}).get("point") or {}
+        return {str(key): format_value(value) for key, value in point.items()}
+
+    @property
+    def point_label(self) -> str:
+        """The grid point, less the component options the predictor and rule labels show."""
+        return ", ".join(f"{key}={value}" for key, value in self.point.items()
+                         if key.split(".")[0] not in ("predictor", "acquisition"))
+
+    @property
     def group(self) -> str:
-        return f"{self.predictor_label} · {self.acquisition_label}"
+        return " · ".join(filter(None, [self.predictor_label, self.acquisition_label, self.point_label]))
 
     @property
     def has_elbo(self) -> bool:

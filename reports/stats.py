@@ -1,21 +1,30 @@
-"""Pooling seeds: means with percentile-bootstrap confidence intervals (numpy, seeded)."""
+"""Pooling seeds: the one interval method behind every number mpts shows (ablate's table, the report).
+
+A 95% Student-t interval over seeds: of an arm's per-seed values, or of its per-seed paired
+differences (log ratios for ratios) with a reference arm run on the same seeds. Arms with the same
+seed share their random streams (same world, same candidates, same rollout noise stream; see
+`mpts.training.selector`), so pairing by seed takes the between-seed spread out of a comparison.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
-BOOTSTRAP_DRAWS = 2000
-BOOTSTRAP_SEED = 20240531
 LEVEL = 0.95
+METHOD = "Student-t interval over seeds; differences and ratios paired by seed"
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """A seed-pooled mean with its bootstrap interval; `n` finite values went in (of `total`)."""
+    """A mean over seeds with its interval; `n` finite values (or pairs) went in, of `total`.
+
+    One value gives a zero-width interval (lo = hi = mean): there is no spread to estimate.
+    """
 
     mean: float | None
     lo: float | None
@@ -27,49 +36,54 @@ class Estimate:
         return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n, "total": self.total}
 
 
-def _finite(values: Sequence[float | None]) -> np.ndarray:
-    array = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
-    return array[np.isfinite(array)]
+def _floats(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
 
 
-def _resample_means(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    index = rng.integers(0, values.size, size=(BOOTSTRAP_DRAWS, values.size))
-    return values[index].mean(axis=1)
+def _t_interval(values: np.ndarray, total: int) -> Estimate:
+    """Mean and 95% t-interval of already-finite values."""
+    if values.size == 0:
+        return Estimate(None, None, None, 0, total)
+    mean = float(values.mean())
+    if values.size == 1:
+        return Estimate(mean, mean, mean, 1, total)
+    half = float(stats.t.ppf((1 + LEVEL) / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+    return Estimate(mean, mean - half, mean + half, int(values.size), total)
 
 
-def bootstrap_mean(values: Sequence[float | None], *, seed: int = BOOTSTRAP_SEED) -> Estimate:
-    """Mean of the finite values with a 95% percentile-bootstrap interval over them.
+def mean_interval(values: Sequence[float | None]) -> Estimate:
+    """Mean of the finite values with its 95% t-interval.
 
     Non-finite values (a run that never reached the target, a score undefined for a run) are
-    left out and counted: `n` of `total`. One value gives a zero-width interval.
+    left out and counted: `n` of `total`.
     """
-    finite = _finite(values)
-    total = len(values)
-    if finite.size == 0:
-        return Estimate(None, None, None, 0, total)
-    mean = float(finite.mean())
-    if finite.size == 1:
-        return Estimate(mean, mean, mean, 1, total)
-    means = _resample_means(finite, np.random.default_rng(seed))
-    lo, hi = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return Estimate(mean, float(lo), float(hi), int(finite.size), total)
+    array = _floats(values)
+    return _t_interval(array[np.isfinite(array)], len(array))
 
 
-def bootstrap_ratio(numerator: Sequence[float | None], denominator: Sequence[float | None], *,
-                    seed: int = BOOTSTRAP_SEED) -> Estimate:
-    """Ratio of two seed means, each arm resampled independently."""
-    top, bottom = _finite(numerator), _finite(denominator)
-    total = len(numerator)
-    if top.size == 0 or bottom.size == 0 or bottom.mean() == 0:
-        return Estimate(None, None, None, int(top.size), total)
-    ratio = float(top.mean() / bottom.mean())
-    if top.size == 1 and bottom.size == 1:
-        return Estimate(ratio, ratio, ratio, 1, total)
-    rng = np.random.default_rng(seed)
-    ratios = _resample_means(top, rng) / _resample_means(bottom, rng)
-    ratios = ratios[np.isfinite(ratios)]
-    lo, hi = np.quantile(ratios, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return Estimate(ratio, float(lo), float(hi), int(top.size), total)
+def _pairs(values: Mapping[int, float | None], reference: Mapping[int, float | None]) -> tuple[np.ndarray, np.ndarray]:
+    seeds = sorted(set(values) & set(reference))
+    mine, theirs = _floats([values[s] for s in seeds]), _floats([reference[s] for s in seeds])
+    both = np.isfinite(mine) & np.isfinite(theirs)
+    return mine[both], theirs[both]
+
+
+def paired_difference(values: Mapping[int, float | None], reference: Mapping[int, float | None]) -> Estimate:
+    """Mean over shared seeds of value - reference, with its 95% t-interval; `total` counts the arm's seeds."""
+    mine, theirs = _pairs(values, reference)
+    return _t_interval(mine - theirs, len(values))
+
+
+def paired_ratio(values: Mapping[int, float | None], reference: Mapping[int, float | None]) -> Estimate:
+    """Geometric mean over shared seeds of value / reference, the t-interval taken on log ratios.
+
+    Only positive pairs count (a ratio of counts such as rollouts to target)."""
+    mine, theirs = _pairs(values, reference)
+    positive = (mine > 0) & (theirs > 0)
+    logs = _t_interval(np.log(mine[positive] / theirs[positive]), len(values))
+    if logs.mean is None:
+        return logs
+    return Estimate(math.exp(logs.mean), math.exp(logs.lo), math.exp(logs.hi), logs.n, logs.total)
 
 
 def finite_or_none(value: float | None) -> float | None:

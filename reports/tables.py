@@ -1,7 +1,8 @@
 """Tables of the report as plain data (columns, rows of cells), rendered to HTML and Markdown alike.
 
-The headline and calibration tables show seed means with their 95% bootstrap interval and mark
-the best value of each column (highest, lowest, or closest to the nominal level for coverage).
+The headline and calibration tables show seed means with their 95% t-interval and mark the best
+value of each column (highest, lowest, or closest to the nominal level for coverage); the paired
+table shows differences with the baseline arms, seed by seed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from .measures import DYNAMIC_SAMPLING, UNIFORM
+from .measures import PAIRED_NUMBERS
 from .stats import Estimate
 
 
@@ -119,10 +120,9 @@ def headline_columns(groups: Sequence[dict[str, Any]]) -> list[Column]:
         Column("rollouts_to_target", "rollouts to target ↓", "min", fmt_count, _estimate("rollouts_to_target"),
                censored=True),
     ]
-    for rule, label in ((UNIFORM, "uniform"), (DYNAMIC_SAMPLING, "dynamic sampling")):
-        if any(rule in g["rollouts_ratio"] for g in groups):
-            columns.append(Column(f"rollouts_ratio_{rule}", f"rollouts ÷ {label} (×) ↓", "min", fmt_ratio,
-                                  _ratio(rule), censored=True))
+    for rule in sorted({rule for g in groups for rule in g["rollouts_ratio"]}):
+        columns.append(Column(f"rollouts_ratio_{rule}", f"rollouts ÷ {rule.replace('_', ' ')} (×) ↓", "min",
+                              fmt_ratio, _ratio(rule), censored=True))
     # one rank correlation: against the true rate where the simulator knows it, else against s/k
     has_truth = any(g["estimates"]["spearman_true"].mean is not None for g in groups)
     spearman = "spearman_true" if has_truth else "spearman_empirical"
@@ -190,6 +190,38 @@ def comparison_table(key: str, groups: Sequence[dict[str, Any]], columns: Sequen
     return table, best
 
 
+PAIRED_LABELS = {"rollouts_to_target": ("Δ rollouts to target", fmt_count),
+                 "final_eval_accuracy": ("Δ final eval accuracy", fmt_rate),
+                 "mean_effective_ratio": ("Δ effective ratio", fmt_rate)}
+
+
+def paired_table(groups: Sequence[dict[str, Any]], baselines: Sequence[str]) -> Table:
+    """Per group and baseline rule: mean over shared seeds of (this arm - the baseline arm)."""
+    rows = []
+    for group in groups:
+        for rule in baselines:
+            compared = group["paired_differences"].get(rule)
+            if compared is None or compared["baseline"] == group["group"]:
+                continue
+            cells = [Cell(group["group"]), Cell(compared["baseline"])]
+            for key in PAIRED_NUMBERS:
+                label, fmt = PAIRED_LABELS[key]
+                estimate = compared[key]
+                if estimate.mean is None:
+                    cells.append(Cell("—", note=f"0/{estimate.total} pairs"))
+                    continue
+                interval = "" if estimate.lo == estimate.hi else f"[{fmt(estimate.lo)}, {fmt(estimate.hi)}]"
+                note = f"{estimate.n}/{estimate.total} pairs" if estimate.n < estimate.total else ""
+                cells.append(Cell(("+" if estimate.mean > 0 else "") + fmt(estimate.mean), interval, note=note))
+            rows.append(cells)
+    columns = ["group", "against", *[PAIRED_LABELS[key][0] for key in PAIRED_NUMBERS]]
+    return Table("paired", columns, rows,
+                 "Paired differences with the baseline arms: the mean over seeds of (this arm − the baseline arm "
+                 "run with the same seed, hence the same world, candidates and rollout noise stream), with its 95% "
+                 "t-interval; an interval that excludes 0 is a difference the seeds agree on. Rollouts to target "
+                 "pair only seeds where both arms reached the target.", label_columns=2)
+
+
 def timing_table(groups: Sequence[dict[str, Any]], columns: Sequence[str]) -> Table:
     unit, scale = time_unit([e.mean for g in groups for e in g["time_per_step"].values()])
     rows = []
@@ -204,7 +236,7 @@ def timing_table(groups: Sequence[dict[str, Any]], columns: Sequence[str]) -> Ta
             cells.append(Cell(fmt_seconds(e.mean * scale), interval))
         rows.append(cells)
     labels = ["group", *[f"{c.removesuffix('_seconds')} ({unit}/step)" for c in columns]]
-    return Table("timing", labels, rows, f"Mean {unit} per step of each recorded timing (95% bootstrap CI over "
+    return Table("timing", labels, rows, f"Mean {unit} per step of each recorded timing (95% t-interval over "
                  "seeds); the loop's phases add up to the step, other timings may be parts of a phase.")
 
 

@@ -70,3 +70,37 @@ def test_plugins_are_imported_so_their_predictors_validate(tmp_path, monkeypatch
     assert config.predictor.name == "mine_from_plugin"
     with pytest.raises(ConfigError, match="plugins: cannot import 'no_such_module_x'"):
         load_config("quickstart", ["plugins=[no_such_module_x]"])
+
+
+def test_grpo_options_are_one_nested_section_checked_against_grpo_config():
+    from mpts.training.environments.lm.env import LMOptions
+    from mpts.training.environments.lm.grpo import GRPOConfig
+
+    config = load_config("lm_tiny", ["env.grpo.kl_coef=0.05"])
+    options = config.env.with_options(LMOptions)
+    assert isinstance(options.grpo, GRPOConfig) and options.grpo.kl_coef == 0.05 and options.grpo.lr == 3.0e-5
+    assert not set(GRPOConfig.model_fields) & set(LMOptions.model_fields)  # no GRPO field repeated at env level
+    with pytest.raises(ConfigError, match="grpo.lrr: unknown key"):
+        load_config("lm_tiny", ["env.grpo.lrr=0.1"])
+    with pytest.raises(ConfigError, match="env.*lr: unknown key"):
+        load_config("lm_tiny", ["env.lr=0.1"])  # the old flat spelling is refused, not ignored
+
+
+def test_config_comments_state_no_measured_duration_without_the_command_that_measured_it():
+    import re
+    from importlib import resources
+
+    for path in resources.files("mpts.training.configs").iterdir():
+        if not path.name.endswith(".yaml"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            comment = line.partition("#")[2]
+            if re.search(r"\d\s*(minutes?|seconds?|hours?|ms|s/step)\b|\bminutes?\b", comment):
+                assert "mpts " in comment, f"{path.name}:{number}: {comment.strip()}"
+
+
+def test_grpo_section_refuses_booleans_and_non_finite_numbers():
+    for bad, field in (("env.grpo.lr=true", "lr"), ("env.grpo.kl_coef=.nan", "kl_coef"),
+                       ("env.grpo.micro_batch_size=-1", "micro_batch_size")):
+        with pytest.raises(ConfigError, match=field):
+            load_config("lm_tiny", [bad])

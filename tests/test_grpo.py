@@ -118,7 +118,20 @@ def test_clip_bounds_the_ratio_on_later_minibatches_and_kl_pulls_back(tokenizer)
     stats = GRPOTrainer(model, GRPOConfig(lr=5e-2, updates_per_batch=4, micro_batch_size=1, kl_coef=0.1),
                         tokenizer.pad_token_id).step(batch)
     assert stats["clip_fraction"] > 0  # the policy moved past 1 +- clip within the batch
-    assert stats["kl"] >= 0
+    assert stats["kl"] > 1e-6  # measured against the frozen reference after the policy moved
+
+    def drift(kl_coef):
+        """How far the log-probabilities of the batch's completions moved from the initial policy."""
+        moved = make_model(tokenizer)
+        GRPOTrainer(moved, GRPOConfig(lr=1e-2, updates_per_batch=4, micro_batch_size=1, kl_coef=kl_coef),
+                    tokenizer.pad_token_id).step(batch)
+        with torch.no_grad():
+            after, mask = completion_logprobs(moved, [prompt] * 2, [good, bad], tokenizer.pad_token_id)
+            before, _ = completion_logprobs(make_model(tokenizer), [prompt] * 2, [good, bad], tokenizer.pad_token_id)
+        return float(((after - before).abs() * mask).sum())
+
+    free, held = drift(0.0), drift(5.0)
+    assert 0 < held < 0.8 * free  # the KL term pulls the update back toward the reference
 
 
 def test_learning_rate_warms_up_linearly(tokenizer):

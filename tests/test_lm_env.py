@@ -16,7 +16,7 @@ from mpts.training.run_dir import METRICS_REQUIRED, TRACE_SCHEMA
 from mpts.training.environments.lm.tasks import Problem, Task, get_task, register_task
 
 TINY = {"hidden_size": 64, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 128}
-BASE = {"num_prompts": 24, "eval_prompts": 8, "max_new_tokens": 3, "tiny": TINY, "lr": 1e-2,
+BASE = {"num_prompts": 24, "eval_prompts": 8, "max_new_tokens": 3, "tiny": TINY, "grpo": {"lr": 1e-2},
         "task_options": {"max_digits": 2}}
 
 

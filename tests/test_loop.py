@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mpts.training.acquisition import RULES
-from mpts.training.config import load_config
+from mpts.training.acquisition import RULES, sample_candidates
+from mpts.training.config import ConfigError, load_config
 from mpts.training.loop import run
 from mpts.training.run_dir import METRICS_REQUIRED, TRACE_SCHEMA
+from mpts.training.selector import RandomStreams
 
 SMALL = ["steps=12", "batch_size=16", "candidate_ratio=4", "env.num_prompts=300", "env.eval_prompts=100",
          "checkpoint_every=5", "posterior_draws_prompts=40"]
@@ -128,3 +129,21 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "r" / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="unreadable"):
         run(None, tmp_path / "r", resume=True)
+
+
+def test_every_arm_chooses_from_the_candidates_of_the_seeds_candidate_stream(tmp_path):
+    """Common random numbers: whatever an arm chose before, step t's candidates are the same draw."""
+    streams = RandomStreams(0)
+    candidates = [set(sample_candidates(300, 64, streams.generator("candidates", t)).tolist()) for t in range(12)]
+    for rule in ("uniform", "top_informative", "thompson_target", "risk"):
+        run(small(f"acquisition={{name: {rule}}}"), tmp_path / rule)
+        trace = pd.read_parquet(tmp_path / rule / "trace.parquet")
+        for step, rows in trace.groupby("step"):
+            assert set(rows["prompt_id"]) <= candidates[step], (rule, step)
+
+
+def test_a_rule_that_needs_truth_is_refused_when_the_config_is_read_for_an_environment_without_it():
+    with pytest.raises(ConfigError, match="acquisition 'oracle' ranks on the true success probabilities, "
+                                          "which environment 'lm' does not know"):
+        load_config("lm_tiny", ["acquisition={name: oracle}"])
+    load_config("quickstart", ["acquisition={name: oracle}"])  # the simulator knows p

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_runs import write_ablation, write_run  # noqa: E402
@@ -91,12 +92,12 @@ def test_writes_html_markdown_json_figures_and_netcdf(report):
 
 # -- numbers -------------------------------------------------------------------------------------
 
-def _recomputed(run_dir: Path) -> dict:
+def _recomputed(run_dir: Path, target: float = TARGET) -> dict:
     """The run's headline numbers straight from its parquet files, without the report's code."""
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     trace = pd.read_parquet(run_dir / "trace.parquet")
     ok = trace[~trace["failed"]]
-    reached = metrics.loc[metrics["eval_accuracy"] >= TARGET, "cumulative_rollouts"]
+    reached = metrics.loc[metrics["eval_accuracy"] >= target, "cumulative_rollouts"]
     return {
         "final_eval_accuracy": metrics["eval_accuracy"].dropna().iloc[-1],
         "rollouts_to_target": float(reached.iloc[0]) if len(reached) else None,
@@ -108,7 +109,7 @@ def _recomputed(run_dir: Path) -> dict:
         "coverage90": np.mean((ok["pred_pit"] >= 0.05) & (ok["pred_pit"] <= 0.95)),
         "rows": len(ok),
         "predict_seconds": metrics["predict_seconds"].mean(),
-        "sync_seconds": metrics["sync_seconds"].mean(),
+        "sync_seconds": metrics["sync_seconds"].mean() if "sync_seconds" in metrics else None,
     }
 
 
@@ -124,11 +125,10 @@ def test_summary_numbers_match_the_recorded_metrics_and_trace(ablation, extra_ru
         assert got["rollouts_to_target"] == expected["rollouts_to_target"]
         assert got["time_per_step"]["predict_seconds"] == pytest.approx(expected["predict_seconds"])
         assert got["time_per_step"]["sync_seconds"] == pytest.approx(expected["sync_seconds"])
-        assert got["summary_json_mismatches"] == []  # the run's own summary.json agrees
     assert summary["warnings"] == []
 
 
-def test_groups_pool_seeds_with_bootstrap_intervals(report):
+def test_groups_pool_seeds_with_t_intervals(report):
     _, summary = report
     assert [g["group"] for g in summary["groups"]] == sorted(GROUPS)
     for group in summary["groups"]:
@@ -136,18 +136,20 @@ def test_groups_pool_seeds_with_bootstrap_intervals(report):
         assert sorted(group["seeds"]) == list(SEEDS) and len(members) == len(SEEDS)
         for key in ("final_eval_accuracy", "brier", "ece", "spearman_true", "auroc_informative"):
             estimate = group["estimates"][key]
-            assert estimate["mean"] == pytest.approx(np.mean([r[key] for r in members]))
-            assert estimate["lo"] <= estimate["mean"] <= estimate["hi"]
+            values = [r[key] for r in members]
+            lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+            assert (estimate["mean"], estimate["lo"], estimate["hi"]) == pytest.approx((np.mean(values), lo, hi))
             assert estimate["n"] == estimate["total"] == len(SEEDS)
         assert group["has_elbo"] == group["group"].startswith("id_vae")
 
 
-def test_rollouts_are_compared_with_uniform_and_dynamic_sampling(report):
+def test_arms_are_compared_with_uniform_and_dynamic_sampling_seed_by_seed(report):
     _, summary = report
     groups = {g["group"]: g for g in summary["groups"]}
+    runs = {(r["group"], r["seed"]): r for r in summary["runs"]}
 
-    def rollouts(group):
-        return groups[group]["estimates"]["rollouts_to_target"]["mean"]
+    def per_seed(group, key):
+        return np.array([runs[(group, seed)][key] for seed in SEEDS], dtype=float)
 
     for predictor in PREDICTORS:
         uniform = groups[f"{predictor} · uniform"]
@@ -155,12 +157,68 @@ def test_rollouts_are_compared_with_uniform_and_dynamic_sampling(report):
         chosen = f"{predictor} · thompson_target"
         ratio = groups[chosen]["rollouts_ratio"]["uniform"]
         assert ratio["baseline"] == f"{predictor} · uniform"  # same predictor's uniform arm
-        assert ratio["mean"] == pytest.approx(rollouts(chosen) / rollouts(f"{predictor} · uniform"))
-        assert ratio["lo"] <= ratio["mean"] <= ratio["hi"]
-        # only beta has a dynamic-sampling arm: every group is compared with it
-        versus_dynamic = groups[chosen]["rollouts_ratio"]["dynamic_sampling"]
+        logs = np.log(per_seed(chosen, "rollouts_to_target") / per_seed(ratio["baseline"], "rollouts_to_target"))
+        lo, hi = stats.t.interval(0.95, len(SEEDS) - 1, loc=logs.mean(), scale=stats.sem(logs))
+        assert (ratio["mean"], ratio["lo"], ratio["hi"]) == pytest.approx((np.exp(logs.mean()), np.exp(lo), np.exp(hi)))
+        # only beta has a dynamic-sampling arm: every group is compared with it, paired by seed
+        versus_dynamic = groups[chosen]["paired_differences"]["dynamic_sampling"]
         assert versus_dynamic["baseline"] == "beta · dynamic_sampling"
-        assert versus_dynamic["mean"] == pytest.approx(rollouts(chosen) / rollouts("beta · dynamic_sampling"))
+        for key in ("final_eval_accuracy", "mean_effective_ratio", "rollouts_to_target"):
+            differences = per_seed(chosen, key) - per_seed("beta · dynamic_sampling", key)
+            lo, hi = stats.t.interval(0.95, len(SEEDS) - 1, loc=differences.mean(), scale=stats.sem(differences))
+            got = versus_dynamic[key]
+            assert (got["mean"], got["lo"], got["hi"]) == pytest.approx((differences.mean(), lo, hi)), key
+
+
+def test_paired_table_is_in_the_report(report):
+    out, _ = report
+    markdown = (out / "report.md").read_text()
+    assert "Paired differences with the baseline arms" in markdown
+    assert "| beta · thompson_target | beta · uniform |" in markdown.replace("\\", "")
+
+
+def test_a_real_resumed_runs_summary_json_agrees_with_the_report_of_its_files(tmp_path):
+    """The loop's summary.json (computed from its row buffers) against the report (from the final
+    parquet files): a lost or duplicated row across the resume shows as a mismatch."""
+    from mpts.training.config import load_config
+    from mpts.training.loop import run
+
+    config = load_config("quickstart", ["steps=9", "batch_size=8", "candidate_ratio=2", "env.num_prompts=100",
+                                        "env.eval_prompts=50", "checkpoint_every=4", "target_accuracy=0.2"])
+
+    def stop(done, total, metrics):
+        if done == 6:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(config, tmp_path / "r", progress=stop)
+    run(None, tmp_path / "r", resume=True)
+    summary = export_report([tmp_path / "r"], tmp_path / "out")
+    got, expected = summary["runs"][0], _recomputed(tmp_path / "r", config.target_accuracy)
+    assert got["summary_json_mismatches"] == [] and summary["warnings"] == []
+    assert got["rows"] == expected["rows"] == 9 * 8
+    for key in ("final_eval_accuracy", "total_rollouts", "brier", "log_predictive_density", "coverage90"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-9), key
+    assert got["rollouts_to_target"] == expected["rollouts_to_target"] is not None
+
+
+def test_reference_roles_are_read_from_the_runs_not_from_the_rule_registry(tmp_path):
+    for seed in SEEDS:
+        for rule, role in (("my_baseline", "baseline"), ("my_oracle", "sees_truth"), ("uniform", None)):
+            folder = write_run(tmp_path / "abl" / "runs" / f"{rule}{seed}", predictor="beta", acquisition=rule,
+                               seed=seed, steps=8)
+            recorded = json.loads((folder / "summary.json").read_text())
+            (folder / "summary.json").write_text(json.dumps({**recorded, "reference": role}))
+    summary = export_report([tmp_path / "abl"], tmp_path / "out")
+    groups = {g["acquisition"]: g for g in summary["groups"]}
+    assert groups["my_oracle"]["reference"] and not groups["my_baseline"]["reference"]
+    assert set(groups["uniform"]["rollouts_ratio"]) == {"my_baseline"}  # uniform recorded as no reference
+    assert groups["uniform"]["paired_differences"]["my_baseline"]["baseline"] == "beta · my_baseline"
+
+
+def test_reports_never_import_training():
+    code = ("import sys, mpts.reports.export, mpts.reports.measures; "
+            "bad = [m for m in sys.modules if m.startswith('mpts.training')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_best_value_per_column_is_marked_by_direction(report):
@@ -192,13 +250,13 @@ def test_best_value_per_column_is_marked_by_direction(report):
 
 def test_best_mark_ranks_seeds_reaching_the_target_first_and_skips_reference_arms():
     from mpts.reports.measures import RUN_NUMBERS
-    from mpts.reports.stats import Estimate, bootstrap_mean
+    from mpts.reports.stats import Estimate, mean_interval
     from mpts.reports.tables import best_groups, headline_columns
 
     def group(name, rollouts, brier, reference=False):
         estimates = {key: Estimate(None, None, None, 0, len(rollouts)) for key in RUN_NUMBERS}
-        estimates["rollouts_to_target"] = bootstrap_mean(rollouts)
-        estimates["brier"] = bootstrap_mean([brier] * len(rollouts))
+        estimates["rollouts_to_target"] = mean_interval(rollouts)
+        estimates["brier"] = mean_interval([brier] * len(rollouts))
         return {"group": name, "estimates": estimates, "rollouts_ratio": {}, "reference": reference}
 
     groups = [group("fast but censored", [1000.0, math.nan], 0.05), group("slower, always", [3000.0, 3500.0], 0.04),

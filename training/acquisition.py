@@ -4,10 +4,12 @@ Rules never model and predictors never choose: any rule works with any `SuccessP
 `select` returns positions into the candidate batch (distinct, `batch_size` of them, except
 `dynamic_sampling`, which orders all candidates). Ties are broken at random by the generator.
 
-Two class flags tell the loop what a rule needs:
+Class flags tell the loop what a rule needs, and reports what it is:
 - `needs_truth`: the loop passes a `PointMassPosterior` of the true p (simulator only);
 - `rolls_out_all`: the loop rolls the returned candidates out in chunks of `batch_size` until
-  `batch_size` informative groups (0 < s < k) are kept, and counts every rollout it spent.
+  `batch_size` informative groups (0 < s < k) are kept, and counts every rollout it spent;
+- `baseline`: a reference arm every other arm is compared with, paired by seed (uniform, DAPO
+  dynamic sampling); a rule with `needs_truth` is a reference of another kind (an upper bound).
 
 `sample_candidates` draws the step's candidate ids uniformly without replacement from the pool.
 """
@@ -18,17 +20,16 @@ import abc
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from mpts.models.base import SuccessPosterior
+from mpts.models.options import StrictOptions
 from mpts.models.registry import Registry
 
 
-class AcquisitionOptions(BaseModel):
-    """Base of every rule's options; unknown keys are errors, not silent defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class AcquisitionOptions(StrictOptions):
+    """Base of every rule's options; unknown keys, booleans as numbers and NaN/inf are errors."""
 
 
 class Acquisition(abc.ABC):
@@ -36,6 +37,7 @@ class Acquisition(abc.ABC):
     Options: ClassVar[type[AcquisitionOptions]] = AcquisitionOptions
     needs_truth: ClassVar[bool] = False
     rolls_out_all: ClassVar[bool] = False
+    baseline: ClassVar[bool] = False
 
     def __init__(self, options: AcquisitionOptions | None = None):
         self.options = options if options is not None else self.Options()
@@ -53,6 +55,11 @@ class Acquisition(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
+
+
+def reference_role(rule: Acquisition | type[Acquisition]) -> str | None:
+    """What a run records about its rule for reports: "sees_truth", "baseline" or None."""
+    return "sees_truth" if rule.needs_truth else "baseline" if rule.baseline else None
 
 
 def check_batch_size(batch_size: int, num_candidates: int) -> None:
@@ -79,6 +86,7 @@ class Uniform(Acquisition):
     """B candidates uniformly at random: the baseline."""
 
     name = "uniform"
+    baseline = True
 
     def _select(self, posterior, batch_size, generator, k):
         return torch.randperm(len(posterior), generator=generator)[:batch_size]
@@ -89,6 +97,7 @@ class DynamicSampling(Acquisition):
 
     name = "dynamic_sampling"
     rolls_out_all = True
+    baseline = True
 
     def _select(self, posterior, batch_size, generator, k):
         return torch.randperm(len(posterior), generator=generator)

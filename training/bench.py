@@ -1,20 +1,23 @@
 """`mpts bench`: milliseconds per step of predict + select + observe, and state bytes per prompt.
 
 Synthetic truth (p_i ~ Beta(2, 2)) stands in for the learner, so only the predictor and the rule
-are timed; drawing the outcomes is outside the timed region. Prints figures; asserts nothing.
+are timed, through the same Selector the loop uses; drawing candidates and outcomes is outside the
+timed region. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import get_acquisition_class, sample_candidates
+from mpts.training.acquisition import get_acquisition_class
+from mpts.training.selector import Selector
 
 NEEDS_FEATURES = {"gp", "id_vae"}
 
@@ -22,40 +25,60 @@ NEEDS_FEATURES = {"gp", "id_vae"}
 def bench(predictor: str = "beta", pool: int = 1_000_000, candidates: int = 4096, batch: int = 256, k: int = 8,
           steps: int = 50, rule: str = "thompson_target", options: dict[str, Any] | None = None,
           feature_dim: int | None = None, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Time the Selector's calls as every way in makes them. A rule that rolls out every candidate
+    (dynamic sampling) observes the chunks of `batch` it would have rolled out to keep `batch`
+    informative groups; a rule that needs the truth (oracle) ranks on the synthetic p."""
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     truth = torch.distributions.Beta(2.0, 2.0).sample((pool,))
     if feature_dim is None:
         feature_dim = 16 if predictor in NEEDS_FEATURES else 0
     features = torch.randn(pool, feature_dim) if feature_dim else None
+    outcomes = torch.Generator().manual_seed(seed)
     cls = get_predictor_class(predictor)
     model = cls(PromptPool(size=pool, features=features), cls.Options(**(options or {})), seed=seed)
     acquisition_cls = get_acquisition_class(rule)
-    acquisition = acquisition_cls(acquisition_cls.Options())
+    selector = Selector(model, acquisition_cls(acquisition_cls.Options()), k=k, seed=seed)
 
     phases: dict[str, list[float]] = {"predict": [], "select": [], "observe": [], "total": []}
+    informative_shares = []
     for step in range(warmup + steps):
-        ids_pool = sample_candidates(pool, candidates, generator)
+        ids_pool = selector.sample_candidates(candidates, step)
+        truth_of = truth[ids_pool] if selector.rule.needs_truth else None
+        selection = selector.select(ids_pool, batch, step, truth=truth_of)
+        chosen, successes = _rolled_out(selection.rows, truth, batch, k, outcomes, selector.rule.rolls_out_all)
         t0 = time.perf_counter()
-        posterior = model.predict(ids_pool, step)
-        t1 = time.perf_counter()
-        chosen = ids_pool[acquisition.select(posterior, batch, generator, k)]
-        t2 = time.perf_counter()
-        successes = torch.binomial(torch.full((batch,), float(k)), truth[chosen], generator=generator)
-        t3 = time.perf_counter()
-        model.observe(chosen, successes, torch.full((batch,), float(k)), step)
-        t4 = time.perf_counter()
+        selector.observe(chosen, successes, torch.full((chosen.shape[0],), float(k)), step)
+        observe = time.perf_counter() - t0
         if step >= warmup:
-            phases["predict"].append(t1 - t0)
-            phases["select"].append(t2 - t1)
-            phases["observe"].append(t4 - t3)
-            phases["total"].append((t2 - t0) + (t4 - t3))
+            p = truth[chosen]
+            informative_shares.append(float((1 - p.pow(k) - (1 - p).pow(k)).mean()))
+            phases["predict"].append(selection.seconds["predict"])
+            phases["select"].append(selection.seconds["select"])
+            phases["observe"].append(observe)
+            phases["total"].append(selection.seconds["predict"] + selection.seconds["select"] + observe)
     state_bytes = model.state_nbytes()
     return {
         "predictor": predictor, "rule": rule, "pool": pool, "candidates": candidates, "batch": batch, "k": k,
         "steps": steps, "threads": torch.get_num_threads(),
-        "median_ms_per_step": 1e3 * statistics.median(phases["total"]),
-        "p90_ms_per_step": 1e3 * sorted(phases["total"])[int(0.9 * (len(phases["total"]) - 1))],
-        **{f"median_{name}_ms": 1e3 * statistics.median(values) for name, values in phases.items() if name != "total"},
+        "median_ms_per_step": 1e3 * float(np.median(phases["total"])),
+        "p90_ms_per_step": 1e3 * float(np.percentile(phases["total"], 90)),
+        **{f"median_{name}_ms": 1e3 * float(np.median(values)) for name, values in phases.items() if name != "total"},
         "state_bytes": state_bytes, "state_bytes_per_prompt": state_bytes / pool,
+        # P(0 < S < k) under the true p of the prompts rolled out: what the rule bought
+        "true_informative_share": float(np.mean(informative_shares)),
     }
+
+
+def _rolled_out(order: Tensor, truth: Tensor, batch: int, k: int, generator: torch.Generator,
+                all_candidates: bool) -> tuple[Tensor, Tensor]:
+    """(ids, successes) of what the loop would roll out: the first `batch`, or for dynamic sampling
+    whole chunks of `batch` until `batch` informative groups are in (as `loop.rollout_in_chunks`)."""
+    successes = (torch.rand(k, order.shape[0], generator=generator) < truth[order]).sum(0, dtype=torch.float32)
+    if not all_candidates:
+        return order[:batch], successes[:batch]
+    informative = ((successes > 0) & (successes < k)).long().cumsum(0)
+    reached = torch.nonzero(informative >= batch)
+    end = order.shape[0] if reached.numel() == 0 else (int(reached[0]) // batch + 1) * batch
+    return order[:end], successes[:end]

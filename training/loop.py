@@ -1,9 +1,11 @@
 """The common loop: one readable function for every environment, predictor and rule.
 
-Per step:  sample candidates -> predictor.predict -> rule.select -> env.rollout
+Per step:  selector: sample candidates -> predictor.predict -> rule.select -> env.rollout
            -> trace rows (the prediction made BEFORE the outcome, and the outcome)
-           -> predictor.observe -> env.train_on -> evaluate -> metrics -> checkpoint
-Every run is thereby also a prequential (predict-then-observe) calibration experiment.
+           -> selector.observe -> env.train_on -> evaluate -> metrics -> checkpoint
+Every run is thereby also a prequential (predict-then-observe) calibration experiment. The
+selector's random streams are keyed by (seed, stream, step), so arms of an ablation with the same
+seed see the same candidates, and the environment's rollout noise, at every step.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import pyro
 import torch
 import yaml
 
-from mpts.inference.scoring import score_trace
-from mpts.models.base import RiskPredictor, SuccessPosterior
-from mpts.models.posteriors import PointMassPosterior
+from mpts.inference.scoring import run_summary
+from mpts.models.base import RiskPredictor
 from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import Acquisition, get_acquisition_class, sample_candidates
+from mpts.training.acquisition import Acquisition, get_acquisition_class, reference_role, sample_candidates
 from mpts.training.config import RunConfig, config_to_yaml, validate_config
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
+from mpts.training.memory import check_fits, run_need
 from mpts.training.run_dir import RunFolder
+from mpts.training.selector import Selector
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
 
@@ -46,6 +49,10 @@ def build_acquisition(config: RunConfig) -> Acquisition:
     return cls(config.acquisition.with_options(cls.Options))
 
 
+def build_selector(config: RunConfig, env: Environment) -> Selector:
+    return Selector(build_predictor(config, env), build_acquisition(config), k=config.k, seed=config.seed)
+
+
 class StepTimer:
     """Accumulates wall seconds per phase of a step."""
 
@@ -61,38 +68,15 @@ class StepTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def prediction_columns(posterior: SuccessPosterior, outcomes: Outcomes,
-                       generator: torch.Generator) -> dict[str, np.ndarray]:
-    """What the predictor said about each rolled-out prompt, scored against its outcome."""
-    trials = outcomes.trials.clamp_min(1.0)  # a failed prompt may report 0 trials; masked below
-    successes = torch.minimum(outcomes.successes, trials)
-    p_unsolved = posterior.log_prob(torch.zeros_like(trials), trials).exp()
-    p_solved = posterior.log_prob(trials, trials).exp()
-    log_prob = posterior.log_prob(successes, trials)
-    pit = posterior.predictive_pit(successes, trials, generator)
-    q25, q75 = posterior.interval(0.5)
-    q05, q95 = posterior.interval(0.9)
-    failed = outcomes.failed
-    columns = {
-        "pred_mean": posterior.mean, "pred_var": posterior.variance,
-        "pred_p_informative": (1.0 - p_unsolved - p_solved).clamp(0.0, 1.0),
-        "pred_p_unsolved": p_unsolved, "pred_p_solved": p_solved,
-        "pred_log_prob": log_prob.masked_fill(failed, float("nan")),
-        "pred_pit": pit.masked_fill(failed, float("nan")),
-        "pred_q05": q05, "pred_q25": q25, "pred_q75": q75, "pred_q95": q95,
-    }
-    return {name: value.double().numpy() for name, value in columns.items()}
-
-
-def trace_rows(step: int, outcomes: Outcomes, posterior: SuccessPosterior, kept: torch.Tensor,
-               rule: str, generator: torch.Generator) -> pd.DataFrame:
+def trace_rows(step: int, outcomes: Outcomes, columns: dict[str, np.ndarray], kept: torch.Tensor,
+               rule: str) -> pd.DataFrame:
     n = outcomes.ids.shape[0]
     frame = {
         "step": np.full(n, step, dtype=np.int64),
         "prompt_id": outcomes.ids.numpy().astype(np.int64),
         "successes": outcomes.successes.numpy().astype(np.int64),
         "trials": outcomes.trials.numpy().astype(np.int64),
-        **prediction_columns(posterior, outcomes, generator),
+        **columns,
         "selected_by": np.full(n, rule, dtype=object),
         "kept": kept.numpy(),
         "failed": outcomes.failed.numpy(),
@@ -119,15 +103,15 @@ def rollout_in_chunks(env: Environment, ids: torch.Tensor, batch_size: int, k: i
     return outcomes, kept
 
 
-def posterior_draws(predictor: RiskPredictor, env: Environment, step: int, num_prompts: int,
-                    seed: int, num_draws: int = 500) -> pd.DataFrame | None:
+def posterior_draws(selector: Selector, env: Environment, step: int, num_prompts: int,
+                    num_draws: int = 500) -> pd.DataFrame | None:
     """Draws of p for a fixed sample of prompts from the final predictor (for ArviZ exports)."""
     num_prompts = min(num_prompts, env.pool.size)
     if num_prompts == 0:
         return None
-    generator = torch.Generator().manual_seed(seed + 7919)
+    generator = selector.streams.generator("trace", step)
     ids = sample_candidates(env.pool.size, num_prompts, generator).sort().values
-    draws = predictor.predict(ids, step).sample(num_draws, generator)  # [draws, prompts]
+    draws = selector.predict(ids, step).sample(num_draws, generator)  # [draws, prompts]
     truth = env.true_success(ids)
     frame = pd.DataFrame({
         "prompt_id": ids.repeat_interleave(num_draws).numpy().astype(np.int64),
@@ -138,71 +122,77 @@ def posterior_draws(predictor: RiskPredictor, env: Environment, step: int, num_p
     return frame
 
 
-def steps_to_target(metrics: pd.DataFrame, target: float) -> tuple[float, float]:
-    """(cumulative rollouts, step) at the first evaluation reaching `target`; NaN if never."""
-    reached = metrics[metrics["eval_accuracy"] >= target]
-    if reached.empty:
-        return float("nan"), float("nan")
-    first = reached.iloc[0]
-    return float(first["cumulative_rollouts"]), float(first["step"])
-
-
-def summarize(config: RunConfig, trace: pd.DataFrame, metrics: pd.DataFrame, initial_eval: float) -> dict[str, Any]:
-    rollouts_to_target, step_to_target = steps_to_target(metrics, config.target_accuracy)
-    evals = metrics["eval_accuracy"].dropna()
+def summarize(config: RunConfig, rule: Acquisition, trace: pd.DataFrame, metrics: pd.DataFrame,
+              initial_eval: float) -> dict[str, Any]:
+    """summary.json: what the run was (and whether its rule is a reference arm), then run_summary."""
     return {
         "config_name": config.name, "predictor": config.predictor.name, "acquisition": config.acquisition.name,
-        "environment": config.env.name, "seed": config.seed, "steps": int(metrics["step"].max()) + 1,
-        "target_accuracy": config.target_accuracy, "rollouts_to_target": rollouts_to_target,
-        "steps_to_target": step_to_target, "initial_eval_accuracy": initial_eval,
-        "final_eval_accuracy": float(evals.iloc[-1]) if len(evals) else float("nan"),
-        "total_rollouts": int(metrics["cumulative_rollouts"].iloc[-1]),
-        "mean_effective_ratio": float(metrics["effective_ratio"].mean()),
-        "wall_seconds": float(metrics["wall_seconds"].iloc[-1]),
-        **score_trace(trace),
+        "environment": config.env.name, "seed": config.seed, "target_accuracy": config.target_accuracy,
+        "reference": reference_role(rule), "initial_eval_accuracy": initial_eval,
+        **run_summary(trace, metrics, config.target_accuracy),
     }
 
 
-def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
+def check_checkpoint_fits(saved: dict[str, Any], config: RunConfig, path: Path | None) -> None:
+    """A checkpoint written by another config (another predictor, pool, seed ...) is refused by name."""
+    written_by = saved.get("config")
+    if written_by is None:  # older checkpoints: loading into the built components checks the shapes
+        return
+    current = config.model_dump(mode="json")
+    differ = [key for key in current if key != "steps" and written_by.get(key) != current[key]]
+    if differ:
+        key = differ[0]
+        raise ValueError(f"checkpoint {path} was written by another config ({key}: {written_by.get(key)!r} there, "
+                         f"{current[key]!r} in config.yaml); nothing was changed")
+
+
+def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, rollback_to: int | None = None,
         progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Run (or resume) one configuration into `out_dir`; returns the summary."""
+    """Run (or resume) one configuration into `out_dir`; returns the summary.
+
+    Everything is checked before the folder is touched: a new run's folder is created only once
+    its environment and predictor are built; a resume verifies the parts, the checkpoint and that
+    the checkpoint fits the config before it sets any surplus part aside (see `RunFolder`).
+    """
     folder = RunFolder(Path(out_dir))
     if resume:
         config = validate_config(yaml.safe_load(folder.config_yaml()))
-        saved = folder.load_checkpoint()
+        plan = folder.plan_resume(rollback_to)
+        saved = plan.state
+        if saved is not None:
+            check_checkpoint_fits(saved, config, plan.checkpoint)
     else:
-        folder.create(config_to_yaml(config))
+        if rollback_to is not None:
+            raise ValueError("--rollback-to goes with --resume RUN_DIR")
+        folder.check_new()
         saved = None
 
+    check_fits(run_need(config), "this run")
     torch.manual_seed(config.seed)  # SVI-based predictors draw from the global RNG
     pyro.set_rng_seed(config.seed)
+    env = build_environment(config, folder.root)
     try:
-        env = build_environment(config, folder.root)
-    except BaseException:
-        if saved is None:
-            folder.remove()  # a run that never started leaves no folder behind
-        raise
-    try:
-        try:
-            predictor = build_predictor(config, env)
-            rule = build_acquisition(config)
-            if config.num_candidates > env.pool.size:
-                raise ValueError(f"candidate pool of {config.num_candidates} (candidate_ratio x batch_size) "
-                                 f"exceeds the {env.pool.size} prompts available")
-        except BaseException:
-            if saved is None:
-                folder.remove()
-            raise
-        generator = torch.Generator().manual_seed(config.seed)
+        selector = build_selector(config, env)
+        if config.num_candidates > env.pool.size:
+            raise ValueError(f"candidate pool of {config.num_candidates} (candidate_ratio x batch_size) "
+                             f"exceeds the {env.pool.size} prompts available")
+        if saved is not None:
+            try:
+                selector.load_state_dict(saved["selector"])
+                env.load_state_dict(saved["env"])
+            except Exception as error:
+                raise ValueError(f"checkpoint {plan.checkpoint} does not fit this run: {error}") from None
+        if resume:
+            folder.apply(plan)
+        else:
+            folder.create(config_to_yaml(config))
+        rule = selector.rule
         B, C, k = config.batch_size, config.num_candidates, config.k
 
         if saved is None:
             start, cumulative, wall = 0, 0, 0.0
             initial_eval = env.evaluate()
         else:
-            predictor.load_state_dict(saved["predictor"])
-            env.load_state_dict(saved["env"])
-            generator.set_state(saved["generator"])
             torch.set_rng_state(saved["torch_rng"])
             start, cumulative, wall = saved["step"] + 1, saved["cumulative_rollouts"], saved["wall_seconds"]
             initial_eval = saved["initial_eval"]
@@ -210,25 +200,25 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
         for step in range(start, config.steps):
             step_start = time.perf_counter()
             timer = StepTimer()
-            candidates = sample_candidates(env.pool.size, C, generator)
-
-            with timer("predict"):
-                posterior = predictor.predict(candidates, step)
-            with timer("select"):
-                basis = PointMassPosterior(env.true_success(candidates)) if rule.needs_truth else posterior
-                order = rule.select(basis, C if rule.rolls_out_all else B, generator, k)
+            candidates = selector.sample_candidates(C, step)
+            truth = env.true_success(candidates) if rule.needs_truth else None
+            selection = selector.select(candidates, B, step, truth=truth)
+            timer.seconds.update(selection.seconds)
+            env.use_generator(selector.streams.generator("environment", step))
             with timer("rollout"):
                 if rule.rolls_out_all:
-                    outcomes, kept = rollout_in_chunks(env, candidates[order], B, k)
+                    outcomes, kept = rollout_in_chunks(env, selection.rows, B, k)
                 else:
-                    outcomes = env.rollout(candidates[order], k)
+                    outcomes = env.rollout(selection.rows, k)
                     kept = ~outcomes.failed
-            rolled_positions = order[: outcomes.ids.shape[0]]
-            trace = trace_rows(step, outcomes, posterior.take(rolled_positions), kept, rule.name, generator)
+            rolled = torch.arange(outcomes.ids.shape[0])
+            columns = selector.prediction_columns(selection.posterior.take(rolled), outcomes.successes,
+                                                  outcomes.trials, step, outcomes.failed)
+            trace = trace_rows(step, outcomes, columns, kept, rule.name)
 
             ok = ~outcomes.failed
             with timer("observe"):
-                diagnostics = (predictor.observe(outcomes.ids[ok], outcomes.successes[ok], outcomes.trials[ok], step)
+                diagnostics = (selector.observe(outcomes.ids[ok], outcomes.successes[ok], outcomes.trials[ok], step)
                                if bool(ok.any()) else {})
             with timer("train"):
                 train_info = env.train_on(outcomes.take(kept)) if bool(kept.any()) else {}
@@ -254,17 +244,18 @@ def run(config: RunConfig, out_dir: Path | str, *, resume: bool = False,
             folder.add_step(step, trace, metrics)
             if (step + 1) % config.checkpoint_every == 0 or step == config.steps - 1:
                 folder.checkpoint(step, {
-                    "predictor": predictor.state_dict(), "env": env.state_dict(),
-                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "selector": selector.state_dict(), "env": env.state_dict(),
+                    "torch_rng": torch.get_rng_state(),  # environments (e.g. the LM) may draw from it
                     "cumulative_rollouts": cumulative, "wall_seconds": wall, "initial_eval": initial_eval,
+                    "config": config.model_dump(mode="json"),
                 }, config.steps)
             if progress is not None:
                 progress(step + 1, config.steps, metrics)
 
         trace, metrics_frame = folder.read_parts("trace"), folder.read_parts("metrics")
-        summary = summarize(config, trace, metrics_frame, initial_eval)
-        draws = posterior_draws(predictor, env, config.steps, config.posterior_draws_prompts, config.seed)
-        folder.finalize(summary, predictor.state_dict(), draws)
+        summary = summarize(config, rule, trace, metrics_frame, initial_eval)
+        draws = posterior_draws(selector, env, config.steps, config.posterior_draws_prompts)
+        folder.finalize(summary, selector.predictor.state_dict(), draws)
         folder.write_progress(config.steps, config.steps, "done")
         return summary
     finally:

@@ -4,7 +4,12 @@ A trace is any table with at least `step, prompt_id, successes, trials` (parquet
 from mpts or any other RL system. Steps are fed in order; at each step the predictor predicts the
 step's prompts, the prediction is scored against the outcome, and only then is the outcome
 observed. Rows repeating a (step, prompt_id) pair are summed (per-rollout logs work as they are).
-Non-integer prompt ids (e.g. strings or hashes) are mapped to 0..n-1 in order of appearance.
+Prompt ids are labels (any integers, strings or hashes), never array indices: the predictor sees
+them as rows 0..n-1 in order of first appearance, and the scored table keeps the labels.
+
+Every number is checked before anything runs: counts must be whole, finite, non-negative, not
+booleans, and at most MAX_COUNT (exact in the predictors' float32); steps at most MAX_STEP.
+Errors name the file, the column and the row.
 """
 
 from __future__ import annotations
@@ -15,14 +20,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import ValidationError
 
+from mpts.inference.schema import OUTCOME_COLUMNS
 from mpts.inference.scoring import score_trace
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
-from mpts.training.environments.base import Outcomes
-from mpts.training.loop import prediction_columns
+from mpts.training.config import format_errors
+from mpts.training.memory import MemoryNeed, check_fits, predictor_state_bytes
+from mpts.training.selector import Selector
 
-REQUIRED_COLUMNS = ("step", "prompt_id", "successes", "trials")
+REQUIRED_COLUMNS = OUTCOME_COLUMNS
+MAX_COUNT = 2**24  # successes and trials of one (step, prompt): exact in float32
+MAX_STEP = 2**31 - 1  # predictors keep steps as int32
 
 
 class TraceError(ValueError):
@@ -31,6 +41,8 @@ class TraceError(ValueError):
 
 def read_trace(path: Path | str) -> pd.DataFrame:
     path = Path(path)
+    if path.is_dir():
+        raise TraceError(f"trace {path} is a folder; give a trace file (e.g. {path / 'trace.parquet'})")
     if not path.is_file():
         raise TraceError(f"trace file {path} does not exist")
     suffix = path.suffix.lower()
@@ -40,7 +52,7 @@ def read_trace(path: Path | str) -> pd.DataFrame:
         elif suffix == ".csv":
             frame = pd.read_csv(path)
         elif suffix in (".jsonl", ".ndjson", ".json"):
-            frame = pd.read_json(path, lines=True)
+            frame = pd.read_json(path, lines=True, dtype=False)  # keep `true` a bool, not a silent 1
         else:
             raise TraceError(f"trace file {path}: unknown format {suffix!r}; use .parquet, .csv or .jsonl")
     except TraceError:
@@ -51,37 +63,36 @@ def read_trace(path: Path | str) -> pd.DataFrame:
 
 
 def validate_trace(frame: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
-    """Check columns and values; returns one row per (step, prompt) with integer ids."""
+    """Check columns and values; returns one row per (step, prompt id label), counts as int64."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise TraceError(f"{source}: missing column(s) {', '.join(missing)}; a trace needs {', '.join(REQUIRED_COLUMNS)}")
     if frame.empty:
         raise TraceError(f"{source}: the trace has no rows")
     out = frame[list(REQUIRED_COLUMNS)].copy()
-    for column in ("step", "successes", "trials"):
+    limits = {"step": MAX_STEP, "successes": MAX_COUNT, "trials": MAX_COUNT}
+    for column, limit in limits.items():
+        if pd.api.types.is_bool_dtype(out[column]) or (
+                out[column].dtype == object and out[column].map(lambda v: isinstance(v, bool)).any()):
+            raise TraceError(f"{source}: column {column!r} holds booleans; it needs whole numbers")
         values = pd.to_numeric(out[column], errors="coerce")
         bad = values.isna() | ~np.isfinite(values.astype(float))
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise TraceError(f"{source}: column {column!r} has a missing or non-numeric value "
-                             f"({frame[column].iloc[row]!r}) at row {row}")
-        if (values < 0).any():
-            row = int(np.flatnonzero((values < 0).to_numpy())[0])
-            raise TraceError(f"{source}: column {column!r} is negative ({values.iloc[row]}) at row {row}")
-        if (values != values.round()).any():
-            row = int(np.flatnonzero((values != values.round()).to_numpy())[0])
-            raise TraceError(f"{source}: column {column!r} must hold whole numbers; row {row} has {values.iloc[row]}")
+        _refuse(bad, f"{source}: column {column!r} has a missing or non-numeric value", frame[column])
+        _refuse(values < 0, f"{source}: column {column!r} is negative", values)
+        _refuse(values != values.round(), f"{source}: column {column!r} must hold whole numbers; it has", values)
+        _refuse(values > limit, f"{source}: column {column!r} is larger than {limit}", values)
         out[column] = values.astype(np.int64)
     if out["prompt_id"].isna().any():
         raise TraceError(f"{source}: column 'prompt_id' has missing values")
-    if pd.api.types.is_integer_dtype(out["prompt_id"]) and (out["prompt_id"] >= 0).all():
-        out["prompt_id"] = out["prompt_id"].astype(np.int64)
-    else:
-        out["prompt_id"] = pd.factorize(out["prompt_id"].astype(str))[0].astype(np.int64)
+    if not pd.api.types.is_integer_dtype(out["prompt_id"]):
+        out["prompt_id"] = out["prompt_id"].astype(str)
     out = out.groupby(["step", "prompt_id"], as_index=False, sort=True)[["successes", "trials"]].sum()
     if (out["trials"] < 1).any():
         row = out[out["trials"] < 1].iloc[0]
         raise TraceError(f"{source}: trials must be >= 1 (step {row.step}, prompt {row.prompt_id} has 0)")
+    if (out["trials"] > MAX_COUNT).any():
+        row = out[out["trials"] > MAX_COUNT].iloc[0]
+        raise TraceError(f"{source}: column 'trials' sums to more than {MAX_COUNT} at step {row.step}, prompt {row.prompt_id}")
     over = out["successes"] > out["trials"]
     if over.any():
         row = out[over].iloc[0]
@@ -90,25 +101,49 @@ def validate_trace(frame: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     return out
 
 
+def _refuse(bad: pd.Series, message: str, shown: pd.Series) -> None:
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise TraceError(f"{message} ({shown.iloc[row]!r}) at row {row}")
+
+
 def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None = None, *,
-           num_prompts: int | None = None, seed: int = 0) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Score `predictor` prequentially on a validated trace; returns (scores, scored rows)."""
+           num_prompts: int | None = None, seed: int = 0, pool: PromptPool | None = None,
+           ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Score `predictor` prequentially on a validated trace; returns (scores, scored rows).
+
+    `pool` carries what is known about the prompts (texts, embeddings, clusters; see
+    `mpts.training.logs.replay_pool`); without it the pool is bare ids.
+    """
     cls = get_predictor_class(predictor)
-    size = int(trace["prompt_id"].max()) + 1 if num_prompts is None else num_prompts
-    if size <= int(trace["prompt_id"].max()):
-        raise TraceError(f"trace has prompt id {int(trace['prompt_id'].max())} but num_prompts is {size}")
-    torch.manual_seed(seed)
-    model = cls(PromptPool(size=size), cls.Options(**(options or {})), seed=seed)
-    generator = torch.Generator().manual_seed(seed)
+    try:
+        predictor_options = cls.Options(**(options or {}))
+    except ValidationError as error:
+        raise TraceError(f"predictor {predictor}: {format_errors(error)}") from None
+    if pool is None:
+        rows_of_labels, labels = pd.factorize(trace["prompt_id"], sort=False)
+        size = len(labels) if num_prompts is None else num_prompts
+        if size < len(labels):
+            raise TraceError(f"trace has {len(labels)} distinct prompt ids but num_prompts is {size}")
+    else:  # a log reader numbered the prompts: the ids are the pool's rows
+        rows_of_labels, size = trace["prompt_id"].to_numpy(np.int64), pool.size
+        if int(rows_of_labels.max()) >= size or int(rows_of_labels.min()) < 0:
+            raise TraceError(f"trace has prompt id {int(rows_of_labels.max())} but the prompt pool has {size} prompts")
+    feature_dim = pool.feature_dim if pool is not None else 0
+    check_fits(MemoryNeed({"distinct prompt ids": predictor_state_bytes(cls, predictor_options, size, feature_dim)}),
+               f"replaying {size} prompts with {predictor}")
+    pool = pool if pool is not None else PromptPool(size=size)
+    selector = Selector(cls(pool, predictor_options, seed=seed), seed=seed)
     scored = []
+    trace = trace.assign(_row=rows_of_labels)
     for step, rows in trace.groupby("step", sort=True):
-        ids = torch.tensor(rows["prompt_id"].to_numpy())
+        ids = torch.tensor(rows["_row"].to_numpy(), dtype=torch.long)
         successes = torch.tensor(rows["successes"].to_numpy(), dtype=torch.float32)
         trials = torch.tensor(rows["trials"].to_numpy(), dtype=torch.float32)
-        posterior = model.predict(ids, int(step))
-        columns = prediction_columns(posterior, Outcomes(ids, successes, trials), generator)
-        scored.append(rows.assign(**columns))
-        model.observe(ids, successes, trials, int(step))
+        posterior = selector.predict(ids, int(step))
+        columns = selector.prediction_columns(posterior, successes, trials, int(step))
+        scored.append(rows.drop(columns="_row").assign(**columns))
+        selector.observe(ids, successes, trials, int(step))
     table = pd.concat(scored, ignore_index=True)
     table["failed"] = False
     return {"predictor": predictor, "steps": int(trace["step"].nunique()), **score_trace(table)}, table

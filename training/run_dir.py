@@ -2,48 +2,57 @@
 
 Layout of a run folder:
 
-    config.yaml            the resolved config
-    trace.parquet          one row per rolled-out prompt per step (schema: TRACE_SCHEMA)
-    metrics.parquet        one row per step (METRICS_REQUIRED plus extras)
-    summary.json           final scores
+    config.yaml             the resolved config
+    trace.parquet           one row per rolled-out prompt per step (columns: mpts.inference.schema)
+    metrics.parquet         one row per step (METRICS_REQUIRED plus extras)
+    summary.json            final scores
     posterior_draws.parquet draws of p for a sample of prompts from the final predictor
-    progress.json          {"step", "steps", "status"}: how far a (long) run has come
-    checkpoints/latest.pt  everything needed to resume (predictor, environment, RNG, step)
+    progress.json           {"step", "steps", "status"}: how far a (long) run has come
+    checkpoints/step-NNNNNNN.pt  everything needed to resume from that step (predictor, environment, RNG)
+    checkpoints/latest.pt   the newest of them (a hard link, no second copy)
     checkpoints/predictor_final.pt
-    parts/                 trace/metrics rows flushed at each checkpoint (merged at the end)
+    parts/                  trace/metrics rows flushed at each checkpoint (merged at the end)
+    parts/manifest.json     every part's step span, row count and sha256
+    parts/.orphaned/<time>/ parts (and final tables) set aside by a resume or a rollback
 
-Rows are flushed to `parts/` right before each checkpoint, so on resume every row up to the
-checkpoint's step is on disk; parts written after the last checkpoint (a crash in between) are
-dropped, and the run continues with no lost or duplicated rows.
+Safety rules. Nothing here deletes a file. A resume first checks everything (config, every part
+against the manifest, the checkpoint) and only then changes anything: parts written after the
+checkpoint it resumes from (a crash in between, or `--rollback-to`) are moved to
+`parts/.orphaned/`, never removed. Write order at a checkpoint is parts -> manifest -> checkpoint,
+each atomic, so a crash at any moment leaves a folder a resume can verify.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-TRACE_SCHEMA = pa.schema([
-    ("step", pa.int64()), ("prompt_id", pa.int64()), ("successes", pa.int64()), ("trials", pa.int64()),
-    ("pred_mean", pa.float64()), ("pred_var", pa.float64()), ("pred_p_informative", pa.float64()),
-    ("pred_p_unsolved", pa.float64()), ("pred_p_solved", pa.float64()), ("pred_log_prob", pa.float64()),
-    ("pred_pit", pa.float64()), ("pred_q05", pa.float64()), ("pred_q25", pa.float64()),
-    ("pred_q75", pa.float64()), ("pred_q95", pa.float64()), ("selected_by", pa.string()),
-    ("kept", pa.bool_()), ("failed", pa.bool_()), ("true_p", pa.float64()),
-])
+from mpts.inference.schema import METRICS_REQUIRED, TRACE_FIELDS  # noqa: F401  (METRICS_REQUIRED re-exported)
 
-METRICS_REQUIRED = [
-    "step", "rollouts", "cumulative_rollouts", "prompts_rolled_out", "effective_ratio", "train_accuracy",
-    "eval_accuracy", "wall_seconds", "predict_seconds", "select_seconds", "rollout_seconds",
-    "observe_seconds", "train_seconds",
-]
+TRACE_SCHEMA = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in TRACE_FIELDS])
+
+PART_KINDS = ("trace", "metrics")
+PART_NAME = re.compile(r"^(trace|metrics)-(\d+)-(\d+)\.parquet$")
+CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
+FINAL_TABLES = ("trace.parquet", "metrics.parquet", "summary.json", "posterior_draws.parquet")
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked; the message names the file and the way out."""
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -53,12 +62,27 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(payload, indent=2, default=_json_default).encode())
+    """Strict JSON (NaN and inf written as null, which every JSON reader accepts), atomically."""
+    _atomic_write_bytes(path, to_json(payload, indent=2).encode())
+
+
+def to_json(payload: Any, **kwargs: Any) -> str:
+    return json.dumps(_finite_or_null(payload), allow_nan=False, default=_json_default, **kwargs)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, (np.generic, torch.Tensor)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
@@ -68,6 +92,38 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Part:
+    file: str
+    kind: str
+    first: int
+    last: int
+    rows: int
+    sha256: str
+
+
+@dataclass
+class ResumePlan:
+    """What a resume will do, worked out before anything is touched."""
+
+    state: dict[str, Any] | None      # the checkpoint to load (None: start again from step 0)
+    checkpoint: Path | None
+    keep: list[Part]                  # parts up to the checkpoint, verified
+    set_aside: list[str]              # files in parts/ (and final tables) to move to .orphaned/
+
+    @property
+    def step(self) -> int:
+        return -1 if self.state is None else int(self.state["step"])
+
+
 class RunFolder:
     """Writes one run's folder; buffers rows in memory between checkpoints."""
 
@@ -75,49 +131,172 @@ class RunFolder:
         self.root = Path(root)
         self.parts = self.root / "parts"
         self.checkpoints = self.root / "checkpoints"
+        self.manifest_path = self.parts / "manifest.json"
         self._trace: list[pd.DataFrame] = []
         self._metrics: list[dict[str, Any]] = []
         self._first_unflushed: int | None = None
 
-    # -- creating and resuming ---------------------------------------------------------------
-    def create(self, config_yaml: str) -> None:
+    # -- creating ------------------------------------------------------------------------------
+    def check_new(self) -> None:
+        """Raise unless a new run may be written here; touches nothing."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunFolderError(f"--out {self.root} is a file, not a folder; give a folder path for the run")
         if (self.root / "config.yaml").exists():
             raise FileExistsError(f"{self.root} already holds a run; use --resume {self.root} or another --out")
         if self.root.exists() and any(self.root.iterdir()):
             raise FileExistsError(f"{self.root} exists and is not empty; choose another --out")
+        for parent in self.root.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise RunFolderError(f"--out {self.root}: {parent} is a file, not a folder")
+                break
+
+    def create(self, config_yaml: str) -> None:
+        """Write the config of a new run (after `check_new` and after its components were built)."""
+        if (self.root / "config.yaml").exists():
+            raise FileExistsError(f"{self.root} already holds a run; use --resume {self.root} or another --out")
         self.root.mkdir(parents=True, exist_ok=True)
         self.parts.mkdir(exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
+        self._write_manifest([])
         _atomic_write_bytes(self.root / "config.yaml", config_yaml.encode())
-
-    def remove(self) -> None:
-        """Delete a folder this object created (a run whose set-up failed)."""
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def config_yaml(self) -> str:
         path = self.root / "config.yaml"
+        if not self.root.is_dir():
+            raise RunFolderError(f"{self.root} is not a run folder (no such folder)")
         if not path.is_file():
-            raise FileNotFoundError(f"{self.root} is not a run folder (no config.yaml)")
+            raise RunFolderError(f"{self.root} is not a run folder (no config.yaml)")
         return path.read_text()
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """The latest checkpoint, with any rows flushed after it removed from parts/."""
-        path = self.checkpoints / "latest.pt"
-        if not path.exists():
-            self._drop_parts_after(-1)
+    # -- the manifest ----------------------------------------------------------------------------
+    def manifest(self) -> list[Part] | None:
+        """The recorded parts; None for a folder written before manifests existed."""
+        if not self.manifest_path.exists():
             return None
         try:
+            entries = json.loads(self.manifest_path.read_text())["parts"]
+            return [Part(**entry) for entry in entries]
+        except (ValueError, KeyError, TypeError) as error:
+            raise RunFolderError(f"{self.manifest_path} is unreadable ({error}); restore it from a backup "
+                                 f"or resume with --rollback-to 0 to start again (its parts are kept)") from None
+
+    def _write_manifest(self, parts: list[Part]) -> None:
+        payload = {"version": 1, "parts": [vars(p) for p in sorted(parts, key=lambda p: (p.first, p.kind))]}
+        _atomic_write_bytes(self.manifest_path, json.dumps(payload, indent=1).encode())
+
+    def _verify(self, part: Part) -> None:
+        path = self.parts / part.file
+        hint = f"resume with --rollback-to {part.first} to redo steps {part.first} onward (nothing is deleted)"
+        if not path.is_file():
+            raise RunFolderError(f"{path} is missing (steps {part.first}-{part.last}); {hint}")
+        if _sha256(path) != part.sha256:
+            raise RunFolderError(f"{path} is corrupt (checksum differs from parts/manifest.json); {hint}")
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as error:
+            raise RunFolderError(f"{path} is unreadable ({error}); {hint}") from None
+        if rows != part.rows:
+            raise RunFolderError(f"{path} has {rows} rows, the manifest records {part.rows}; {hint}")
+
+    def _legacy_parts(self) -> list[Part]:
+        """Parts of a folder without a manifest: read each one to prove it is whole."""
+        parts = []
+        for path in sorted(self.parts.glob("*.parquet")):
+            match = PART_NAME.match(path.name)
+            if not match:
+                continue
+            try:
+                rows = pq.read_table(path).num_rows
+            except Exception as error:
+                raise RunFolderError(f"{path} is unreadable ({error}); resume with --rollback-to "
+                                     f"{int(match[2])} to redo steps {int(match[2])} onward") from None
+            parts.append(Part(path.name, match[1], int(match[2]), int(match[3]), rows, _sha256(path)))
+        return parts
+
+    # -- resuming --------------------------------------------------------------------------------
+    def checkpoint_steps(self) -> list[int]:
+        steps = [int(m[1]) for p in self.checkpoints.glob("step-*.pt") if (m := CHECKPOINT_NAME.match(p.name))]
+        return sorted(steps)
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        try:
             state = torch.load(path, weights_only=False)
+            int(state["step"])
         except Exception as error:  # a truncated or foreign file
-            raise ValueError(f"checkpoint {path} is unreadable ({error}); the run cannot resume from it") from None
-        self._drop_parts_after(int(state["step"]))
+            older = [s for s in self.checkpoint_steps()
+                     if s < self._step_of(path) and not path.samefile(self.checkpoints / f"step-{s:07d}.pt")]
+            way_out = (f"resume with --rollback-to {older[-1] + 1} to use the one at step {older[-1]}"
+                       if older else "resume with --rollback-to 0 to start again")
+            raise RunFolderError(f"checkpoint {path} is unreadable ({error}); the run cannot resume from it; "
+                                 f"{way_out} (nothing is deleted)") from None
         return state
 
-    def _drop_parts_after(self, step: int) -> None:
-        for part in self.parts.glob("*.parquet"):
-            first = int(part.stem.split("-")[1])
-            if first > step:
-                part.unlink()
+    @staticmethod
+    def _step_of(path: Path) -> int:
+        match = CHECKPOINT_NAME.match(path.name)
+        return int(match[1]) if match else 1 << 62  # latest.pt: newer than every step file
+
+    def plan_resume(self, rollback_to: int | None = None) -> ResumePlan:
+        """Check the folder and choose the checkpoint; changes nothing.
+
+        `rollback_to=STEP` resumes from the newest checkpoint before STEP (none: from the start),
+        so steps STEP onward are run again and their old rows are set aside.
+        """
+        self.config_yaml()
+        if rollback_to is not None and rollback_to < 0:
+            raise RunFolderError(f"--rollback-to must be a step >= 0, got {rollback_to}")
+        checkpoint: Path | None = None
+        if rollback_to is None:
+            latest = self.checkpoints / "latest.pt"
+            checkpoint = latest if latest.exists() else None
+        else:
+            older = [s for s in self.checkpoint_steps() if s < rollback_to]
+            checkpoint = self.checkpoints / f"step-{older[-1]:07d}.pt" if older else None
+        state = self._load_checkpoint(checkpoint) if checkpoint is not None else None
+        step = -1 if state is None else int(state["step"])
+
+        recorded = self.manifest()
+        parts = self._legacy_parts() if recorded is None else recorded
+        keep = [p for p in parts if p.last <= step]
+        straddling = [p for p in parts if p.first <= step < p.last]
+        if straddling:
+            raise RunFolderError(f"{self.parts / straddling[0].file} spans steps {straddling[0].first}-"
+                                 f"{straddling[0].last} across the checkpoint at step {step}; resume with "
+                                 f"--rollback-to {straddling[0].first}")
+        if recorded is not None:  # parts of a folder without a manifest were proven whole by reading them
+            for part in keep:
+                self._verify(part)
+        for kind in PART_KINDS:
+            spans = sorted((p.first, p.last) for p in keep if p.kind == kind)
+            expected = 0
+            for first, last in spans:
+                if first != expected:
+                    raise RunFolderError(f"{self.parts}: {kind} rows for steps {expected}-{first - 1} are missing; "
+                                         f"resume with --rollback-to {expected} to redo them")
+                expected = last + 1
+            if expected != step + 1:
+                raise RunFolderError(f"{self.parts}: {kind} rows for steps {expected}-{step} are missing; "
+                                     f"resume with --rollback-to {expected} to redo them")
+        kept_files = {p.file for p in keep}
+        set_aside = sorted(p.name for p in self.parts.glob("*.parquet") if p.name not in kept_files)
+        if rollback_to is not None:
+            set_aside += [name for name in FINAL_TABLES if (self.root / name).exists()]
+        return ResumePlan(state, checkpoint, keep, set_aside)
+
+    def apply(self, plan: ResumePlan) -> Path | None:
+        """Carry out a checked plan: surplus files move to parts/.orphaned/<time>/; returns that folder."""
+        target = None
+        if plan.set_aside:
+            (self.parts / ".orphaned").mkdir(exist_ok=True)
+            target = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S-"), dir=self.parts / ".orphaned"))
+            for name in plan.set_aside:
+                source = self.parts / name if (self.parts / name).exists() else self.root / name
+                os.replace(source, target / name)
+        self._write_manifest(plan.keep)
+        if plan.checkpoint is not None and plan.checkpoint.name != "latest.pt":
+            self._point_latest_at(plan.checkpoint)
+        return target
 
     # -- rows ------------------------------------------------------------------------------------
     def add_step(self, step: int, trace: pd.DataFrame, metrics: dict[str, Any]) -> None:
@@ -129,31 +308,54 @@ class RunFolder:
     def flush(self, last_step: int) -> None:
         if self._first_unflushed is None:
             return
-        span = f"{self._first_unflushed:07d}-{last_step:07d}"
-        trace = pd.concat(self._trace, ignore_index=True)
-        _write_parquet(pa.Table.from_pandas(trace, schema=TRACE_SCHEMA, preserve_index=False),
-                       self.parts / f"trace-{span}.parquet")
-        _write_parquet(pa.Table.from_pandas(pd.DataFrame(self._metrics), preserve_index=False),
-                       self.parts / f"metrics-{span}.parquet")
+        first = self._first_unflushed
+        span = f"{first:07d}-{last_step:07d}"
+        tables = {
+            "trace": pa.Table.from_pandas(pd.concat(self._trace, ignore_index=True), schema=TRACE_SCHEMA,
+                                          preserve_index=False),
+            "metrics": pa.Table.from_pandas(pd.DataFrame(self._metrics), preserve_index=False),
+        }
+        recorded = self.manifest() or []
+        for kind, table in tables.items():
+            path = self.parts / f"{kind}-{span}.parquet"
+            _write_parquet(table, path)
+            recorded.append(Part(path.name, kind, first, last_step, table.num_rows, _sha256(path)))
+        self._write_manifest(recorded)
         self._trace, self._metrics, self._first_unflushed = [], [], None
 
     def checkpoint(self, step: int, state: dict[str, Any], steps_total: int) -> None:
         """Flush rows, then save resume state atomically (in that order: see module doc)."""
         self.flush(step)
-        tmp = self.checkpoints / "latest.pt.tmp"
+        path = self.checkpoints / f"step-{step:07d}.pt"
+        tmp = path.with_name(path.name + ".tmp")
         torch.save({**state, "step": step}, tmp)
-        os.replace(tmp, self.checkpoints / "latest.pt")
+        os.replace(tmp, path)
+        self._point_latest_at(path)
         self.write_progress(step + 1, steps_total, "running")
+
+    def _point_latest_at(self, path: Path) -> None:
+        tmp = self.checkpoints / "latest.pt.tmp"
+        tmp.unlink(missing_ok=True)  # a link left by a crash: the checkpoint it names is still in step-*.pt
+        try:
+            os.link(path, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, self.checkpoints / "latest.pt")
 
     def write_progress(self, done: int, steps_total: int, status: str) -> None:
         write_json(self.root / "progress.json", {"step": done, "steps": steps_total, "status": status})
 
     # -- the end ---------------------------------------------------------------------------------
     def read_parts(self, kind: str) -> pd.DataFrame:
-        files = sorted(self.parts.glob(f"{kind}-*.parquet"))
-        if not files:
+        """Every recorded part of `kind` in step order, each verified against the manifest."""
+        recorded = self.manifest()
+        parts = sorted((p for p in (self._legacy_parts() if recorded is None else recorded) if p.kind == kind),
+                       key=lambda p: p.first)
+        for part in parts:
+            self._verify(part)
+        if not parts:
             return pd.DataFrame()
-        return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        return pd.concat([pq.read_table(self.parts / p.file).to_pandas() for p in parts], ignore_index=True)
 
     def finalize(self, summary: dict[str, Any], predictor_state: dict[str, Any],
                  posterior_draws: pd.DataFrame | None) -> None:

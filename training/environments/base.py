@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from mpts.models.base import PromptPool
+from mpts.models.options import StrictOptions
 from mpts.models.registry import Registry
 
 
-class EnvironmentOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class EnvironmentOptions(StrictOptions):
+    """Base of every environment's options (see `StrictOptions`)."""
 
 
 @dataclasses.dataclass
@@ -75,6 +75,7 @@ class Environment(abc.ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[EnvironmentOptions]] = EnvironmentOptions
+    provides_truth: ClassVar[bool] = False  # true_success() knows p (rules with needs_truth require it)
 
     def __init__(self, options: EnvironmentOptions | None = None, seed: int = 0, run_dir: Path | None = None):
         self.options = options if options is not None else self.Options()
@@ -97,6 +98,10 @@ class Environment(abc.ABC):
     @abc.abstractmethod
     def evaluate(self) -> float:
         """Accuracy on the held-out evaluation set under the current policy."""
+
+    def use_generator(self, generator: torch.Generator) -> None:
+        """Draw the coming rollouts' randomness from `generator` (the loop passes one per step, so
+        paired arms share it). Environments that seed themselves otherwise may ignore it."""
 
     def true_success(self, ids: Tensor) -> Tensor | None:
         """The true success probabilities (simulator only); None where unknown."""

@@ -69,6 +69,7 @@ class SimulatorOptions(EnvironmentOptions):
 class SimulatedLearner(Environment):
     name = "sim"
     Options = SimulatorOptions
+    provides_truth = True
 
     def __init__(self, options: SimulatorOptions | None = None, seed: int = 0, run_dir: Path | None = None):
         super().__init__(options, seed, run_dir)
@@ -119,6 +120,9 @@ class SimulatedLearner(Environment):
 
     def _success(self, clusters: Tensor, difficulty: Tensor) -> Tensor:
         return torch.sigmoid(self.options.slope * (self.competence[clusters] - difficulty))
+
+    def use_generator(self, generator: torch.Generator) -> None:
+        self.generator = generator
 
     def true_success(self, ids: Tensor) -> Tensor:
         ids = self._check_ids(ids)

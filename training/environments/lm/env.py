@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from mpts.models.base import PromptPool, check_prompt_ids
+from mpts.training.embeddings import text_pool
 from ..base import Environment, EnvironmentOptions, Outcomes
 from .grpo import GRPOConfig, GRPOTrainer, Sequences, group_advantages
 from .rollout import RolloutBackend, SamplingConfig, make_backend
@@ -54,16 +55,7 @@ class LMOptions(EnvironmentOptions):
     max_new_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0.0, description="rollout sampling temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    lr: float = Field(1e-5, gt=0.0)
-    clip_low: float = Field(0.2, ge=0.0, lt=1.0)
-    clip_high: float = Field(0.28, ge=0.0)
-    kl_coef: float = Field(0.0, ge=0.0, description="> 0 keeps a frozen reference copy of the initial policy")
-    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
-    updates_per_batch: int = Field(1, ge=1, description="optimiser steps per rollout batch")
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    warmup_updates: int = Field(0, ge=0, description="GRPO updates over which the learning rate ramps up linearly")
-    weight_decay: float = Field(0.0, ge=0.0)
-    scale_by_std: bool = True
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="the GRPO update's options (grpo.py)")
     warmup_sft_steps: int = Field(0, ge=0, description="supervised steps on reference answers before GRPO")
     warmup_sft_batch: int = Field(64, ge=1)
     warmup_sft_lr: float = Field(3e-3, gt=0.0)
@@ -120,15 +112,11 @@ class LMEnvironment(Environment):
         texts = [self.task.format_prompt(p) for p in self.train_problems]
         self.prompt_ids = [self._encode(t) for t in texts]
         self.eval_prompt_ids = [self._encode(self.task.format_prompt(p)) for p in self.eval_problems]
-        self._pool = PromptPool(size=len(self.train_problems), texts=tuple(texts),
-                                clusters=torch.tensor([p.difficulty for p in self.train_problems], dtype=torch.long))
+        # features = MiniLM embeddings of the prompts, computed only if a predictor asks (gp, id_vae)
+        self._pool = text_pool(texts, clusters=torch.tensor([p.difficulty for p in self.train_problems], dtype=torch.long))
 
-        self.trainer = GRPOTrainer(self.model, GRPOConfig(
-            lr=opts.lr, clip_low=opts.clip_low, clip_high=opts.clip_high, kl_coef=opts.kl_coef,
-            micro_batch_size=opts.micro_batch_size, updates_per_batch=opts.updates_per_batch,
-            max_grad_norm=opts.max_grad_norm, weight_decay=opts.weight_decay, warmup_updates=opts.warmup_updates,
-            scale_by_std=opts.scale_by_std,
-            autocast_dtype=self.autocast_dtype), pad_id=self.pad_id, seed=seed)
+        self.trainer = GRPOTrainer(self.model, opts.grpo.model_copy(update={"autocast_dtype": self.autocast_dtype}),
+                                   pad_id=self.pad_id, seed=seed)
         self.backend = self._build_backend(model_dir)
         self.sampling = SamplingConfig(opts.max_new_tokens, opts.temperature, opts.top_p)
         self.eval_sampling = SamplingConfig(opts.max_new_tokens, opts.eval_temperature, 1.0)
@@ -248,7 +236,7 @@ class LMEnvironment(Environment):
         sizes = {len(g[0]) for g in groups}
         if len(sizes) != 1:
             raise ValueError(f"train_on: groups of different sizes {sorted(sizes)}; GRPO groups need one k")
-        advantages = group_advantages(torch.stack([g[1] for g in groups]), self.options.scale_by_std,
+        advantages = group_advantages(torch.stack([g[1] for g in groups]), self.options.grpo.scale_by_std,
                                       self.trainer.config.adv_eps)
         k = sizes.pop()
         keep = [(row, j) for row, g in enumerate(groups) for j in range(k) if len(g[0][j]) > 0]

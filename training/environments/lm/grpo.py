@@ -23,23 +23,31 @@ import math
 from typing import Iterator
 
 import torch
+from pydantic import ConfigDict, Field
 from torch import Tensor
 
+from mpts.models.options import StrictOptions
 
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig:
-    lr: float = 1e-5
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    kl_coef: float = 0.0
-    micro_batch_size: int = 32  # sequences per forward/backward; gradients accumulate across them
-    updates_per_batch: int = 1  # optimiser steps per rollout batch
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    warmup_updates: int = 0  # linear learning-rate warm-up: a fresh AdamW's first steps are sign-sized
-    scale_by_std: bool = True  # False: Dr. GRPO's mean-centred advantages
-    adv_eps: float = 1e-6
-    autocast_dtype: torch.dtype | None = None  # torch.bfloat16 on CUDA
+
+class GRPOConfig(StrictOptions):
+    """The GRPO options, validated; also the `grpo:` section of the LM environment's config."""
+
+    model_config = ConfigDict(**StrictOptions.model_config, arbitrary_types_allowed=True)
+
+    lr: float = Field(1e-5, ge=0.0, description="AdamW learning rate (0 freezes the weights: tests)")
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0)
+    clip_high: float = Field(0.28, ge=0.0)
+    kl_coef: float = Field(0.0, ge=0.0, description="> 0 keeps a frozen reference copy of the initial policy")
+    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    updates_per_batch: int = Field(1, ge=1, description="optimiser steps per rollout batch")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_updates: int = Field(0, ge=0, description="updates over which the learning rate ramps up linearly "
+                                "(a fresh AdamW's first steps are sign-sized)")
+    scale_by_std: bool = Field(True, description="False: Dr. GRPO's mean-centred advantages")
+    adv_eps: float = Field(1e-6, gt=0.0)
+    autocast_dtype: torch.dtype | None = Field(None, exclude=True,
+                                               description="set by the environment (bf16 on CUDA), not in configs")
 
 
 @dataclasses.dataclass

@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+from pydantic import Field
+
+from mpts.models.extras import import_extra
+
+import_extra("transformers", "lm")
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer  # noqa: E402
+
+from mpts.models.options import StrictOptions  # noqa: E402
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -33,10 +39,8 @@ def byte_symbols() -> list[str]:
     return [symbols[b] for b in range(256)]
 
 
-class TinyModelOptions(BaseModel):
+class TinyModelOptions(StrictOptions):
     """Shape of the tiny Qwen2. vLLM's CPU attention wants head_dim 64 (16 was refused)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     hidden_size: int = Field(128, ge=64)
     num_layers: int = Field(2, ge=1)

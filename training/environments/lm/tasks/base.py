@@ -13,13 +13,13 @@ import dataclasses
 import logging
 from typing import Any, ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from mpts.models.options import StrictOptions
 
 logger = logging.getLogger(__name__)
 
 
-class TaskOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class TaskOptions(StrictOptions):
+    """Base of every task's options (see `StrictOptions`)."""
 
 
 @dataclasses.dataclass(frozen=True)

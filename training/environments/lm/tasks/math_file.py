@@ -20,7 +20,6 @@ worker is killed (and restarted on the next request) and the item scores 0 with 
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import json
 import os
 import queue
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from pydantic import Field, model_validator
+
+from mpts.models.extras import import_extra
 
 from .base import Problem, Score, Task, TaskOptions, check_batch, check_count, check_template, fill_template
 from .extract import last_answer_tag, last_boxed
@@ -74,8 +75,7 @@ class MathFile(Task):
         if options is None:
             raise ValueError("math_file needs options with `path` (a .jsonl or .parquet file)")
         super().__init__(options)
-        if importlib.util.find_spec("math_verify") is None:
-            raise ImportError("math_file grades with math-verify: pip install 'math-verify>=0.9,<1'")
+        import_extra("math_verify", "lm")  # graded in worker processes; fail here, in one line
         self._rows = load_rows(Path(self.options.path), self.options)
         self._pool = _WorkerPool(self.options.workers, self.options.startup_timeout_seconds)
         self._finalizer = weakref.finalize(self, self._pool.close)

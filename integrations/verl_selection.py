@@ -1,0 +1,271 @@
+"""The selection half of the verl adapter, importable without verl: choose B of C dataset rows,
+observe verl's scored batch, write the mpts run folder.
+
+verl keys a prompt by `extra_info["index"]`; so does mpts (the Selector's ids are those labels, in
+dataset order, so a selector row is a dataset position). A rollout succeeds when its reward is
+>= `success_threshold`; a prompt's k rollouts give (successes, trials).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mpts.inference.scoring import score_trace
+from mpts.models.base import PromptPool
+from mpts.models.registry import get_predictor_class
+from mpts.training.acquisition import get_acquisition_class
+from mpts.training.config import ComponentConfig, _check_component, _format_errors
+from mpts.training.environments.base import Outcomes
+from mpts.training.loop import trace_rows
+from mpts.training.run_dir import RunFolder
+from mpts.training.selector import Selection, Selector
+
+
+class VerlSelectionError(ValueError):
+    """A verl setup or batch the adapter cannot select from; the message names what is wrong."""
+
+
+class SelectionConfig(BaseModel):
+    """The `mpts:` section of the verl config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    predictor: ComponentConfig = ComponentConfig(name="beta")
+    acquisition: ComponentConfig = ComponentConfig(name="thompson_target")
+    candidate_ratio: int = Field(8, ge=1, description="candidates per step = candidate_ratio x train batch")
+    success_threshold: float = Field(1.0, allow_inf_nan=False, description="a rollout succeeds when reward >= this")
+    reward: str = Field("score", description="'score' (verl's token_level_scores summed) or a reward extra key")
+    seed: int = 0
+    out: str | None = Field(None, description="the mpts run folder; default <trainer.default_local_dir>/mpts")
+    target_accuracy: float = Field(0.6, gt=0.0, le=1.0, description="recorded for `mpts report`")
+
+
+def read_selection_config(raw: dict[str, Any]) -> SelectionConfig:
+    """Validate the `mpts:` section, component options included; one line naming each bad field."""
+    try:
+        options = SelectionConfig(**raw)
+        _check_component("predictor", options.predictor, get_predictor_class)
+        _check_component("acquisition", options.acquisition, get_acquisition_class)
+    except ValidationError as error:
+        raise VerlSelectionError("mpts: " + _format_errors(error)) from None
+    except ValueError as error:
+        raise VerlSelectionError(f"mpts.{error}") from None
+    return options
+
+
+def checked_labels(labels: list[Any], where: str) -> np.ndarray:
+    """Prompt labels as an int64 or str array; refuses missing, None, mixed and all-equal ones."""
+    missing = [i for i, label in enumerate(labels)
+               if label is None or (isinstance(label, float) and math.isnan(label))]
+    if missing:
+        raise VerlSelectionError(f"{where}: extra_info['index'] is missing or None at row {missing[0]} "
+                                 f"({len(missing)} rows); every prompt needs its own index")
+    kinds = {type(label) for label in labels}
+    if kinds <= {int, np.int64, np.int32} or kinds <= {str, np.str_}:
+        array = np.asarray(labels)
+    elif kinds <= {int, float, np.int64, np.float64} and all(float(x).is_integer() for x in labels):
+        array = np.asarray(labels, dtype=np.float64).astype(np.int64)
+    else:
+        raise VerlSelectionError(f"{where}: extra_info['index'] must hold integers or strings, got "
+                                 f"{', '.join(sorted(k.__name__ for k in kinds))}")
+    if len(array) > 1 and bool(np.all(array == array[0])):
+        raise VerlSelectionError(f"{where}: every row has extra_info['index'] == {array[0].item()!r}; give each "
+                                 "prompt its own index (verl fills a missing one with 0)")
+    return array
+
+
+def batch_labels(infos: Any, where: str) -> np.ndarray:
+    if infos is None:
+        raise VerlSelectionError(f"{where} has no extra_info: mpts keys prompts by extra_info['index']")
+    return checked_labels([info.get("index") if isinstance(info, dict) else None for info in infos], where)
+
+
+class PromptSelection:
+    """Chooses B of C rows per step, observes the scored batch, writes the run folder.
+
+    One selection is pending at a time: `choose` refuses while the previous step's outcomes are
+    unobserved, which catches a dataloader that reads ahead. Steps are verl's global steps (from 1).
+    """
+
+    def __init__(self, options: SelectionConfig, labels: np.ndarray, batch_size: int, k: int, run_dir: Path):
+        self.options, self.labels, self.batch_size, self.k = options, labels, int(batch_size), int(k)
+        self.num_candidates = options.candidate_ratio * self.batch_size
+        if self.num_candidates > len(labels):
+            raise VerlSelectionError(f"candidate pool of {self.num_candidates} (mpts.candidate_ratio x "
+                                     f"data.train_batch_size) exceeds the {len(labels)} training prompts")
+        predictor_cls = get_predictor_class(options.predictor.name)
+        rule_cls = get_acquisition_class(options.acquisition.name)
+        if rule_cls.needs_truth or rule_cls.rolls_out_all:
+            why = "needs the true success rates" if rule_cls.needs_truth else "rolls out every candidate"
+            raise VerlSelectionError(f"mpts.acquisition.name={rule_cls.name!r} {why}; verl rolls out exactly "
+                                     "data.train_batch_size prompts per step")
+        predictor = predictor_cls(PromptPool(size=len(labels)), options.predictor.with_options(predictor_cls.Options),
+                                  seed=options.seed)
+        rule = rule_cls(options.acquisition.with_options(rule_cls.Options))
+        self.selector = Selector(predictor, rule, k=self.k, seed=options.seed, ids=labels)
+        self.folder = RunFolder(Path(run_dir))
+        self.pending: tuple[int, Selection, float] | None = None
+        self.last_observed = 0
+        self.cumulative_rollouts = 0
+        self.wall_seconds = 0.0
+        self.row: tuple[int, pd.DataFrame, dict[str, Any], float] | None = None  # observed, not yet recorded
+
+    # -- the run folder ------------------------------------------------------------------------
+    def config_yaml(self, total_steps: int) -> str:
+        options = self.options
+        return yaml.safe_dump({
+            "name": "verl", "seed": options.seed, "steps": int(total_steps), "batch_size": self.batch_size,
+            "candidate_ratio": options.candidate_ratio, "k": self.k, "target_accuracy": options.target_accuracy,
+            "success_threshold": options.success_threshold, "reward": options.reward,
+            "env": {"name": "verl", "num_prompts": len(self.labels)},
+            "predictor": {"name": options.predictor.name, **options.predictor.options},
+            "acquisition": {"name": options.acquisition.name, **options.acquisition.options},
+        }, sort_keys=False)
+
+    def start(self, total_steps: int) -> None:
+        self.folder.create(self.config_yaml(total_steps))
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.pending is not None:
+            raise VerlSelectionError(f"step {self.pending[0]} was selected but not observed; cannot checkpoint")
+        return {"step": self.last_observed, "selector": self.selector.state_dict(),
+                "cumulative_rollouts": self.cumulative_rollouts, "wall_seconds": self.wall_seconds}
+
+    def checkpoint(self, total_steps: int) -> dict[str, Any]:
+        """Record and flush the rows so far; returns the state to save with verl's checkpoint."""
+        self.record()
+        state = self.state_dict()
+        self.folder.checkpoint(self.last_observed, {"selector": state["selector"]}, total_steps)
+        return state
+
+    def resume(self, state: dict[str, Any], step: int) -> None:
+        """Continue from the state saved with verl's checkpoint at `step`; the run folder must agree."""
+        if state.get("step") != step:
+            raise VerlSelectionError(f"selector state is for step {state.get('step')}, verl resumes at step {step}")
+        saved = self.folder.load_checkpoint()
+        if saved is None or saved["step"] != step:
+            raise VerlSelectionError(f"the mpts run folder {self.folder.root} was last checkpointed at step "
+                                     f"{None if saved is None else saved['step']}, verl resumes from step {step}; "
+                                     "resume from that step or write to a new mpts.out")
+        self.selector.load_state_dict(state["selector"])
+        self.last_observed, self.cumulative_rollouts = step, int(state["cumulative_rollouts"])
+        self.wall_seconds = float(state["wall_seconds"])
+
+    def finish(self, total_steps: int) -> dict[str, Any]:
+        """Write trace.parquet, metrics.parquet, summary.json and the final predictor."""
+        self.record()
+        self.folder.flush(self.last_observed)
+        trace, metrics = self.folder.read_parts("trace"), self.folder.read_parts("metrics")
+        options = self.options
+        summary = {
+            "config_name": "verl", "predictor": options.predictor.name, "acquisition": options.acquisition.name,
+            "environment": "verl", "seed": options.seed, "steps": int(len(metrics)),
+            "target_accuracy": options.target_accuracy,
+            "total_rollouts": int(metrics["cumulative_rollouts"].iloc[-1]),
+            "mean_effective_ratio": float(metrics["effective_ratio"].mean()),
+            "wall_seconds": self.wall_seconds, **score_trace(trace),
+        }
+        self.folder.finalize(summary, self.selector.predictor.state_dict(), None)
+        self.folder.write_progress(self.last_observed, total_steps, "done")
+        return summary
+
+    # -- one step ------------------------------------------------------------------------------
+    def choose(self) -> list[int]:
+        """Dataset rows of the B prompts to generate for at the next step."""
+        step = self.last_observed + 1
+        if self.pending is not None:
+            raise VerlSelectionError(f"the prompts of step {self.pending[0] + 1} were requested before step "
+                                     f"{self.pending[0]}'s outcomes were observed: the dataloader reads ahead "
+                                     "(data.dataloader_num_workers must be 0)")
+        self.record()
+        started = time.perf_counter()
+        candidates = self.selector.sample_candidates(self.num_candidates, step)
+        selection = self.selector.select(candidates, self.batch_size, step)
+        self.pending = (step, selection, started)
+        return selection.rows.tolist()
+
+    def observe(self, infos: Any, rewards: np.ndarray, step: int) -> None:
+        """Fold one step's rollouts (extra_info per rollout, reward per rollout) into the predictor.
+
+        Everything is checked before the predictor changes: a refused batch leaves it as it was.
+        """
+        if self.pending is None or self.pending[0] != step:
+            raise VerlSelectionError(f"verl's batch for step {step} arrived but the pending selection is for step "
+                                     f"{None if self.pending is None else self.pending[0]}")
+        _, selection, started = self.pending
+        observed_at = time.perf_counter()
+        labels = batch_labels(infos, "verl's batch")
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if rewards.shape != labels.shape:
+            raise VerlSelectionError(f"verl's batch has {len(labels)} rollouts but {rewards.size} rewards")
+        bad = ~np.isfinite(rewards)
+        if bad.any():
+            raise VerlSelectionError(f"reward {self.options.reward!r} is {rewards[bad][0]} for prompt "
+                                     f"{labels[bad][0].item()!r}; rewards must be finite")
+        position = self.positions_in(selection, labels)
+        wins = torch.from_numpy((rewards >= self.options.success_threshold).astype(np.float32))
+        successes = torch.zeros(self.batch_size).index_add_(0, position, wins)
+        trials = torch.bincount(position, minlength=self.batch_size).float()
+        columns = self.selector.prediction_columns(selection.posterior, successes, trials, step)
+        diagnostics = self.selector.observe(selection.ids, successes, trials, step)
+        observe_seconds = time.perf_counter() - observed_at
+        # the trace's prompt_id is the label where labels are integers, else the dataset row
+        ids = torch.as_tensor(selection.ids) if np.asarray(selection.ids).dtype.kind in "iu" else selection.rows
+        outcomes = Outcomes(ids.long(), successes, trials)
+        trace = trace_rows(step, outcomes, columns, torch.ones(self.batch_size, dtype=torch.bool),
+                           self.selector.rule.name)
+        self.cumulative_rollouts += int(trials.sum())
+        metrics = {
+            "step": step, "rollouts": int(trials.sum()), "cumulative_rollouts": self.cumulative_rollouts,
+            "prompts_rolled_out": self.batch_size, "effective_ratio": float(outcomes.informative.float().mean()),
+            "train_accuracy": float((successes / trials).mean()), "eval_accuracy": math.nan,
+            **{f"{phase}_seconds": seconds for phase, seconds in selection.seconds.items()},
+            "rollout_seconds": observed_at - started - sum(selection.seconds.values()),
+            "observe_seconds": observe_seconds, "train_seconds": 0.0,
+            "elbo": float(np.mean(diagnostics["elbo"])) if diagnostics.get("elbo") else math.nan,
+            "failed_prompts": 0,
+        }
+        self.pending, self.last_observed = None, step
+        self.row = (step, trace, metrics, started)
+
+    def add_train_seconds(self, seconds: float) -> None:
+        if self.row is not None:
+            self.row[2]["train_seconds"] += seconds
+
+    def record(self) -> None:
+        """Add the observed step's row to the run folder (its wall time ends here)."""
+        if self.row is None:
+            return
+        step, trace, metrics, started = self.row
+        self.wall_seconds += time.perf_counter() - started
+        self.folder.add_step(step, trace, {**metrics, "wall_seconds": self.wall_seconds})
+        self.row = None
+
+    def positions_in(self, selection: Selection, labels: np.ndarray) -> torch.Tensor:
+        """Each rollout's position in the selection; refuses rollouts of prompts not selected and
+        selected prompts without a rollout."""
+        try:
+            rows = self.selector.rows(labels, "observe")
+        except (IndexError, TypeError, ValueError) as error:
+            raise VerlSelectionError(f"verl's batch: {error}") from None
+        order = torch.argsort(selection.rows)
+        chosen = selection.rows[order]
+        where = torch.searchsorted(chosen, rows).clamp(max=len(chosen) - 1)
+        foreign = chosen[where] != rows
+        if foreign.any():
+            raise VerlSelectionError(f"verl's batch holds prompt {labels[foreign.numpy()][0].item()!r}, which mpts "
+                                     "did not select for this step")
+        position = order[where]
+        unseen = torch.bincount(position, minlength=self.batch_size) == 0
+        if unseen.any():
+            label = np.asarray(selection.ids)[unseen.numpy()][0]
+            raise VerlSelectionError(f"prompt {label.item()!r} was selected but verl's batch has no rollout of it")
+        return position

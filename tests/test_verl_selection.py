@@ -1,0 +1,148 @@
+"""The verl adapter's selection half without verl: choose, observe a verl-shaped batch, refuse bad
+batches without changing anything, and write a run folder that `mpts report` and `mpts replay` read.
+(`tests/test_verl.py` drives the same code through verl's real trainer in `.venv-verl`.)"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mpts.integrations.verl_selection import (PromptSelection, VerlSelectionError, checked_labels,
+                                              read_selection_config)
+from mpts.training.cli import main as mpts_main
+
+B, K, RATIO, N = 3, 4, 2, 20
+
+
+def make_selection(tmp_path, labels=None, **options) -> PromptSelection:
+    labels = np.array([100 + 5 * i for i in range(N)]) if labels is None else labels
+    config = read_selection_config({"candidate_ratio": RATIO, "seed": 1, **options})
+    selection = PromptSelection(config, labels, B, K, tmp_path / "run")
+    selection.start(total_steps=4)
+    return selection
+
+
+def rollouts(selection: PromptSelection, rows: list[int], generator: np.random.Generator):
+    """verl-shaped outcomes of the chosen rows: k rollouts each, shuffled as batch balancing does."""
+    labels = np.repeat(selection.labels[rows], K)
+    rewards = (generator.random(len(labels)) < 0.5).astype(np.float64)
+    order = generator.permutation(len(labels))
+    return np.array([{"index": label.item()} for label in labels[order]], dtype=object), rewards[order]
+
+
+def test_outcomes_are_grouped_by_index_and_observed_once_per_step(tmp_path):
+    selection, generator = make_selection(tmp_path), np.random.default_rng(0)
+    for step in (1, 2, 3):
+        rows = selection.choose()
+        infos, rewards = rollouts(selection, rows, generator)
+        selection.observe(infos, rewards, step)
+        trace = selection.row[1]
+        labels = np.array([info["index"] for info in infos])
+        expected = [int(rewards[labels == label].sum()) for label in selection.labels[rows]]
+        assert trace["prompt_id"].tolist() == selection.labels[rows].tolist()
+        assert trace["successes"].tolist() == expected and set(trace["trials"]) == {K}
+    summary = selection.finish(total_steps=3)
+    assert summary["steps"] == 3 and summary["total_rollouts"] == 3 * B * K
+
+
+def test_the_run_folder_is_read_by_mpts_report_and_mpts_replay(tmp_path):
+    selection, generator = make_selection(tmp_path), np.random.default_rng(1)
+    for step in (1, 2, 3, 4):
+        selection.observe(*rollouts(selection, selection.choose(), generator), step)
+    selection.finish(total_steps=4)
+    run = tmp_path / "run"
+    assert mpts_main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert [group["group"] for group in report["groups"]] == ["beta · thompson_target"]
+    assert mpts_main(["replay", str(run / "trace.parquet"), "--predictor", "hmm3",
+                      "--out", str(tmp_path / "replay.json")]) == 0
+    assert json.loads((tmp_path / "replay.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda infos, rewards: (np.array([{}] * len(infos)), rewards), "missing or None at row 0"),
+    (lambda infos, rewards: (np.array([{"index": 100}] * len(infos)), rewards), "every row has extra_info"),
+    (lambda infos, rewards: (None, rewards), "has no extra_info"),
+    (lambda infos, rewards: (infos, np.where(np.arange(len(rewards)) == 2, np.nan, rewards)), "must be finite"),
+    (lambda infos, rewards: (np.concatenate([infos[:-1], [{"index": 999}]]), rewards), "unknown prompt id 999"),
+    (lambda infos, rewards: (infos[np.array([i["index"] != infos[0]["index"] for i in infos])],
+                             rewards[np.array([i["index"] != infos[0]["index"] for i in infos])]),
+     "was selected but verl's batch has no rollout of it"),
+])
+def test_a_bad_batch_is_refused_and_changes_nothing(tmp_path, spoil, message):
+    selection, generator = make_selection(tmp_path), np.random.default_rng(2)
+    selection.observe(*rollouts(selection, selection.choose(), generator), 1)
+    rows = selection.choose()
+    infos, rewards = rollouts(selection, rows, generator)
+    before = copy.deepcopy(selection.selector.predictor.state_dict())
+    with pytest.raises(VerlSelectionError, match=message):
+        selection.observe(*spoil(infos, rewards), 2)
+    after = selection.selector.predictor.state_dict()
+    torch.testing.assert_close(after["state"], before["state"], rtol=0, atol=0)
+    assert selection.last_observed == 1 and selection.pending is not None
+    selection.observe(infos, rewards, 2)  # the good batch still goes through
+    assert selection.last_observed == 2
+
+
+def test_a_foreign_prompt_is_refused(tmp_path):
+    selection, generator = make_selection(tmp_path), np.random.default_rng(3)
+    rows = selection.choose()
+    infos, rewards = rollouts(selection, rows, generator)
+    stranger = next(label for label in selection.labels.tolist() if label not in selection.labels[rows])
+    infos[0] = {"index": stranger}
+    with pytest.raises(VerlSelectionError, match=f"prompt {stranger}, which mpts did not select"):
+        selection.observe(infos, rewards, 1)
+
+
+def test_selecting_ahead_of_the_outcomes_is_refused(tmp_path):
+    selection = make_selection(tmp_path)
+    selection.choose()
+    with pytest.raises(VerlSelectionError, match="dataloader_num_workers must be 0"):
+        selection.choose()
+
+
+def test_string_indices_are_keyed_and_written_as_dataset_rows(tmp_path):
+    labels = np.array([f"gsm8k-{i}" for i in range(N)])
+    selection, generator = make_selection(tmp_path, labels=labels), np.random.default_rng(4)
+    rows = selection.choose()
+    selection.observe(*rollouts(selection, rows, generator), 1)
+    assert selection.row[1]["prompt_id"].tolist() == rows
+
+
+def test_resume_refuses_a_run_folder_at_another_step(tmp_path):
+    selection, generator = make_selection(tmp_path), np.random.default_rng(5)
+    selection.observe(*rollouts(selection, selection.choose(), generator), 1)
+    state = selection.checkpoint(total_steps=4)
+    selection.observe(*rollouts(selection, selection.choose(), generator), 2)
+    later = selection.checkpoint(total_steps=4)
+    fresh = PromptSelection(selection.options, selection.labels, B, K, tmp_path / "run")
+    with pytest.raises(VerlSelectionError, match="last checkpointed at step 2, verl resumes from step 1"):
+        fresh.resume(state, 1)
+    fresh.resume(later, 2)
+    torch.testing.assert_close(fresh.selector.predictor.state_dict()["state"],
+                               selection.selector.predictor.state_dict()["state"])
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"predictor": {"name": "beta", "decai": 0.5}}, "predictor: decai: unknown key"),
+    ({"predictor": {"name": "nope"}}, "unknown predictor 'nope'"),
+    ({"candidate_ratio": 0}, "candidate_ratio"),
+    ({"success_threshold": float("nan")}, "success_threshold"),
+    ({"batch": 4}, "batch: unknown key"),
+])
+def test_a_bad_mpts_section_is_refused_naming_the_field(raw, message):
+    with pytest.raises(VerlSelectionError, match=message):
+        read_selection_config(raw)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 0, 0], "every row has extra_info"), ([1, None], "missing or None at row 1"),
+    ([1, "a"], "integers or strings"), ([1.5, 2.0], "integers or strings"),
+])
+def test_labels_verl_would_collapse_are_refused(labels, message):
+    with pytest.raises(VerlSelectionError, match=message):
+        checked_labels(labels, "training data")
