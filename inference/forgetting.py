@@ -19,16 +19,17 @@ from pydantic import Field
 from torch import Tensor
 
 
-def factor(lam: float | Tensor, delta: Tensor | int | float = 1, dtype: torch.dtype | None = None) -> Tensor:
-    """lam**delta, computed in float64 (long waits underflow cleanly to 0), returned in `dtype`."""
-    out = torch.pow(torch.as_tensor(lam, dtype=torch.float64), torch.as_tensor(delta).double())
+def factor(lam: float | Tensor, delta: Tensor | int | float = 1, dtype: torch.dtype | None = None,
+           precision: torch.dtype = torch.float64) -> Tensor:
+    """lam**delta, computed in `precision` (float64: long waits underflow cleanly to 0), returned in `dtype`."""
+    out = torch.pow(torch.as_tensor(lam, dtype=precision), torch.as_tensor(delta, dtype=precision))
     return out if dtype is None else out.to(dtype)
 
 
 def decay_concentration(concentration: Tensor, prior: Tensor | float, lam: float | Tensor,
                         delta: Tensor | int = 1) -> Tensor:
-    """Beta/Dirichlet: c <- prior + lam**delta * (c - prior)."""
-    weight = factor(lam, delta, concentration.dtype)
+    """Beta/Dirichlet: c <- prior + lam**delta * (c - prior) (in the concentration's precision)."""
+    weight = factor(lam, delta, concentration.dtype, precision=concentration.dtype)
     if 0 < weight.dim() < concentration.dim():
         weight = weight.reshape(weight.shape + (1,) * (concentration.dim() - weight.dim()))
     return prior + weight * (concentration - prior)
@@ -37,7 +38,7 @@ def decay_concentration(concentration: Tensor, prior: Tensor | float, lam: float
 def decay_gaussian(loc: Tensor, scale: Tensor, prior_loc: Tensor | float, prior_scale: Tensor | float,
                    lam: float | Tensor, delta: Tensor | int = 1) -> tuple[Tensor, Tensor]:
     """Normal: interpolate precision and precision-times-mean (the natural parameters)."""
-    weight = factor(lam, delta, loc.dtype)
+    weight = factor(lam, delta, loc.dtype, precision=loc.dtype)
     prior_loc = torch.as_tensor(prior_loc, dtype=loc.dtype)
     prior_prec = torch.as_tensor(prior_scale, dtype=loc.dtype) ** -2
     prec = scale ** -2
