@@ -1,9 +1,11 @@
 """The predictor seam: what every risk predictor promises the loop.
 
-A `RiskPredictor` holds per-prompt state in tensors sized to the pool and answers two calls:
+A `RiskPredictor` holds its state as a dataclass of tensors and answers two calls:
 `predict(ids, step)` returns a `SuccessPosterior` for those prompts (made before their outcomes
-are seen) and `observe(ids, successes, trials, step)` folds a batch of outcomes in. Inputs are
-checked here, once, before any subclass touches its state, so a rejected call changes nothing.
+are seen; pure) and `observe(ids, successes, trials, step)` folds a batch of outcomes in. Inputs
+are checked here, once, and a subclass's new state is committed only after it was computed in
+full, so a rejected or failed call changes nothing. Saving and loading (with key, shape and
+dtype checks) are here too; `program()` declares the Pyro program an update conditions on.
 """
 
 from __future__ import annotations

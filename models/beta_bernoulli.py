@@ -5,8 +5,9 @@ Generative model for one step's batch (prior = last posterior, decayed toward th
     p_i ~ Beta(alpha'_i, beta'_i)      alpha' = lam * alpha + (1 - lam) * alpha0   (forgetting)
     s_i ~ Binomial(k_i, p_i)
 
-The posterior is Beta(alpha' + s, beta' + k - s): `_observe` applies it in closed form.
-`model`/`guide` are the same program for SVI; tests check SVI agrees with the closed form.
+The posterior is Beta(alpha' + s, beta' + k - s): `_observe` applies it in closed form with
+Pyro's `Beta.conjugate_update`. `program()` declares `model` and a `Guide` for the same batch;
+tests/test_programs.py checks SVI on it agrees with the closed form.
 
 With `decay_unobserved`, prompts not rolled out also decay toward the prior every step. That is
 done lazily: each prompt remembers the step of its last update and is brought up to date with

@@ -35,6 +35,23 @@ def history(predictor, truth, generator):
 
 @pytest.mark.parametrize("name", PREDICTORS.names())
 def test_production_update_agrees_with_inference_on_the_declared_program(name):
+    check_against_the_program(name)
+
+
+def test_the_check_catches_an_update_that_forgets_twice(monkeypatch):
+    """An exact update that applies the decay once more than the program says must fail the check."""
+    from mpts.models import beta_bernoulli
+    exact = beta_bernoulli.conjugate_update
+
+    def forgets_twice(prior_alpha, prior_beta, successes, trials):
+        return exact(0.8 * prior_alpha + 0.2, 0.8 * prior_beta + 0.2, successes, trials)
+
+    monkeypatch.setattr(beta_bernoulli, "conjugate_update", forgets_twice)
+    with pytest.raises(AssertionError):
+        check_against_the_program("beta")
+
+
+def check_against_the_program(name):
     generator = torch.Generator().manual_seed(0)
     pool = PromptPool(size=40, features=torch.randn(40, 6, generator=generator),
                       clusters=torch.arange(40) % 4)
