@@ -35,10 +35,17 @@ def beta_binomial_log_prob(alpha: Tensor, beta: Tensor, successes: Tensor, trial
     return dist.BetaBinomial(alpha, beta, trials, validate_args=False).log_prob(successes)
 
 
+def _log_sigmoid(f: Tensor) -> Tensor:
+    """log sigmoid(f) = min(f, 0) - log1p(exp(-|f|)). Plain elementwise ops: torch's CPU
+    `logsigmoid` kernel splits even a few hundred elements across threads, and each of the
+    ~100 bisection passes below then waits on every thread (milliseconds on a busy machine)."""
+    return f.clamp(max=0.0) - torch.log1p(torch.exp(-f.abs()))
+
+
 def _log_integrand(f: Tensor, loc: Tensor, scale: Tensor, s: Tensor, n: Tensor) -> Tensor:
     """log N(f; loc, scale) + log p(s | n, sigmoid(f)) without the binomial coefficient."""
     return (-0.5 * ((f - loc) / scale).square() - scale.log() - 0.5 * math.log(2 * math.pi)
-            + s * torch.nn.functional.logsigmoid(f) + (n - s) * torch.nn.functional.logsigmoid(-f))
+            + s * _log_sigmoid(f) + (n - s) * _log_sigmoid(-f))
 
 
 def _slope(f: Tensor, loc: Tensor, scale: Tensor, s: Tensor, n: Tensor) -> Tensor:
@@ -62,12 +69,12 @@ def _integration_range(loc: Tensor, scale: Tensor, s: Tensor, n: Tensor) -> tupl
     has dropped by `_DROP` within sqrt(2 _DROP) scale of the mode on either side.
     """
     mode = _bisect(loc - (n - s) * scale.square() - 1.0, loc + s * scale.square() + 1.0,
-                   lambda f: _slope(f, loc, scale, s, n) > 0, 60)
+                   lambda f: _slope(f, loc, scale, s, n) > 0, 50)
     peak = _log_integrand(mode, loc, scale, s, n)
     reach = math.sqrt(2 * _DROP) * scale
     inside = lambda f: _log_integrand(f, loc, scale, s, n) > peak - _DROP  # noqa: E731
-    lo = _bisect(mode - reach, mode, lambda f: ~inside(f), 30)
-    hi = _bisect(mode, mode + reach, inside, 30)
+    lo = _bisect(mode - reach, mode, lambda f: ~inside(f), 24)  # only needs to enclose the mass
+    hi = _bisect(mode, mode + reach, inside, 24)
     return lo, hi
 
 
