@@ -56,18 +56,14 @@ test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_rollout.py tests/test_lm_env.py -k vllm
 
 # The verl adapter is tested against the real verl 0.9.1 in its own virtualenv: verl pins
-# transformers <5.11, below the main venv's. torch first (the CPU wheel; verl's own extras would pin
-# another torch), then verl and what importing its RayPPOTrainer needs, then mpts without its
-# dependencies (the LM extras' transformers would clash) plus the core it imports.
+# transformers <5.11, below the LM extra's. torch first, from the CPU wheel (verl's own extras would
+# pin another torch), then mpts's core with the [verl] extra: what a verl user installs.
 VERL_VENV := .venv-verl
 $(VERL_VENV)/.installed: pyproject.toml
 	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
 	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0 verl==0.9.1 cachetools uvicorn fastapi \
-	  'pyro-ppl>=1.9,<2' 'numpy>=1.26' 'scipy>=1.11' 'pandas>=2.1' 'pyarrow>=14' 'pydantic>=2.6,<3' \
-	  'pyyaml>=6' 'rich>=13' 'pytest>=8'
-	$(VERL_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0 -e '.[verl]' 'pytest>=8'
 	touch $@
 
 test-verl: $(VERL_VENV)/.installed

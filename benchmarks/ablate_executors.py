@@ -67,7 +67,9 @@ def main() -> None:
     for executor in args.executors:
         child = subprocess.run([sys.executable, __file__, "--one", executor, "--seeds", str(args.seeds),
                                 "--steps", str(args.steps), "--workers", str(args.workers)],
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            sys.exit(f"{executor} failed:\n{child.stderr[-3000:]}")
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
         result = results[-1]
         print(f"{executor:>6}: {result['runs']} runs in {result['seconds']} s = {result['runs_per_minute']} runs/min "

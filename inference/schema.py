@@ -8,7 +8,9 @@ needs nothing beyond the standard library and pandas; the writer builds the Arro
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -49,3 +51,8 @@ def require_columns(frame: pd.DataFrame, columns: Sequence[str], source: str) ->
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise SchemaError(f"{source} lacks column(s) {', '.join(missing)}")
+
+
+def format_grid_value(value: Any) -> str:
+    """A sweep's grid value as one short string (run folder names, table cells, run-table columns)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))

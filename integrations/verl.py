@@ -20,9 +20,9 @@ its own sampler and has no prompt hook, hence the legacy trainer.
 
 The run is written as an mpts run folder (`mpts.out`, default `<trainer.default_local_dir>/mpts`):
 config.yaml, trace.parquet, metrics.parquet, summary.json, so `mpts report` and `mpts replay` read
-it as they read `mpts run`'s. The selector's state is saved next to verl's checkpoint
-(`global_step_N/mpts_selector.pt`) and restored with it; verl's validation metrics stay in verl's
-own logger (eval_accuracy is empty in the mpts metrics).
+it as they read `mpts run`'s; its steps count from 0 (verl's global step minus one). The selector's
+state is saved next to verl's checkpoint (`global_step_N/mpts_selector.pt`) and restored with it;
+verl's validation metrics stay in verl's own logger (eval_accuracy is empty in the mpts metrics).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 from mpts.integrations.verl_selection import (PromptSelection, SelectionConfig, VerlSelectionError, batch_labels,
                                               read_selection_config)
@@ -43,11 +44,11 @@ from mpts.training.config import ConfigError, apply_overrides
 
 try:
     import ray
-    from omegaconf import DictConfig, OmegaConf, open_dict
     from hydra import compose, initialize_config_module
-    from torch.utils.data import Sampler
+    from omegaconf import DictConfig, OmegaConf, open_dict
     from verl.trainer import main_ppo, main_ppo_v0
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.trainer.ppo.utils import need_critic
 except ImportError as error:  # pragma: no cover - exercised where verl is absent
     raise ImportError(f"mpts.integrations.verl needs verl 0.9.1 ({error}); install mpts into verl's environment "
                       "with `pip install 'mpts[verl]'` (see examples/verl/README.md)") from None
@@ -66,7 +67,7 @@ def check_verl_config(config: DictConfig) -> None:
         raise VerlSelectionError(f"data.dataloader_num_workers must be 0 (got {workers}): with worker processes the "
                                  "dataloader chooses batches ahead, before the previous steps' outcomes are known, "
                                  "so the predictor would select blind")
-    if config.trainer.get("critic_warmup", 0) > 0 and not (config.get("critic") or {}).get("enable", False):
+    if config.trainer.get("critic_warmup", 0) > 0 and not need_critic(config):
         raise VerlSelectionError("trainer.critic_warmup > 0 without a critic skips every update during warm-up, so "
                                  "mpts would never see those steps' outcomes; set trainer.critic_warmup=0")
 
@@ -145,7 +146,7 @@ class SelectingPPOTrainer(RayPPOTrainer):
         else:
             raise VerlSelectionError(f"mpts.reward={reward!r} is neither 'score' nor a reward extra of the batch "
                                      f"({', '.join(sorted(batch.non_tensor_batch))})")
-        self.selection.observe(batch.non_tensor_batch.get("extra_info"), rewards, self.global_steps)
+        self.selection.observe(batch.non_tensor_batch.get("extra_info"), rewards, self.global_steps - 1)
         self._observed_step = self.global_steps
 
     def _update_critic(self, batch):
@@ -184,12 +185,7 @@ class SelectingPPOTrainer(RayPPOTrainer):
     def _load_checkpoint(self):
         result = super()._load_checkpoint()
         if self.global_steps == 0:
-            try:
-                self.selection.start(self.total_training_steps)
-            except FileExistsError:
-                raise VerlSelectionError(f"the mpts run folder {self.selection.folder.root} already holds a run; "
-                                         "continue it with trainer.resume_mode=auto (from a verl checkpoint) or "
-                                         "set mpts.out to a new folder") from None
+            self.selection.start(self.total_training_steps)
             return result
         path = self._selector_file()
         if not path.is_file():
@@ -205,7 +201,7 @@ class SelectingPPOTrainer(RayPPOTrainer):
 
     def fit(self):
         super().fit()
-        if self.selection.last_observed > 0:
+        if self.selection.steps_done > 0:
             self.selection.finish(self.total_training_steps)
 
 

@@ -3,7 +3,8 @@ observe verl's scored batch, write the mpts run folder.
 
 verl keys a prompt by `extra_info["index"]`; so does mpts (the Selector's ids are those labels, in
 dataset order, so a selector row is a dataset position). A rollout succeeds when its reward is
->= `success_threshold`; a prompt's k rollouts give (successes, trials).
+>= `success_threshold`; a prompt's k rollouts give (successes, trials). Steps are mpts's, from 0:
+verl's global step minus one.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from mpts.inference.scoring import score_trace
+from mpts.inference.scoring import run_summary
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import get_acquisition_class
-from mpts.training.config import ComponentConfig, _check_component, _format_errors
+from mpts.training.acquisition import get_acquisition_class, reference_role
+from mpts.models.options import StrictOptions
+from mpts.training.config import ComponentConfig, _check_component, format_errors
 from mpts.training.environments.base import Outcomes
 from mpts.training.loop import trace_rows
-from mpts.training.run_dir import RunFolder
+from mpts.training.run_dir import RunFolder, RunFolderError
 from mpts.training.selector import Selection, Selector
 
 
@@ -34,14 +36,13 @@ class VerlSelectionError(ValueError):
     """A verl setup or batch the adapter cannot select from; the message names what is wrong."""
 
 
-class SelectionConfig(BaseModel):
+class SelectionConfig(StrictOptions):
     """The `mpts:` section of the verl config."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     predictor: ComponentConfig = ComponentConfig(name="beta")
     acquisition: ComponentConfig = ComponentConfig(name="thompson_target")
     candidate_ratio: int = Field(8, ge=1, description="candidates per step = candidate_ratio x train batch")
-    success_threshold: float = Field(1.0, allow_inf_nan=False, description="a rollout succeeds when reward >= this")
+    success_threshold: float = Field(1.0, description="a rollout succeeds when reward >= this")
     reward: str = Field("score", description="'score' (verl's token_level_scores summed) or a reward extra key")
     seed: int = 0
     out: str | None = Field(None, description="the mpts run folder; default <trainer.default_local_dir>/mpts")
@@ -55,7 +56,7 @@ def read_selection_config(raw: dict[str, Any]) -> SelectionConfig:
         _check_component("predictor", options.predictor, get_predictor_class)
         _check_component("acquisition", options.acquisition, get_acquisition_class)
     except ValidationError as error:
-        raise VerlSelectionError("mpts: " + _format_errors(error)) from None
+        raise VerlSelectionError("mpts: " + format_errors(error)) from None
     except ValueError as error:
         raise VerlSelectionError(f"mpts.{error}") from None
     return options
@@ -92,7 +93,7 @@ class PromptSelection:
     """Chooses B of C rows per step, observes the scored batch, writes the run folder.
 
     One selection is pending at a time: `choose` refuses while the previous step's outcomes are
-    unobserved, which catches a dataloader that reads ahead. Steps are verl's global steps (from 1).
+    unobserved, which catches a dataloader that reads ahead.
     """
 
     def __init__(self, options: SelectionConfig, labels: np.ndarray, batch_size: int, k: int, run_dir: Path):
@@ -113,7 +114,7 @@ class PromptSelection:
         self.selector = Selector(predictor, rule, k=self.k, seed=options.seed, ids=labels)
         self.folder = RunFolder(Path(run_dir))
         self.pending: tuple[int, Selection, float] | None = None
-        self.last_observed = 0
+        self.steps_done = 0  # steps observed; the next step is this one
         self.cumulative_rollouts = 0
         self.wall_seconds = 0.0
         self.row: tuple[int, pd.DataFrame, dict[str, Any], float] | None = None  # observed, not yet recorded
@@ -131,56 +132,68 @@ class PromptSelection:
         }, sort_keys=False)
 
     def start(self, total_steps: int) -> None:
-        self.folder.create(self.config_yaml(total_steps))
+        try:
+            self.folder.check_new()
+            self.folder.create(self.config_yaml(total_steps))
+        except FileExistsError:
+            raise VerlSelectionError(f"mpts.out: {self.folder.root} already holds a run (or other files); continue "
+                                     "that run with trainer.resume_mode=auto or set mpts.out to a new folder") from None
+        except RunFolderError as error:
+            raise VerlSelectionError(f"mpts.out: {error}") from None
 
     def state_dict(self) -> dict[str, Any]:
         if self.pending is not None:
             raise VerlSelectionError(f"step {self.pending[0]} was selected but not observed; cannot checkpoint")
-        return {"step": self.last_observed, "selector": self.selector.state_dict(),
+        return {"steps_done": self.steps_done, "selector": self.selector.state_dict(),
                 "cumulative_rollouts": self.cumulative_rollouts, "wall_seconds": self.wall_seconds}
 
     def checkpoint(self, total_steps: int) -> dict[str, Any]:
         """Record and flush the rows so far; returns the state to save with verl's checkpoint."""
         self.record()
         state = self.state_dict()
-        self.folder.checkpoint(self.last_observed, {"selector": state["selector"]}, total_steps)
+        self.folder.checkpoint(self.steps_done - 1, {"selector": state["selector"]}, total_steps)
         return state
 
-    def resume(self, state: dict[str, Any], step: int) -> None:
-        """Continue from the state saved with verl's checkpoint at `step`; the run folder must agree."""
-        if state.get("step") != step:
-            raise VerlSelectionError(f"selector state is for step {state.get('step')}, verl resumes at step {step}")
-        saved = self.folder.load_checkpoint()
-        if saved is None or saved["step"] != step:
-            raise VerlSelectionError(f"the mpts run folder {self.folder.root} was last checkpointed at step "
-                                     f"{None if saved is None else saved['step']}, verl resumes from step {step}; "
-                                     "resume from that step or write to a new mpts.out")
+    def resume(self, state: dict[str, Any], steps_done: int) -> None:
+        """Continue after `steps_done` steps from the state saved with verl's checkpoint; the run folder
+        must hold exactly those steps' rows (later ones, from a crash, are set aside, never deleted).
+        Everything is checked before anything changes."""
+        if state.get("steps_done") != steps_done:
+            raise VerlSelectionError(f"the selector state was saved after {state.get('steps_done')} steps, "
+                                     f"verl resumes after {steps_done}")
+        try:
+            plan = self.folder.plan_resume(rollback_to=steps_done)
+        except RunFolderError as error:
+            raise VerlSelectionError(f"mpts.out: {error}") from None
+        if plan.step != steps_done - 1:
+            raise VerlSelectionError(f"the mpts run folder {self.folder.root} has a checkpoint at step {plan.step} "
+                                     f"but none at step {steps_done - 1}, where verl resumes; resume verl from "
+                                     f"global_step_{plan.step + 1} or write to a new mpts.out")
         self.selector.load_state_dict(state["selector"])
-        self.last_observed, self.cumulative_rollouts = step, int(state["cumulative_rollouts"])
+        self.folder.apply(plan)
+        self.steps_done, self.cumulative_rollouts = steps_done, int(state["cumulative_rollouts"])
         self.wall_seconds = float(state["wall_seconds"])
 
     def finish(self, total_steps: int) -> dict[str, Any]:
         """Write trace.parquet, metrics.parquet, summary.json and the final predictor."""
         self.record()
-        self.folder.flush(self.last_observed)
+        self.folder.flush(self.steps_done - 1)
         trace, metrics = self.folder.read_parts("trace"), self.folder.read_parts("metrics")
         options = self.options
         summary = {
             "config_name": "verl", "predictor": options.predictor.name, "acquisition": options.acquisition.name,
-            "environment": "verl", "seed": options.seed, "steps": int(len(metrics)),
-            "target_accuracy": options.target_accuracy,
-            "total_rollouts": int(metrics["cumulative_rollouts"].iloc[-1]),
-            "mean_effective_ratio": float(metrics["effective_ratio"].mean()),
-            "wall_seconds": self.wall_seconds, **score_trace(trace),
+            "environment": "verl", "seed": options.seed, "target_accuracy": options.target_accuracy,
+            "reference": reference_role(self.selector.rule), "initial_eval_accuracy": math.nan,
+            **run_summary(trace, metrics, options.target_accuracy),
         }
         self.folder.finalize(summary, self.selector.predictor.state_dict(), None)
-        self.folder.write_progress(self.last_observed, total_steps, "done")
+        self.folder.write_progress(self.steps_done, total_steps, "done")
         return summary
 
     # -- one step ------------------------------------------------------------------------------
     def choose(self) -> list[int]:
         """Dataset rows of the B prompts to generate for at the next step."""
-        step = self.last_observed + 1
+        step = self.steps_done
         if self.pending is not None:
             raise VerlSelectionError(f"the prompts of step {self.pending[0] + 1} were requested before step "
                                      f"{self.pending[0]}'s outcomes were observed: the dataloader reads ahead "
@@ -233,7 +246,7 @@ class PromptSelection:
             "elbo": float(np.mean(diagnostics["elbo"])) if diagnostics.get("elbo") else math.nan,
             "failed_prompts": 0,
         }
-        self.pending, self.last_observed = None, step
+        self.pending, self.steps_done = None, step + 1
         self.row = (step, trace, metrics, started)
 
     def add_train_seconds(self, seconds: float) -> None:

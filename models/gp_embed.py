@@ -76,7 +76,7 @@ class EmbeddingGPOptions(PredictorOptions):
     learn_hyperparameters: bool = Field(True, description="fit kernel and mean by the ELBO; False: keep their initial values")
     pca_dim: int | None = Field(64, ge=1, description="project features on this many principal components; None: raw")
     svi_steps: int = Field(4, ge=1, description="SVI steps per observe() call (warm-started)")
-    lr: float = Field(0.1, gt=0.0, description="Adam step size (ClippedAdam, as the engine sets it up)")
+    lr: float = Field(0.1, gt=0.0, le=1.0, description="Adam step size (ClippedAdam, as the engine sets it up), (0, 1]")
     num_particles: int = Field(1, ge=1, description="Monte Carlo draws of f per SVI step")
     decay: float = Field(0.9, gt=0.0, le=1.0, description="lam: an outcome `age` steps old has weight lam**age")
     buffer_size: int = Field(8192, ge=1, description="most recent observations kept for refitting")

@@ -68,7 +68,7 @@ class IdentifierVAEOptions(PredictorOptions):
     num_hashes: int = Field(2, ge=1, le=8, description="R: rows per prompt id, summed")
     hidden_dim: int = Field(32, ge=1, description="width of the decoder and encoder layers")
     svi_steps: int = Field(3, ge=1, description="SVI steps per observe(), warm-started (more overfit the batch)")
-    lr: float = Field(0.02, gt=0.0, description="Adam learning rate of the SVI steps")
+    lr: float = Field(0.02, gt=0.0, le=1.0, description="Adam learning rate of the SVI steps (0, 1]")
     clip_norm: float = Field(10.0, gt=0.0, description="gradient clipping of the SVI steps")
     decay: float | dict[str, float] = decay_option(DECAY_PARTS, "z's posterior (toward N(0, I)) and each code "
                                                                 "row's belief (toward its prior)")

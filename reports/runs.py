@@ -19,20 +19,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mpts.training.sweep import format_value
+from mpts.inference.schema import DRAWS_COLUMNS, METRICS_REQUIRED, TRACE_COLUMNS, format_grid_value, require_columns
 
 RUN_FILES = ("config.yaml", "trace.parquet", "metrics.parquet")
 
-TRACE_COLUMNS = (
-    "step", "prompt_id", "successes", "trials", "pred_mean", "pred_var", "pred_p_informative",
-    "pred_p_unsolved", "pred_p_solved", "pred_log_prob", "pred_pit", "pred_q05", "pred_q25",
-    "pred_q75", "pred_q95", "failed", "true_p",
-)
-METRICS_COLUMNS = (
-    "step", "rollouts", "cumulative_rollouts", "effective_ratio", "eval_accuracy", "wall_seconds",
-    "predict_seconds", "select_seconds", "rollout_seconds", "observe_seconds", "train_seconds",
-)
-DRAWS_COLUMNS = ("prompt_id", "draw", "p", "true_p")
+# what the report reads of a trace: every schema column but the bookkeeping of the selection
+REPORTED_TRACE_COLUMNS = tuple(c for c in TRACE_COLUMNS if c not in ("selected_by", "kept"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +49,7 @@ class Run:
     def point(self) -> dict[str, str]:
         """The run's point in an ablation grid (`ablation.point` of its config), values as text."""
         point = (self.config.get("ablation") or {}).get("point") or {}
-        return {str(key): format_value(value) for key, value in point.items()}
+        return {str(key): format_grid_value(value) for key, value in point.items()}
 
     @property
     def point_label(self) -> str:
@@ -107,12 +99,6 @@ def expand_run_dirs(paths: Sequence[Path | str]) -> tuple[list[Path], list[Path]
     return list(unique.values()), skipped
 
 
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str], where: Path) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{where} lacks column(s) {', '.join(missing)}")
-
-
 def _config_field(config: dict[str, Any], dotted: str, where: Path) -> Any:
     node: Any = config
     for part in dotted.split("."):
@@ -129,14 +115,14 @@ def load_run(path: Path) -> Run:
         raise ValueError(f"{config_path} must hold a mapping")
     trace = pd.read_parquet(path / "trace.parquet")
     metrics = pd.read_parquet(path / "metrics.parquet").sort_values("step", ignore_index=True)
-    _require_columns(trace, TRACE_COLUMNS, path / "trace.parquet")
-    _require_columns(metrics, METRICS_COLUMNS, path / "metrics.parquet")
+    require_columns(trace, REPORTED_TRACE_COLUMNS, str(path / "trace.parquet"))
+    require_columns(metrics, METRICS_REQUIRED, str(path / "metrics.parquet"))
     if metrics.empty:
         raise ValueError(f"{path / 'metrics.parquet'} has no rows: the run recorded no step")
     draws = None
     if (path / "posterior_draws.parquet").is_file():
         draws = pd.read_parquet(path / "posterior_draws.parquet")
-        _require_columns(draws, DRAWS_COLUMNS, path / "posterior_draws.parquet")
+        require_columns(draws, DRAWS_COLUMNS, str(path / "posterior_draws.parquet"))
     summary_path = path / "summary.json"
     recorded = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     target = float(_config_field(config, "target_accuracy", config_path))

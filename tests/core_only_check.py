@@ -43,11 +43,18 @@ def main() -> None:
         scores = json.loads(out.read_text())
         assert scores["predictor"] == "beta" and scores["steps"] == 4, scores
 
+        # a per-rollout log with prompt texts: beta needs no embeddings, so no extra either
+        rollouts = Path(folder) / "rollouts.csv"
+        rollouts.write_text("step,prompt,reward\n" + "".join(f"{s},p{i},{(s + i + j) % 2}\n"
+                                                          for s in range(1, 4) for i in range(3) for j in range(4)))
+        done = subprocess.run([str(mpts), "replay", str(rollouts), "--predictor", "beta"], capture_output=True, text=True)
+        assert done.returncode == 0 and json.loads(done.stdout)["rows"] == 9, done.stderr
+
         report = subprocess.run([str(mpts), "report", folder, "--out", str(Path(folder) / "r")],
                                 capture_output=True, text=True)
         lines = report.stderr.strip().splitlines()
         assert report.returncode == 2 and len(lines) == 1 and "mpts[reports]" in lines[0], report.stderr
-    print("core-only install: imports mpts.models, replays with beta, no optional packages")
+    print("core-only install: imports mpts.models, replays a trace and a prompt log with beta, no optional packages")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,36 @@ def test_bench_prints_figures(capsys):
 def test_configs_lists_quickstart(capsys):
     assert main(["configs"]) == 0
     assert "quickstart" in capsys.readouterr().out.split()
+
+
+def test_bench_background_load_reports_quiet_loaded_and_slowdown(capsys):
+    assert main(["bench", "--pool", "20000", "--candidates", "512", "--batch", "64", "--steps", "4",
+                 "--background-load", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["background_load"] == 2 and result["threads"] == 1
+    assert result["quiet_median_ms_per_step"] > 0 and result["loaded_median_ms_per_step"] > 0
+    assert result["slowdown"] == result["loaded_median_ms_per_step"] / result["quiet_median_ms_per_step"]
+
+
+def test_predictor_threads_apply_to_the_hot_paths_only(monkeypatch, tmp_path):
+    import torch
+
+    import mpts.training.loop as loop
+    from mpts.training.config import load_config
+
+    seen = []
+    real = loop.Selector.observe
+
+    def observe(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(loop.Selector, "observe", observe)
+    torch.set_num_threads(2)
+    try:
+        loop.run(load_config("quickstart", ["steps=2", "env.num_prompts=600", "predictor_threads=1"]), tmp_path / "a")
+        assert seen == [1, 1] and torch.get_num_threads() == 2  # restored after each call
+        seen.clear()
+        loop.run(load_config("quickstart", ["steps=2", "env.num_prompts=600", "predictor_threads=null"]), tmp_path / "b")
+        assert seen == [2, 2]
+    finally:
+        torch.set_num_threads(1)

@@ -117,3 +117,17 @@ def test_a_corrupt_summary_is_refused_before_anything_runs(tmp_path):
         ablate(config, tmp_path / "abl", show_progress=False)
     assert sorted(p.name for p in (tmp_path / "abl" / "runs").iterdir()) == ["beta__uniform__seed1"]
     assert (broken / "summary.json").read_text() == '{"seed": 1, "predi'
+
+
+def test_a_run_uses_as_many_threads_as_cpus_it_declared(tmp_path):
+    import torch
+
+    from mpts.training.executors.work import run_in_folder
+
+    before = torch.get_num_threads()
+    try:
+        config = validate_config({**TINY, "steps": 1, "ablation": {"cpus_per_run": 2}})
+        output = run_in_folder("r", config.model_dump(mode="json"), str(tmp_path / "r"))
+        assert output.summary["seed"] == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -116,6 +116,12 @@ def test_hmm3_pooled_falls_back_to_global_pooling_with_a_warning(tmp_path):
     np.testing.assert_allclose(fallback_table["pred_log_prob"], global_table["pred_log_prob"])
 
 
+def test_hmm3_asked_for_cluster_pooling_without_clusters_refuses():
+    trace, texts = rollouts_to_trace(rollout_table(), "log")
+    with pytest.raises(ValueError, match="pooling='cluster' needs pool.clusters"):
+        replay(trace, "hmm3", {"pooling": "cluster"}, pool=replay_pool(trace, texts))
+
+
 def test_a_sidecar_supplies_clusters_and_embeddings(tmp_path):
     trace, texts = rollouts_to_trace(rollout_table(), "log")
     embeddings = np.arange(len(texts) * 3, dtype=np.float32).reshape(len(texts), 3)
@@ -164,7 +170,7 @@ def test_bad_logs_are_refused_in_one_line(tmp_path, capsys):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(TraceError, match="no verl rollout dump files"):
+    with pytest.raises(TraceError, match="is a folder with no verl rollout dump files"):
         read_log(empty)
     wrong_step = tmp_path / "wrong"
     wrong_step.mkdir()

@@ -147,3 +147,20 @@ def test_a_rule_that_needs_truth_is_refused_when_the_config_is_read_for_an_envir
                                           "which environment 'lm' does not know"):
         load_config("lm_tiny", ["acquisition={name: oracle}"])
     load_config("quickstart", ["acquisition={name: oracle}"])  # the simulator knows p
+
+
+def test_rollout_noise_follows_the_environment_stream_of_the_step_not_earlier_draws(tmp_path):
+    """A learner that does not learn: uniform and dynamic sampling draw the same first chunk at every
+    step (same candidates, same acquisition stream); with the per-step environment stream its
+    outcomes match, however many extra chunks dynamic sampling rolled out at earlier steps."""
+    frozen = ["env.learning_rate=0", "env.transfer=0", "steps=5"]
+    run(small(*frozen, "acquisition={name: uniform}"), tmp_path / "u")
+    run(small(*frozen, "acquisition={name: dynamic_sampling}"), tmp_path / "ds")
+    uniform = pd.read_parquet(tmp_path / "u" / "trace.parquet")
+    dynamic = pd.read_parquet(tmp_path / "ds" / "trace.parquet")
+    assert (dynamic.groupby("step").size() > 16).any()  # dynamic sampling did spend extra chunks
+    for step in range(5):
+        first_chunk = dynamic[dynamic.step == step].head(16)
+        same = uniform[uniform.step == step]
+        assert first_chunk["prompt_id"].tolist() == same["prompt_id"].tolist()
+        assert first_chunk["successes"].tolist() == same["successes"].tolist()

@@ -163,3 +163,24 @@ def test_num_iterations_reuses_each_generation(tmp_path):
     for step, call in enumerate(trl_harness.CALLS):
         rows = trace[trace.step == step]
         assert len(rows) == 2 and call["idx"] == np.repeat(rows["prompt_id"].to_numpy(), K).tolist()
+
+
+def test_prompts_no_reward_function_scores_are_failed_and_not_observed(tmp_path):
+    trl_harness.CALLS.clear()
+    trl_harness.UNSCORED.update(range(0, 24, 2))  # every even prompt id
+    try:
+        trainer = trl_harness.make_trainer(tmp_path, max_steps=4, save_steps=10)
+        trainer.train()
+    finally:
+        trl_harness.UNSCORED.clear()
+    trace = pd.read_parquet(tmp_path / "mpts" / "trace.parquet")
+    even = trace["prompt_id"] % 2 == 0
+    assert even.any() and (~even).any()
+    assert trace.loc[even, "failed"].all() and (trace.loc[even, "trials"] == 0).all() and not trace.loc[even, "kept"].any()
+    assert trace.loc[even, "pred_log_prob"].isna().all() and not trace.loc[~even, "failed"].any()
+    reference = reference_selector(trainer)
+    for step, rows in trace[~even].groupby("step"):
+        reference.observe(torch.tensor(rows["prompt_id"].to_numpy()), torch.tensor(rows["successes"].to_numpy()),
+                          torch.tensor(rows["trials"].to_numpy()), step)
+    for key, value in reference.state_dict()["predictor"]["state"].items():
+        torch.testing.assert_close(trainer.selector.state_dict()["predictor"]["state"][key], value)

@@ -176,7 +176,45 @@ def test_replay_bad_option_and_folder_as_trace_are_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, "decay", "finite")
     assert main(["replay", str(path), "--predictor", "beta", "--set", "decay=true"]) == 2
     assert_one_line_error(capsys, "decay", "boolean")
-    assert main(["replay", str(tmp_path), "--predictor", "beta"]) == 2
-    assert_one_line_error(capsys, "is a folder")
+    assert main(["replay", str(tmp_path), "--predictor", "beta"]) == 2  # a folder is read as a verl dump
+    assert_one_line_error(capsys, str(tmp_path), "no verl rollout dump files")
     assert main(["replay", str(path), "--predictor", "beta", "--out", str(tmp_path)]) == 2
     assert_one_line_error(capsys, "is a folder")
+
+
+def test_a_diverging_predictor_stops_with_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    from mpts.models.beta_bernoulli import BetaBernoulli
+
+    def diverge(self, *args, **kwargs):
+        raise FloatingPointError("SVI produced a non-finite loss (inf)")
+    monkeypatch.setattr(BetaBernoulli, "observe", diverge)
+    assert main(["run", "quickstart", "--out", str(tmp_path / "r"), "--set", "steps=3",
+                 "--set", "predictor.decay=0.5"]) == 2
+    assert_one_line_error(capsys, "predictor beta failed at step 0", "non-finite loss", "decay")
+    assert (tmp_path / "r" / "config.yaml").exists()  # the run's folder stays, for a look or a resume
+
+
+def test_learning_rates_have_a_documented_range(tmp_path, capsys):
+    assert main(["run", "quickstart", "--out", str(tmp_path / "r"), "--set", "predictor={name: id_vae, lr: 2.0}"]) == 2
+    assert_one_line_error(capsys, "lr", "less than or equal to 1")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--steps", "true"], "--steps"), (["bench", "--pool", "0"], "--pool"),
+    (["bench", "--k", "1000000000000"], "--k"), (["bench", "--background-load", "-1"], "--background-load"),
+    (["replay", "t.csv", "--predictor", "beta", "--success-threshold", "nan"], "--success-threshold"),
+    (["replay", "t.csv", "--predictor", "beta", "--seed", "1e29"], "--seed"),
+    (["report", "r", "--out", "o", "--target-accuracy", "inf"], "--target-accuracy"),
+    (["run", "--resume", "r", "--rollback-to", "-3"], "--rollback-to"),
+    (["ablate", "quickstart", "--workers", "true"], "--workers"),
+])
+def test_numeric_flags_go_through_the_same_checks(capsys, argv, needle):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert_one_line_error(capsys, needle)
+
+
+def test_bench_pool_beyond_memory_is_refused_up_front(capsys):
+    assert main(["bench", "--pool", "1000000000", "--predictor", "hmm3", "--steps", "1"]) == 2
+    assert_one_line_error(capsys, "would need about", "--pool")

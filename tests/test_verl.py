@@ -187,10 +187,10 @@ def test_fit_generates_exactly_the_selected_prompts_and_observes_their_outcomes(
     run_verl(config)
     run_dir = tmp_path / "ckpt" / "mpts"
     trace = pd.read_parquet(run_dir / "trace.parquet")
-    assert sorted(trace["step"].unique()) == [1, 2, 3, 4, 5] and fake_verl.actor_updates == 5
+    assert sorted(trace["step"].unique()) == [0, 1, 2, 3, 4] and fake_verl.actor_updates == 5  # verl's step - 1
 
     direct = direct_selector()
-    for step, (generated, rewards) in enumerate(zip(fake_verl.generated, fake_verl.rewards), start=1):
+    for step, (generated, rewards) in enumerate(zip(fake_verl.generated, fake_verl.rewards)):
         rows = trace[trace["step"] == step]
         # what verl generated for is exactly what mpts selected, k rollouts each
         assert sorted(set(generated)) == sorted(rows["prompt_id"]) and len(generated) == BATCH * K
@@ -246,7 +246,7 @@ def test_a_resume_without_selector_state_or_over_an_existing_run_is_refused(tmp_
                                                                             fake_verl):
     run_verl(compose(tmp_path, model_dir, data_files, "trainer.total_training_steps=2", "trainer.save_freq=2"))
     trace = (tmp_path / "ckpt" / "mpts" / "trace.parquet").read_bytes()
-    with pytest.raises(VerlSelectionError, match="already holds a run; continue it with trainer.resume_mode=auto"):
+    with pytest.raises(VerlSelectionError, match="already holds a run \\(or other files\\); continue that run with trainer.resume_mode=auto"):
         run_verl(compose(tmp_path, model_dir, data_files, "trainer.resume_mode=disable"))
     (tmp_path / "ckpt" / "global_step_2" / adapter.SELECTOR_FILE).unlink()
     with pytest.raises(VerlSelectionError, match="has no mpts_selector.pt"):
@@ -258,6 +258,7 @@ def test_a_resume_without_selector_state_or_over_an_existing_run_is_refused(tmp_
 @pytest.mark.parametrize("override, message", [
     ("data.dataloader_num_workers=2", "dataloader_num_workers must be 0"),
     ("trainer.use_v1=True", "trainer.use_v1 must be False"),
+    ("trainer.critic_warmup=2", "critic_warmup > 0 without a critic"),
     ("mpts.predictor.decai=0.5", "predictor: decai: unknown key"),
     ("mpts.acquisition.name=dynamic_sampling", "rolls out every candidate"),
     ("mpts.candidate_ratio=20", "exceeds the 48 training prompts"),
@@ -322,7 +323,7 @@ def test_the_task_runner_runs_as_a_ray_actor(tmp_path, model_dir):
     import ray
 
     files = write_data(tmp_path / "data", [{"index": 0}] * NUM_PROMPTS)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own cluster, not a neighbour's
     try:
         with pytest.raises(Exception, match="every row has extra_info\\['index'\\] == 0"):
             adapter.main(verl_args(tmp_path, model_dir, files))

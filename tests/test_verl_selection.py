@@ -36,7 +36,7 @@ def rollouts(selection: PromptSelection, rows: list[int], generator: np.random.G
 
 def test_outcomes_are_grouped_by_index_and_observed_once_per_step(tmp_path):
     selection, generator = make_selection(tmp_path), np.random.default_rng(0)
-    for step in (1, 2, 3):
+    for step in (0, 1, 2):
         rows = selection.choose()
         infos, rewards = rollouts(selection, rows, generator)
         selection.observe(infos, rewards, step)
@@ -51,7 +51,7 @@ def test_outcomes_are_grouped_by_index_and_observed_once_per_step(tmp_path):
 
 def test_the_run_folder_is_read_by_mpts_report_and_mpts_replay(tmp_path):
     selection, generator = make_selection(tmp_path), np.random.default_rng(1)
-    for step in (1, 2, 3, 4):
+    for step in (0, 1, 2, 3):
         selection.observe(*rollouts(selection, selection.choose(), generator), step)
     selection.finish(total_steps=4)
     run = tmp_path / "run"
@@ -75,17 +75,17 @@ def test_the_run_folder_is_read_by_mpts_report_and_mpts_replay(tmp_path):
 ])
 def test_a_bad_batch_is_refused_and_changes_nothing(tmp_path, spoil, message):
     selection, generator = make_selection(tmp_path), np.random.default_rng(2)
-    selection.observe(*rollouts(selection, selection.choose(), generator), 1)
+    selection.observe(*rollouts(selection, selection.choose(), generator), 0)
     rows = selection.choose()
     infos, rewards = rollouts(selection, rows, generator)
     before = copy.deepcopy(selection.selector.predictor.state_dict())
     with pytest.raises(VerlSelectionError, match=message):
-        selection.observe(*spoil(infos, rewards), 2)
+        selection.observe(*spoil(infos, rewards), 1)
     after = selection.selector.predictor.state_dict()
     torch.testing.assert_close(after["state"], before["state"], rtol=0, atol=0)
-    assert selection.last_observed == 1 and selection.pending is not None
-    selection.observe(infos, rewards, 2)  # the good batch still goes through
-    assert selection.last_observed == 2
+    assert selection.steps_done == 1 and selection.pending is not None
+    selection.observe(infos, rewards, 1)  # the good batch still goes through
+    assert selection.steps_done == 2
 
 
 def test_a_foreign_prompt_is_refused(tmp_path):
@@ -95,7 +95,7 @@ def test_a_foreign_prompt_is_refused(tmp_path):
     stranger = next(label for label in selection.labels.tolist() if label not in selection.labels[rows])
     infos[0] = {"index": stranger}
     with pytest.raises(VerlSelectionError, match=f"prompt {stranger}, which mpts did not select"):
-        selection.observe(infos, rewards, 1)
+        selection.observe(infos, rewards, 0)
 
 
 def test_selecting_ahead_of_the_outcomes_is_refused(tmp_path):
@@ -109,22 +109,28 @@ def test_string_indices_are_keyed_and_written_as_dataset_rows(tmp_path):
     labels = np.array([f"gsm8k-{i}" for i in range(N)])
     selection, generator = make_selection(tmp_path, labels=labels), np.random.default_rng(4)
     rows = selection.choose()
-    selection.observe(*rollouts(selection, rows, generator), 1)
+    selection.observe(*rollouts(selection, rows, generator), 0)
     assert selection.row[1]["prompt_id"].tolist() == rows
 
 
-def test_resume_refuses_a_run_folder_at_another_step(tmp_path):
+def test_resume_checks_the_run_folder_and_sets_later_rows_aside(tmp_path):
     selection, generator = make_selection(tmp_path), np.random.default_rng(5)
-    selection.observe(*rollouts(selection, selection.choose(), generator), 1)
-    state = selection.checkpoint(total_steps=4)
-    selection.observe(*rollouts(selection, selection.choose(), generator), 2)
-    later = selection.checkpoint(total_steps=4)
+    states = []
+    for step in (0, 1, 2):
+        selection.observe(*rollouts(selection, selection.choose(), generator), step)
+        if step < 2:
+            states.append(selection.checkpoint(total_steps=4))
+    selection.checkpoint(total_steps=4)  # step 2's rows and checkpoint: a resume from step 2 sets them aside
     fresh = PromptSelection(selection.options, selection.labels, B, K, tmp_path / "run")
-    with pytest.raises(VerlSelectionError, match="last checkpointed at step 2, verl resumes from step 1"):
-        fresh.resume(state, 1)
-    fresh.resume(later, 2)
-    torch.testing.assert_close(fresh.selector.predictor.state_dict()["state"],
-                               selection.selector.predictor.state_dict()["state"])
+    with pytest.raises(VerlSelectionError, match="saved after 1 steps, verl resumes after 2"):
+        fresh.resume(states[0], 2)
+    fresh.resume(states[1], 2)
+    assert fresh.steps_done == 2 and sorted(fresh.folder.read_parts("trace")["step"].unique()) == [0, 1]
+    orphaned = list((tmp_path / "run" / "parts" / ".orphaned").glob("*/trace-*.parquet"))
+    assert [p.name for p in orphaned] == ["trace-0000002-0000002.parquet"]  # kept, not deleted
+    again = PromptSelection(selection.options, selection.labels, B, K, tmp_path / "run")
+    with pytest.raises(VerlSelectionError, match="already holds a run"):
+        again.start(total_steps=4)
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -18,16 +18,18 @@ from pathlib import Path
 import torch
 
 CALLS: list[dict] = []
+UNSCORED: set[int] = set()  # prompt ids no reward function can score (both return None)
 
 
 def parity(prompts, completions, idx, **_):
-    rewards = [float(len(c) > 0 and ord(c[0]) % 2 == 0) for c in completions]
+    rewards = [None if i in UNSCORED else float(len(c) > 0 and ord(c[0]) % 2 == 0) for c, i in zip(completions, idx)]
     CALLS.append({"idx": list(map(int, idx)), "parity": rewards})
     return rewards
 
 
 def bonus(prompts, completions, idx, **_):
-    rewards = [0.5 * float(len(c) > 1 and ord(c[1]) % 3 == 0) for c in completions]
+    rewards = [None if i in UNSCORED else 0.5 * float(len(c) > 1 and ord(c[1]) % 3 == 0)
+               for c, i in zip(completions, idx)]
     CALLS[-1]["bonus"] = rewards
     return rewards
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mpts.inference.schema import format_grid_value
 from mpts.reports.measures import PAIRED_NUMBERS, RUN_NUMBERS, pool_groups
 from mpts.reports.stats import Estimate
 from mpts.training.acquisition import get_acquisition_class, reference_role
@@ -26,7 +27,7 @@ from mpts.training.config import RunConfig
 from mpts.training.executors import make_executor
 from mpts.training.executors.work import read_summary
 from mpts.training.run_dir import write_json
-from mpts.training.sweep import expand_grid, format_value
+from mpts.training.sweep import expand_grid
 
 GRID_PREFIX = "grid."
 
@@ -68,7 +69,7 @@ def ablate(config: RunConfig, out_dir: Path | str, *, workers: int | None = None
         raise RunsFailed(f"{len(failures)} of {len(runs)} runs failed (the others are saved; re-run to retry): "
                            + "; ".join(f"{name}: {error}" for name, error in failures.items())) from first
     results = [{"run": run.name, **summaries[run.name],
-                **{GRID_PREFIX + key: format_value(run.point[key]) if key in run.point else "" for key in grid_keys}}
+                **{GRID_PREFIX + key: format_grid_value(run.point[key]) if key in run.point else "" for key in grid_keys}}
                for run in runs]
     frame = pd.DataFrame(results)  # in the config's order: arms, then grid points, then seeds
     frame.to_parquet(out / "runs.parquet", index=False)

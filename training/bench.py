@@ -3,10 +3,16 @@
 Synthetic truth (p_i ~ Beta(2, 2)) stands in for the learner, so only the predictor and the rule
 are timed, through the same Selector the loop uses; drawing candidates and outcomes is outside the
 timed region. Prints figures; asserts nothing.
+
+The timed calls run with `threads` intra-op threads (default: the loop's `predictor_threads`).
+`bench_under_load` times the same benchmark twice in one invocation, quietly and then with N busy
+processes alongside (a trainer's CPU is never idle), and reports the slowdown ratio.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -17,27 +23,34 @@ from torch import Tensor
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import get_acquisition_class
+from mpts.training.memory import MemoryNeed, check_fits, pool_bytes, predictor_state_bytes
 from mpts.training.selector import Selector
+from mpts.training.threads import DEFAULT_PREDICTOR_THREADS, intra_op_threads
 
 NEEDS_FEATURES = {"gp", "id_vae"}
 
 
 def bench(predictor: str = "beta", pool: int = 1_000_000, candidates: int = 4096, batch: int = 256, k: int = 8,
           steps: int = 50, rule: str = "thompson_target", options: dict[str, Any] | None = None,
-          feature_dim: int | None = None, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+          feature_dim: int | None = None, warmup: int = 3, seed: int = 0,
+          threads: int | None = DEFAULT_PREDICTOR_THREADS) -> dict[str, Any]:
     """Time the Selector's calls as every way in makes them. A rule that rolls out every candidate
     (dynamic sampling) observes the chunks of `batch` it would have rolled out to keep `batch`
     informative groups; a rule that needs the truth (oracle) ranks on the synthetic p."""
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    torch.manual_seed(seed)
-    truth = torch.distributions.Beta(2.0, 2.0).sample((pool,))
     if feature_dim is None:
         feature_dim = 16 if predictor in NEEDS_FEATURES else 0
+    cls = get_predictor_class(predictor)
+    predictor_options = cls.Options(**(options or {}))
+    check_fits(MemoryNeed({"--pool": pool_bytes(pool, feature_dim),
+                           "--pool (predictor state)": predictor_state_bytes(cls, predictor_options, pool, feature_dim),
+                           "--candidates or --k": 8 * candidates * (k + 1) * 4}), "this benchmark")
+    torch.manual_seed(seed)
+    truth = torch.distributions.Beta(2.0, 2.0).sample((pool,))
     features = torch.randn(pool, feature_dim) if feature_dim else None
     outcomes = torch.Generator().manual_seed(seed)
-    cls = get_predictor_class(predictor)
-    model = cls(PromptPool(size=pool, features=features), cls.Options(**(options or {})), seed=seed)
+    model = cls(PromptPool(size=pool, features=features), predictor_options, seed=seed)
     acquisition_cls = get_acquisition_class(rule)
     selector = Selector(model, acquisition_cls(acquisition_cls.Options()), k=k, seed=seed)
 
@@ -46,11 +59,13 @@ def bench(predictor: str = "beta", pool: int = 1_000_000, candidates: int = 4096
     for step in range(warmup + steps):
         ids_pool = selector.sample_candidates(candidates, step)
         truth_of = truth[ids_pool] if selector.rule.needs_truth else None
-        selection = selector.select(ids_pool, batch, step, truth=truth_of)
+        with intra_op_threads(threads):
+            selection = selector.select(ids_pool, batch, step, truth=truth_of)
         chosen, successes = _rolled_out(selection.rows, truth, batch, k, outcomes, selector.rule.rolls_out_all)
-        t0 = time.perf_counter()
-        selector.observe(chosen, successes, torch.full((chosen.shape[0],), float(k)), step)
-        observe = time.perf_counter() - t0
+        with intra_op_threads(threads):
+            t0 = time.perf_counter()
+            selector.observe(chosen, successes, torch.full((chosen.shape[0],), float(k)), step)
+            observe = time.perf_counter() - t0
         if step >= warmup:
             p = truth[chosen]
             informative_shares.append(float((1 - p.pow(k) - (1 - p).pow(k)).mean()))
@@ -61,13 +76,40 @@ def bench(predictor: str = "beta", pool: int = 1_000_000, candidates: int = 4096
     state_bytes = model.state_nbytes()
     return {
         "predictor": predictor, "rule": rule, "pool": pool, "candidates": candidates, "batch": batch, "k": k,
-        "steps": steps, "threads": torch.get_num_threads(),
+        "steps": steps, "threads": threads if threads is not None else torch.get_num_threads(),
         "median_ms_per_step": 1e3 * float(np.median(phases["total"])),
         "p90_ms_per_step": 1e3 * float(np.percentile(phases["total"], 90)),
         **{f"median_{name}_ms": 1e3 * float(np.median(values)) for name, values in phases.items() if name != "total"},
         "state_bytes": state_bytes, "state_bytes_per_prompt": state_bytes / pool,
         # P(0 < S < k) under the true p of the prompts rolled out: what the rule bought
         "true_informative_share": float(np.mean(informative_shares)),
+    }
+
+
+def bench_under_load(background_load: int, **options: Any) -> dict[str, Any]:
+    """`bench(**options)` quietly, then with `background_load` busy processes alongside.
+
+    Both runs are in this invocation, on the same machine state, so the ratio is the slowdown the
+    load causes (other work on a shared machine weighs on both alike).
+    """
+    if isinstance(background_load, bool) or int(background_load) != background_load or background_load < 1:
+        raise ValueError(f"--background-load must be a whole number >= 1, got {background_load!r}")
+    quiet = bench(**options)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(int(background_load))]
+    try:
+        time.sleep(0.5)  # let them reach the run queue
+        loaded = bench(**options)
+    finally:
+        for process in busy:  # only the processes started here, by handle
+            process.kill()
+            process.wait()
+    return {
+        **{key: value for key, value in quiet.items() if not key.startswith(("median", "p90"))},
+        "background_load": int(background_load),
+        "quiet_median_ms_per_step": quiet["median_ms_per_step"], "loaded_median_ms_per_step": loaded["median_ms_per_step"],
+        "quiet_p90_ms_per_step": quiet["p90_ms_per_step"], "loaded_p90_ms_per_step": loaded["p90_ms_per_step"],
+        "slowdown": loaded["median_ms_per_step"] / quiet["median_ms_per_step"],
+        "slowdown_p90": loaded["p90_ms_per_step"] / quiet["p90_ms_per_step"],
     }
 
 

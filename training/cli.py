@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+
+from mpts.training.threads import DEFAULT_PREDICTOR_THREADS
 from rich.table import Table
 
 from mpts.models.extras import MissingExtraError
@@ -25,15 +27,25 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set predictor.decay=0.8 (repeatable)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Flag errors as one line (`error: ...`, exit 2) like every other user error; --help still has the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpts", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from mpts.training.config import cli_number
+
+    count = cli_number(int, ge=1, le=10**9)
+    parser = OneLineParser(prog="mpts", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     run = sub.add_parser("run", help="run one configuration")
     run.add_argument("config", nargs="?", help="a named config (mpts configs) or a YAML file")
     run.add_argument("--out", type=Path, help="run folder (default runs/<name>-<time>)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    run.add_argument("--rollback-to", type=int, metavar="STEP",
+    run.add_argument("--rollback-to", type=cli_number(int, ge=0, le=10**9), metavar="STEP",
                      help="with --resume: redo steps STEP onward from the newest checkpoint before STEP "
                           "(rows after it are moved to parts/.orphaned/, never deleted)")
     run.add_argument("--model", help="local model directory for the LM environment (= --set env.model=...)")
@@ -42,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate = sub.add_parser("ablate", help="arms (predictor, rule) x grid of config values x seeds")
     ablate.add_argument("config")
     ablate.add_argument("--out", type=Path)
-    ablate.add_argument("--workers", type=int, help="parallel runs on this machine (default: ablation.workers)")
+    ablate.add_argument("--workers", type=cli_number(int, ge=1, le=1024), help="parallel runs on this machine (default: ablation.workers)")
     ablate.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="local: processes on this machine; ray: tasks on a Ray cluster")
     ablate.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
@@ -52,32 +64,37 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="score a predictor prequentially on a logged trace")
     replay.add_argument("trace", type=Path, help="parquet, CSV or JSONL with step, prompt_id, successes, trials; "
                         "a per-rollout table with a `prompt` column; or a verl rollout dump folder")
-    replay.add_argument("--success-threshold", type=float, default=None, metavar="R",
+    replay.add_argument("--success-threshold", type=cli_number(float), default=None, metavar="R",
                         help="per-rollout logs: a rollout succeeds when its reward >= R (default 1.0)")
     replay.add_argument("--reward-column", help="per-rollout logs: the reward field (default: score, reward, acc, ...)")
     replay.add_argument("--prompt-info", type=Path, metavar="FILE",
                         help="table keyed by prompt_id or prompt with `cluster` and/or `embedding` columns")
     replay.add_argument("--predictor", required=True)
     replay.add_argument("--out", type=Path, help="also write the scores to this JSON file (default: print only)")
-    replay.add_argument("--seed", type=int, default=0)
+    replay.add_argument("--seed", type=cli_number(int, ge=0, le=2**32 - 1), default=0)
     _add_set(replay)
 
     bench = sub.add_parser("bench", help="time predict+select+observe per step at scale")
     bench.add_argument("--predictor", default="beta")
     bench.add_argument("--rule", default="thompson_target")
-    bench.add_argument("--pool", type=int, default=1_000_000)
-    bench.add_argument("--candidates", type=int, default=4096)
-    bench.add_argument("--batch", type=int, default=256)
-    bench.add_argument("--k", type=int, default=8)
-    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument("--pool", type=count, default=1_000_000)
+    bench.add_argument("--candidates", type=count, default=4096)
+    bench.add_argument("--batch", type=count, default=256)
+    bench.add_argument("--k", type=cli_number(int, ge=1, le=2**16), default=8)
+    bench.add_argument("--steps", type=count, default=50)
+    bench.add_argument("--threads", type=cli_number(int, ge=0, le=1024), default=DEFAULT_PREDICTOR_THREADS,
+                       help="intra-op threads for the timed calls (default %(default)s, as runs use; 0: torch's default)")
+    bench.add_argument("--background-load", type=cli_number(int, ge=0, le=1024), default=0, metavar="N",
+                       help="also time it with N busy processes alongside and report the slowdown against the "
+                            "quiet run of the same invocation")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     _add_set(bench)
 
     report = sub.add_parser("report", help="calibration and efficiency report over run or ablation folders")
     report.add_argument("runs", nargs="+", type=Path)
     report.add_argument("--out", type=Path, required=True)
-    report.add_argument("--target-accuracy", type=float)
-    report.add_argument("--window", type=int, help="steps per window for calibration over time")
+    report.add_argument("--target-accuracy", type=cli_number(float, gt=0.0, le=1.0))
+    report.add_argument("--window", type=count, help="steps per window for calibration over time")
     _add_set(report)
 
     sub.add_parser("configs", help="list the named configurations")
@@ -171,11 +188,13 @@ def cmd_replay(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from mpts.training.bench import bench
+    from mpts.training.bench import bench, bench_under_load
     from mpts.training.config import apply_overrides
 
     options = apply_overrides({}, [o.removeprefix("predictor.") for o in args.overrides])
-    result = bench(args.predictor, args.pool, args.candidates, args.batch, args.k, args.steps, args.rule, options)
+    settings = dict(predictor=args.predictor, pool=args.pool, candidates=args.candidates, batch=args.batch, k=args.k,
+                    steps=args.steps, rule=args.rule, options=options, threads=args.threads or None)
+    result = bench_under_load(args.background_load, **settings) if args.background_load else bench(**settings)
     if args.json:
         print(json.dumps(result))
     else:

@@ -14,6 +14,7 @@ the option.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 from importlib import resources
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from mpts.models.options import StrictOptions
+from mpts.training.threads import DEFAULT_PREDICTOR_THREADS
 
 CONFIG_PACKAGE = "mpts.training.configs"
 COMPONENT_SECTIONS = ("env", "predictor", "acquisition")
@@ -113,6 +115,9 @@ class RunConfig(StrictOptions):
     eval_every: int = Field(1, ge=1, le=10**9)
     checkpoint_every: int = Field(50, ge=1, le=10**9)
     posterior_draws_prompts: int = Field(64, ge=0, le=10**6, description="prompts whose final posterior draws are saved")
+    predictor_threads: int | None = Field(DEFAULT_PREDICTOR_THREADS, ge=1, le=1024,
+                                          description="torch intra-op threads for predict/select/observe "
+                                                      "(None: torch's setting); see mpts.training.threads")
     env: ComponentConfig = ComponentConfig(name="sim")
     predictor: ComponentConfig = ComponentConfig(name="beta")
     acquisition: ComponentConfig = ComponentConfig(name="thompson_target")
@@ -164,6 +169,22 @@ def format_errors(error: ValidationError) -> str:
         else:
             parts.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
     return "; ".join(parts)
+
+
+def cli_number(kind: type, **bounds: Any):
+    """An argparse `type` for a numeric flag, checked by the same rules as the config (no
+    booleans, finite, within `bounds` such as ge=1, le=...)."""
+    adapter = TypeAdapter(Annotated[kind, Field(**bounds)], config=ConfigDict(allow_inf_nan=False))
+
+    def parse(text: str):
+        try:
+            return adapter.validate_python(text.strip())
+        except ValidationError as error:
+            raise argparse.ArgumentTypeError(
+                f"{error.errors()[0]['msg'].removeprefix('Value error, ')} (got {text!r})") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def named_configs() -> list[str]:

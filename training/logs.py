@@ -72,7 +72,8 @@ def read_verl_dump(folder: Path | str, *, success_threshold: float = DEFAULT_SUC
     folder = Path(folder)
     files = sorted((f for f in folder.glob("*.jsonl") if f.stem.isdigit()), key=lambda f: int(f.stem))
     if not files:
-        raise TraceError(f"{folder}: no verl rollout dump files ({{step}}.jsonl) in this folder")
+        raise TraceError(f"trace {folder} is a folder with no verl rollout dump files ({{step}}.jsonl); give a trace "
+                         f"file (e.g. {folder / 'trace.parquet'}) or a verl trainer.rollout_data_dir")
     rows = []
     for file in files:
         for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):

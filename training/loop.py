@@ -30,6 +30,7 @@ from mpts.training.environments.base import Environment, Outcomes, get_environme
 from mpts.training.memory import check_fits, run_need
 from mpts.training.run_dir import RunFolder
 from mpts.training.selector import Selector
+from mpts.training.threads import intra_op_threads
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
 
@@ -133,6 +134,19 @@ def summarize(config: RunConfig, rule: Acquisition, trace: pd.DataFrame, metrics
     }
 
 
+@contextmanager
+def predictor_failures(config: RunConfig, step: int):
+    """A predictor that diverges (non-finite loss or parameters) stops the run with one line
+    naming the predictor, the step and its options, not a multi-line Pyro trace."""
+    try:
+        yield
+    except (FloatingPointError, ValueError) as error:
+        what = " ".join(str(error).split())[:160]
+        raise ValueError(f"predictor {config.predictor.name} failed at step {step} ({what}); its options "
+                         f"{config.predictor.options or '(defaults)'} may be too aggressive for this run, "
+                         f"e.g. a smaller predictor.lr") from None
+
+
 def check_checkpoint_fits(saved: dict[str, Any], config: RunConfig, path: Path | None) -> None:
     """A checkpoint written by another config (another predictor, pool, seed ...) is refused by name."""
     written_by = saved.get("config")
@@ -202,7 +216,8 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
             timer = StepTimer()
             candidates = selector.sample_candidates(C, step)
             truth = env.true_success(candidates) if rule.needs_truth else None
-            selection = selector.select(candidates, B, step, truth=truth)
+            with intra_op_threads(config.predictor_threads), predictor_failures(config, step):
+                selection = selector.select(candidates, B, step, truth=truth)
             timer.seconds.update(selection.seconds)
             env.use_generator(selector.streams.generator("environment", step))
             with timer("rollout"):
@@ -212,12 +227,13 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
                     outcomes = env.rollout(selection.rows, k)
                     kept = ~outcomes.failed
             rolled = torch.arange(outcomes.ids.shape[0])
-            columns = selector.prediction_columns(selection.posterior.take(rolled), outcomes.successes,
-                                                  outcomes.trials, step, outcomes.failed)
+            with intra_op_threads(config.predictor_threads):
+                columns = selector.prediction_columns(selection.posterior.take(rolled), outcomes.successes,
+                                                      outcomes.trials, step, outcomes.failed)
             trace = trace_rows(step, outcomes, columns, kept, rule.name)
 
             ok = ~outcomes.failed
-            with timer("observe"):
+            with timer("observe"), intra_op_threads(config.predictor_threads), predictor_failures(config, step):
                 diagnostics = (selector.observe(outcomes.ids[ok], outcomes.successes[ok], outcomes.trials[ok], step)
                                if bool(ok.any()) else {})
             with timer("train"):

@@ -30,7 +30,6 @@ from mpts.training.config import format_errors
 from mpts.training.memory import MemoryNeed, check_fits, predictor_state_bytes
 from mpts.training.selector import Selector
 
-REQUIRED_COLUMNS = OUTCOME_COLUMNS
 MAX_COUNT = 2**24  # successes and trials of one (step, prompt): exact in float32
 MAX_STEP = 2**31 - 1  # predictors keep steps as int32
 
@@ -64,12 +63,12 @@ def read_trace(path: Path | str) -> pd.DataFrame:
 
 def validate_trace(frame: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
     """Check columns and values; returns one row per (step, prompt id label), counts as int64."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    missing = [c for c in OUTCOME_COLUMNS if c not in frame.columns]
     if missing:
-        raise TraceError(f"{source}: missing column(s) {', '.join(missing)}; a trace needs {', '.join(REQUIRED_COLUMNS)}")
+        raise TraceError(f"{source}: missing column(s) {', '.join(missing)}; a trace needs {', '.join(OUTCOME_COLUMNS)}")
     if frame.empty:
         raise TraceError(f"{source}: the trace has no rows")
-    out = frame[list(REQUIRED_COLUMNS)].copy()
+    out = frame[list(OUTCOME_COLUMNS)].copy()
     limits = {"step": MAX_STEP, "successes": MAX_COUNT, "trials": MAX_COUNT}
     for column, limit in limits.items():
         if pd.api.types.is_bool_dtype(out[column]) or (

@@ -196,10 +196,15 @@ class Selector:
     @contextlib.contextmanager
     def _predictor_rng(self, step: int):
         """Draws the predictor makes from torch's global RNG (SVI subsamples, Pyro sites) follow
-        the "predictor" stream, and the global state is left as it was."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.streams.seed_for("predictor", step))
+        the "predictor" stream, and the global state is left as it was. (The CPU generator is
+        saved and restored directly: `torch.random.fork_rng` costs ~0.5 ms a call.)"""
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(self.streams.seed_for("predictor", step))
+        try:
             yield
+        finally:
+            generator.set_state(saved)
 
 
 def prediction_columns(posterior: SuccessPosterior, successes: Tensor, trials: Tensor,

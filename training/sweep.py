@@ -15,14 +15,8 @@ import json
 import re
 from typing import Any
 
-from mpts.training.config import ConfigError, RunConfig, set_dotted, validate_config
-
-COMPONENT_LOOKUPS = {
-    "predictor": ("mpts.models.registry", "get_predictor_class"),
-    "acquisition": ("mpts.training.acquisition", "get_acquisition_class"),
-    "env": ("mpts.training.environments.base", "get_environment_class"),
-}
-
+from mpts.inference.schema import format_grid_value
+from mpts.training.config import COMPONENT_SECTIONS, ConfigError, RunConfig, set_dotted, validate_config
 
 @dataclasses.dataclass(frozen=True)
 class GridRun:
@@ -35,26 +29,27 @@ def _component(value: str | dict[str, Any]) -> dict[str, Any]:
     return {"name": value} if isinstance(value, str) else dict(value)
 
 
-def format_value(value: Any) -> str:
-    """A grid value as one short string (table cells, run-table columns)."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
 def point_slug(point: dict[str, Any]) -> str:
     """`key=value__key=value`, file-name safe."""
-    return "__".join(re.sub(r"[^A-Za-z0-9._=+-]+", "-", f"{key}={format_value(value)}") for key, value in point.items())
+    return "__".join(re.sub(r"[^A-Za-z0-9._=+-]+", "-", f"{key}={format_grid_value(value)}") for key, value in point.items())
+
+
+def _component_class(section: str, name: str):
+    from mpts.models.registry import get_predictor_class
+    from mpts.training.acquisition import get_acquisition_class
+    from mpts.training.environments.base import get_environment_class
+
+    lookup = {"env": get_environment_class, "predictor": get_predictor_class, "acquisition": get_acquisition_class}
+    return lookup[section](name)
 
 
 def _applies(key: str, raw: dict[str, Any]) -> bool:
     """Whether a grid key means something for this arm's config."""
-    import importlib
-
     parts = key.split(".")
-    if parts[0] not in COMPONENT_LOOKUPS or len(parts) != 2 or parts[1] == "name":
+    if parts[0] not in COMPONENT_SECTIONS or len(parts) != 2 or parts[1] == "name":
         return True
-    module, function = COMPONENT_LOOKUPS[parts[0]]
     try:
-        cls = getattr(importlib.import_module(module), function)(raw[parts[0]]["name"])
+        cls = _component_class(parts[0], raw[parts[0]]["name"])
     except KeyError:
         return True  # an unknown component: validation names it
     return parts[1] in cls.Options.model_fields

@@ -30,8 +30,9 @@ def _run(config_json: dict[str, Any], folder: Path) -> dict[str, Any]:
     from mpts.training.config import validate_config
     from mpts.training.loop import run
 
-    torch.set_num_threads(1)  # one run per core: threads inside would oversubscribe
     config = validate_config(config_json)
+    # the CPUs the run declared (one by default): more threads would oversubscribe its share
+    torch.set_num_threads(max(1, int(config.ablation.cpus_per_run)))
     return run(config, folder, resume=(folder / "config.yaml").exists())
 
 
