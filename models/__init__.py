@@ -1,10 +1,10 @@
 """Risk predictors: probabilistic models of each prompt's success rate under the policy."""
 
-from .base import PredictorOptions, PromptPool, RiskPredictor, SuccessPosterior
+from .base import PredictorOptions, PromptPool, RiskPredictor, Rows, SuccessPosterior
 from .posteriors import BetaPosterior, LogitNormalPosterior, PointMassPosterior
 from .registry import get_predictor_class, predictor_names, register_predictor
 
 __all__ = [
     "BetaPosterior", "LogitNormalPosterior", "PointMassPosterior", "PredictorOptions", "PromptPool",
-    "RiskPredictor", "SuccessPosterior", "get_predictor_class", "predictor_names", "register_predictor",
+    "RiskPredictor", "Rows", "SuccessPosterior", "get_predictor_class", "predictor_names", "register_predictor",
 ]

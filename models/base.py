@@ -1,9 +1,11 @@
 """The predictor seam: what every risk predictor promises the loop.
 
-A `RiskPredictor` holds per-prompt state in tensors sized to the pool and answers two calls:
+A `RiskPredictor` holds its state as a dataclass of tensors and answers two calls:
 `predict(ids, step)` returns a `SuccessPosterior` for those prompts (made before their outcomes
-are seen) and `observe(ids, successes, trials, step)` folds a batch of outcomes in. Inputs are
-checked here, once, before any subclass touches its state, so a rejected call changes nothing.
+are seen; pure) and `observe(ids, successes, trials, step)` folds a batch of outcomes in. Inputs
+are checked here, once, and a subclass's new state is committed only after it was computed in
+full, so a rejected or failed call changes nothing. Saving and loading (with key, shape and
+dtype checks) are here too; `program()` declares the Pyro program an update conditions on.
 """
 
 from __future__ import annotations
@@ -171,15 +173,55 @@ class SuccessPosterior(abc.ABC):
         return int(self.mean.shape[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """New values for some rows of a state tensor (`tensor[index] = values` when committed)."""
+
+    index: Tensor
+    values: Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One observe() call as the Pyro program the predictor declares.
+
+    `model(*args)` is the generative program of the batch with the prior the predictor's
+    posterior-to-prior rule (forgetting, lazy catch-up) gives at that step; `guide` an
+    `nn.Module` variational family for it. `update` names how production computes the
+    posterior: "conjugate" (closed form), "filter" (exact forward step) or "svi" (streaming SVI
+    on exactly this program). `posterior(guide)` reads the next step's predictive of the batch
+    off a fitted guide, for comparison with what production predicts after the update ("svi"
+    programs carry the engine, its state and the seed the update uses instead).
+    """
+
+    model: Any
+    guide: Any
+    args: tuple
+    update: str
+    posterior: Any = None
+    engine: Any = None  # "svi": the predictor's StreamingSVI, its state before the update, and the seed
+    state: Any = None
+    seed: int | None = None
+
+
 class RiskPredictor(abc.ABC):
     """A probabilistic model of each prompt's success rate under the current policy.
 
-    Subclasses set `name` (the config/CLI name) and `Options` (a `PredictorOptions`), and
-    implement `_predict`, `_observe`, `_state` and `_load_state`. Inputs are validated here.
+    Subclasses set `name` (the config/CLI name) and `Options` (a `PredictorOptions`), keep all
+    their learned state in `self.state` (a dataclass whose fields are tensors, `None`, or objects
+    with `tensors()` / `from_tensors()` such as `inference.SVIState`), and implement
+
+    - `_predict(ids, step)`: a `SuccessPosterior` from `self.state`; reads, never writes;
+    - `_observe(ids, successes, trials, step) -> (changes, info)`: the new values of the state's
+      fields (a whole tensor, or `Rows` of one), computed without writing anything.
+
+    Validation, saving, loading (with key, shape and dtype checks) and the atomic commit of an
+    observe are here, once: a call that raises leaves the predictor exactly as it was.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[PredictorOptions]] = PredictorOptions
+    state: Any
 
     def __init__(self, pool: PromptPool, options: PredictorOptions | None = None, seed: int = 0):
         self.pool = pool
@@ -195,35 +237,60 @@ class RiskPredictor(abc.ABC):
     def observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
         """Fold in outcomes; returns diagnostics (e.g. {"elbo": [...]}) for logging."""
         ids, successes, trials = self.check_outcomes(ids, successes, trials)
-        return self._observe(ids, successes, trials, int(step)) or {}
+        changes, info = self._observe(ids, successes, trials, int(step))
+        self.state = commit(self.state, changes)
+        self._state_changed()
+        return info or {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "num_prompts": self.num_prompts,
-                "options": self.options.model_dump(), "state": self._state()}
+        return {"name": self.name, "num_prompts": self.num_prompts, "options": self.options.model_dump(),
+                "state": {key: value.clone() for key, value in flatten(self.state).items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"state is for predictor {state.get('name')!r}, not {self.name!r}")
         if state.get("num_prompts") != self.num_prompts:
             raise ValueError(f"state has {state.get('num_prompts')} prompts, this predictor has {self.num_prompts}")
-        self._load_state(state["state"])
+        flat = state.get("state")
+        own = flatten(self.state)
+        if not isinstance(flat, dict):
+            raise ValueError(f"{self.name} state must be a dict of tensors, got {type(flat).__name__}")
+        if set(flat) != set(own):
+            raise ValueError(f"{self.name} state keys differ from this predictor's (other options?): "
+                             f"unexpected {sorted(set(flat) - set(own))}, missing {sorted(set(own) - set(flat))}")
+        for key, current in own.items():
+            value = flat[key]
+            if not isinstance(value, Tensor) or value.shape != current.shape or value.dtype != current.dtype:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                dtype = value.dtype if isinstance(value, Tensor) else ""
+                raise ValueError(f"{self.name} state[{key!r}] has shape {shape} and dtype {dtype}, "
+                                 f"expected {tuple(current.shape)} and {current.dtype}")
+            if value.is_floating_point() and bool(torch.isnan(value).any()):
+                raise ValueError(f"{self.name} state[{key!r}] contains NaN values")
+        if "options" in state and state["options"] != self.options.model_dump():
+            raise ValueError(f"state was saved with options {state['options']}, "
+                             f"this predictor has {self.options.model_dump()}")
+        self.state = unflatten(self.state, {key: value.clone() for key, value in flat.items()})
+        self._state_changed()
 
     def state_nbytes(self) -> int:
         """Bytes of tensor state (for the benchmark's bytes-per-prompt figure)."""
-        return _tensor_bytes(self._state())
+        return sum(v.numel() * v.element_size() for v in flatten(self.state).values())
 
     # -- to implement ---------------------------------------------------------------------
     @abc.abstractmethod
     def _predict(self, ids: Tensor, step: int) -> SuccessPosterior: ...
 
     @abc.abstractmethod
-    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any] | None: ...
+    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor,
+                 step: int) -> tuple[dict[str, Any], dict[str, Any] | None]: ...
 
-    @abc.abstractmethod
-    def _state(self) -> dict[str, Any]: ...
+    def program(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> Program:
+        """The batch's Pyro program, as `observe` with these arguments would condition it."""
+        raise NotImplementedError(f"{self.name} declares no Pyro program")
 
-    @abc.abstractmethod
-    def _load_state(self, state: dict[str, Any]) -> None: ...
+    def _state_changed(self) -> None:
+        """Hook after an observe or a load: refresh what is derived from the state (no new state)."""
 
     # -- validation -------------------------------------------------------------------------
     def check_ids(self, ids: Tensor) -> Tensor:
@@ -275,16 +342,53 @@ def _as_counts(field: str, value: Tensor, n: int) -> Tensor:
     return value
 
 
-def _tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+class TensorDict(dict):
+    """A state field of named tensors (saved as "field.name"), e.g. a module's fixed buffers."""
+
+    def tensors(self) -> dict[str, Tensor]:
+        return dict(self)
+
+    @classmethod
+    def from_tensors(cls, flat: dict[str, Tensor]) -> "TensorDict":
+        return cls(flat)
 
 
-def log_binomial_coefficient(trials: Tensor, successes: Tensor) -> Tensor:
-    return torch.lgamma(trials + 1) - torch.lgamma(successes + 1) - torch.lgamma(trials - successes + 1)
+def commit(state: Any, changes: dict[str, Any]) -> Any:
+    """The state with `changes` applied: whole fields replaced, `Rows` written into their tensor.
 
+    Runs only after every change was computed, so a failure before it changes nothing; row
+    writes go into the existing tensor (no copy of a pool-sized array per step).
+    """
+    replaced = {}
+    for key, change in changes.items():
+        if isinstance(change, Rows):
+            getattr(state, key).index_copy_(0, change.index, change.values.to(getattr(state, key).dtype))
+        else:
+            replaced[key] = change
+    return dataclasses.replace(state, **replaced) if replaced else state
+
+
+def flatten(state: Any) -> dict[str, Tensor]:
+    """The state's tensors by name; nested states (with `tensors()`) as "field.key"; None fields left out."""
+    out: dict[str, Tensor] = {}
+    for field in dataclasses.fields(state):
+        value = getattr(state, field.name)
+        if hasattr(value, "tensors"):
+            out.update({f"{field.name}.{key}": tensor for key, tensor in value.tensors().items()})
+        elif value is not None:
+            out[field.name] = value
+    return out
+
+
+def unflatten(template: Any, flat: dict[str, Tensor]) -> Any:
+    """A state of `template`'s type from `flatten`'s output."""
+    values = {}
+    for field in dataclasses.fields(template):
+        current = getattr(template, field.name)
+        if hasattr(current, "tensors"):
+            prefix = field.name + "."
+            values[field.name] = type(current).from_tensors(
+                {key[len(prefix):]: value for key, value in flat.items() if key.startswith(prefix)})
+        else:
+            values[field.name] = flat.get(field.name)
+    return type(template)(**values)

@@ -6,22 +6,20 @@ Generative model (Hensman et al. 2015, whitened inducing values, logit link):
     f(x) = m + K_xZ K_ZZ^{-1/2} u  (+ the residual GP)    logit of the success rate
     s_j ~ Binomial(k_j, sigmoid(f(x_j)))  ** w_j          w_j = lam ** (step - step_j)
 
-Pyro integration: GPyTorch's own `ApproximateGP.pyro_model` / `pyro_guide` with `pyro.module`.
-The inducing values are then an ordinary Pyro sample site ("gp.u", KL to the prior analytic
-under `TraceMeanField_ELBO`), the Binomial likelihood is an ordinary observe statement, and age
+Pyro integration: GPyTorch's own `ApproximateGP.pyro_model` / `pyro_guide`. The inducing values
+are then an ordinary Pyro sample site ("gp.u", KL to the prior analytic under
+`TraceMeanField_ELBO`), the Binomial likelihood is an ordinary observe statement, and age
 weights and minibatching are Pyro's own `poutine.scale` and `plate(subsample_size=...)`. The
-kernel, mean and variational parameters go through `pyro.module` into the shared
-`inference.streaming.StreamingSVI` engine's private parameter store, so this predictor gets the
-same warm start, clipped Adam and rollback-on-failure as every other one. (GPyTorch's
-`VariationalELBO` would have needed a custom GPyTorch likelihood and a second optimiser loop
-outside the engine.) `pyro.module(..., update_module_params=True)` makes the parameter store
-the source of truth: after a rollback or a `load_state_dict` the module is re-pointed at the
-store's tensors.
+kernel, mean and variational parameters are the GP module's own parameters, fitted by the
+shared functional engine (`inference.streaming.StreamingSVI`, no global parameter store), so
+this predictor gets the same warm start, clipped Adam and rollback-on-failure as every other
+one. (GPyTorch's `VariationalELBO` would have needed a custom GPyTorch likelihood and a second
+optimiser loop outside the engine.)
 
 Non-stationarity: exponential forgetting through a bounded replay buffer of recent
 observations (prompt id, s, k, step), each weighted lam ** age in the likelihood. For a
 Beta-Bernoulli model this is exactly MoPPS' decay toward the prior, so the GP forgets at the
-rate the other predictors do, and `forgetting` means the same thing across predictors. A time
+rate the other predictors do, and `decay` means the same thing across predictors. A time
 kernel (step as an input) was the alternative; it needs inducing points that move forward in
 time and extrapolates the time trend at the edge of the data, where a stationary kernel
 reverts to the mean; weighting old outcomes down is simpler, bounded and easy to check.
@@ -42,6 +40,7 @@ embedding, reverting to the fitted mean far from any observed prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal
 
@@ -52,9 +51,10 @@ from pydantic import Field
 from pyro.infer import TraceMeanField_ELBO
 from torch import Tensor
 
-from mpts.inference.streaming import StreamingSVI
+from mpts.inference.forgetting import factor
+from mpts.inference.streaming import StreamingSVI, SVIState, WithModule
 
-from .base import PredictorOptions, PromptPool, RiskPredictor
+from .base import PredictorOptions, Program, PromptPool, RiskPredictor, TensorDict
 from .extras import import_extra
 from .posteriors import LogitNormalPosterior
 
@@ -78,7 +78,7 @@ class EmbeddingGPOptions(PredictorOptions):
     svi_steps: int = Field(4, ge=1, description="SVI steps per observe() call (warm-started)")
     lr: float = Field(0.1, gt=0.0, le=1.0, description="Adam step size (ClippedAdam, as the engine sets it up), (0, 1]")
     num_particles: int = Field(1, ge=1, description="Monte Carlo draws of f per SVI step")
-    forgetting: float = Field(0.9, gt=0.0, le=1.0, description="lam: an outcome `age` steps old has weight lam**age")
+    decay: float = Field(0.9, gt=0.0, le=1.0, description="lam: an outcome `age` steps old has weight lam**age")
     buffer_size: int = Field(8192, ge=1, description="most recent observations kept for refitting")
     minibatch_size: int = Field(512, ge=1, description="buffer rows per SVI step")
     seed: int | None = Field(None, description="overrides the run seed for this predictor's randomness")
@@ -102,18 +102,9 @@ class LogitGP(gpytorch.models.ApproximateGP):
         self.mean_module = gpytorch.means.ConstantMean()
         self.covar_module = gpytorch.kernels.ScaleKernel(base)
         self.covar_module.outputscale = outputscale
-        self.learn_hyperparameters = learn_hyperparameters
-
-    def register(self) -> None:
-        """Put the trainable parameters in the active Pyro store (and take the store's values).
-
-        With fixed hyperparameters only the variational strategy is registered, so SVI never
-        sees the kernel and mean parameters.
-        """
-        if self.learn_hyperparameters:
-            pyro.module(_MODULE_NAME, self, update_module_params=True)
-        else:
-            pyro.module(_MODULE_NAME + ".q", self.variational_strategy, update_module_params=True)
+        if not learn_hyperparameters:  # frozen: SVI fits only q(u) (and inducing locations if asked)
+            for module in (self.mean_module, self.covar_module):
+                module.requires_grad_(False)
 
     def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
@@ -121,7 +112,6 @@ class LogitGP(gpytorch.models.ApproximateGP):
 
 def model(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, weights: Tensor,
           minibatch_size: int | None) -> None:
-    gp.register()
     observations = pyro.plate("observations", x.shape[0], subsample_size=minibatch_size, dim=-1)
     idx = observations.indices
     f_prior = gp.pyro_model(x[idx], name_prefix=_MODULE_NAME)  # samples "gp.u" ~ p(u)
@@ -132,7 +122,6 @@ def model(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, weights: Te
 
 def guide(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, weights: Tensor,
           minibatch_size: int | None) -> None:
-    gp.register()
     gp.train()  # drops GPyTorch's memo of q(u), whose graph the previous step's backward freed
     observations = pyro.plate("observations", x.shape[0], subsample_size=minibatch_size, dim=-1)
     f_posterior = gp.pyro_guide(x[observations.indices], name_prefix=_MODULE_NAME)  # samples "gp.u" ~ q(u)
@@ -153,6 +142,20 @@ def principal_projection(features: Tensor, dim: int | None, generator: torch.Gen
     return mean.float(), vectors[:, -dim:].flip(1).float().contiguous()
 
 
+@dataclasses.dataclass(frozen=True)
+class GPState:
+    engine: SVIState  # kernel, mean and variational parameters with their Adam moments
+    fixed: TensorDict  # the GP's other tensors: inducing points, frozen hyperparameters, flags
+    generator: Tensor  # uint8: state of the generator that seeds each update's subsamples and draws
+    buffer_ids: Tensor  # int64 [buffer_size]
+    buffer_successes: Tensor  # float32 [buffer_size]
+    buffer_trials: Tensor
+    buffer_steps: Tensor  # int64 [buffer_size]: step each outcome was observed at
+    buffer_inputs: Tensor  # float32 [buffer_size, q]: its GP input
+    buffer_count: Tensor  # int64 scalar: rows filled
+    buffer_head: Tensor  # int64 scalar: next row to overwrite
+
+
 class EmbeddingGP(RiskPredictor):
     name = "gp"
     Options = EmbeddingGPOptions
@@ -162,11 +165,11 @@ class EmbeddingGP(RiskPredictor):
         o = self.options
         self.features = _checked_features(pool)
         seed = self.seed = o.seed if o.seed is not None else seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self.feature_mean, self.projection = principal_projection(self.features, o.pca_dim, self.generator)
+        generator = torch.Generator().manual_seed(seed)
+        self.feature_mean, self.projection = principal_projection(self.features, o.pca_dim, generator)
 
         num_inducing = min(o.num_inducing, self.num_prompts)
-        inducing_ids = torch.randperm(self.num_prompts, generator=self.generator)[:num_inducing]
+        inducing_ids = torch.randperm(self.num_prompts, generator=generator)[:num_inducing]
         inducing_points = self.inputs(inducing_ids)
         lengthscale = o.lengthscale_init if o.lengthscale_init is not None else _median_distance(inducing_points)
         with torch.random.fork_rng(devices=[]):
@@ -179,18 +182,16 @@ class EmbeddingGP(RiskPredictor):
 
         loss = TraceMeanField_ELBO(num_particles=o.num_particles, vectorize_particles=o.num_particles > 1,
                                    max_plate_nesting=1)
-        self.engine = StreamingSVI(model, guide, steps=o.svi_steps, lr=o.lr, loss=loss)
-        self._refresh()  # registers the module's parameters in the engine's store
-
-        # Replay buffer: a ring of the most recent observations, as tensors.
-        size = o.buffer_size
-        self.buffer_ids = torch.zeros(size, dtype=torch.int64)
-        self.buffer_successes = torch.zeros(size, dtype=torch.float32)
-        self.buffer_trials = torch.zeros(size, dtype=torch.float32)
-        self.buffer_steps = torch.zeros(size, dtype=torch.int64)
-        self.buffer_inputs = torch.zeros(size, self.projection.shape[1])  # their GP inputs: no re-projection per refit
-        self.buffer_count = 0  # rows filled (<= size)
-        self.buffer_head = 0  # next row to overwrite
+        self.engine = StreamingSVI(WithModule(model, self.gp), WithModule(guide, self.gp), steps=o.svi_steps,
+                                   lr=o.lr, loss=loss)
+        size, width = o.buffer_size, self.projection.shape[1]
+        self.state = GPState(
+            engine=self.engine.init(), fixed=self._fixed_tensors(), generator=generator.get_state(),
+            # Replay buffer: a ring of the most recent observations, with their GP inputs (no re-projection per refit)
+            buffer_ids=torch.zeros(size, dtype=torch.int64), buffer_successes=torch.zeros(size),
+            buffer_trials=torch.zeros(size), buffer_steps=torch.zeros(size, dtype=torch.int64),
+            buffer_inputs=torch.zeros(size, width), buffer_count=torch.tensor(0), buffer_head=torch.tensor(0))
+        self._state_changed()
 
     # -- inputs -----------------------------------------------------------------------------
     def inputs(self, ids: Tensor) -> Tensor:
@@ -241,100 +242,64 @@ class EmbeddingGP(RiskPredictor):
         return mean_weights, 0.5 * (middle + middle.T)
 
     # -- observe ----------------------------------------------------------------------------
-    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
-        """Add the batch to the buffer and refit; returns {"elbo": [negative ELBO per SVI step]}."""
-        o = self.options
-        buffer = self._appended(ids, successes, trials, step)
-        count = buffer["count"]
-        age = (step - buffer["steps"][:count]).clamp_min(0).to(torch.float32)
-        weights = o.forgetting ** age
-        x = buffer["inputs"][:count]
-        minibatch = o.minibatch_size if o.minibatch_size < count else None
-        generator_state = self.generator.get_state()
-        update_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        self.gp.train()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(update_seed)  # subsamples and draws follow this predictor's seed
-                # Inside the engine's scope so its optimiser state is saved under parameter names.
-                with self.engine.scope():
-                    losses = self.engine.update(self.gp, x, buffer["successes"][:count],
-                                                buffer["trials"][:count], weights, minibatch)
-        except BaseException:
-            self.generator.set_state(generator_state)
-            self._refresh()  # the engine restored its store; point the module back at it
-            raise
-        self.buffer_ids, self.buffer_successes = buffer["ids"], buffer["successes"]
-        self.buffer_trials, self.buffer_steps = buffer["trials"], buffer["steps"]
-        self.buffer_inputs = buffer["inputs"]
-        self.buffer_count, self.buffer_head = count, buffer["head"]
-        self._refresh()
-        return {"elbo": losses}
+    def program(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> Program:
+        return self.program_and_buffer(ids, successes, trials, step)[0]
 
-    def _appended(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
+    def program_and_buffer(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> tuple[Program, dict]:
+        """The buffer with this batch written in, each outcome weighted decay**age (forgetting),
+        and the buffer and generator state the update commits."""
+        o, ids, step = self.options, self.check_ids(ids), int(step)
+        buffer = self._appended(ids, successes, trials, step)
+        count = int(buffer["buffer_count"])
+        age = (step - buffer["buffer_steps"][:count]).clamp_min(0).to(torch.float32)
+        weights = factor(o.decay, age, torch.float32)
+        minibatch = o.minibatch_size if o.minibatch_size < count else None
+        args = (buffer["buffer_inputs"][:count], buffer["buffer_successes"][:count], buffer["buffer_trials"][:count],
+                weights, minibatch)
+        generator = torch.Generator()
+        generator.set_state(self.state.generator)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # subsamples and draws follow this seed
+        objective = self.engine.objective
+        return Program(objective.model, objective.guide, args, "svi", engine=self.engine, state=self.state.engine,
+                       seed=seed), {**buffer, "generator": generator.get_state()}
+
+    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int):
+        """Add the batch to the buffer and refit; returns {"elbo": [negative ELBO per SVI step]}."""
+        program, changes = self.program_and_buffer(ids, successes, trials, step)
+        self.gp.train()
+        engine, info = self.engine.update(program.state, *program.args, seed=program.seed)
+        if "failed" in info:
+            self._state_changed()  # the engine put the old parameters back; refresh GPyTorch's caches
+            raise RuntimeError(f"gp update failed, state unchanged: {info['failed']}")
+        return {**changes, "engine": engine}, {"elbo": info["elbo"]}
+
+    def _appended(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Tensor]:
         """The buffer with this batch written in (new tensors; committed only if the update succeeds)."""
-        size = self.options.buffer_size
+        state, size = self.state, self.options.buffer_size
         n = ids.shape[0]
         if n > size:  # a batch larger than the buffer: keep its last `size` rows
             ids, successes, trials, n = ids[-size:], successes[-size:], trials[-size:], size
-        rows = (self.buffer_head + torch.arange(n)) % size
-        out = {"ids": self.buffer_ids.clone(), "successes": self.buffer_successes.clone(),
-               "trials": self.buffer_trials.clone(), "steps": self.buffer_steps.clone(),
-               "inputs": self.buffer_inputs.clone()}
-        out["ids"][rows] = ids
-        out["successes"][rows] = successes
-        out["trials"][rows] = trials
-        out["steps"][rows] = step
-        out["inputs"][rows] = self.inputs(ids)
-        out["count"] = min(self.buffer_count + n, size)
-        out["head"] = (self.buffer_head + n) % size
+        rows = (int(state.buffer_head) + torch.arange(n)) % size
+        out = {name: getattr(state, name).index_put((rows,), value) for name, value in (
+            ("buffer_ids", ids), ("buffer_successes", successes), ("buffer_trials", trials),
+            ("buffer_steps", torch.full((n,), step, dtype=torch.int64)), ("buffer_inputs", self.inputs(ids)))}
+        out["buffer_count"] = torch.tensor(min(int(state.buffer_count) + n, size))
+        out["buffer_head"] = torch.tensor((int(state.buffer_head) + n) % size)
         return out
 
-    def _refresh(self) -> None:
-        """Re-point the module at the engine's parameters and drop GPyTorch's cached solves."""
-        with self.engine.scope():
-            self.gp.register()
+    def _fixed_tensors(self) -> TensorDict:
+        trained = {name for name, p in self.gp.named_parameters() if p.requires_grad}
+        return TensorDict({name: value.detach().clone() for name, value in self.gp.state_dict().items()
+                           if name not in trained})
+
+    def _state_changed(self) -> None:
+        """The GP computes with the state's tensors; GPyTorch's cached solves and the predictive
+        terms are refreshed from them."""
+        self.gp.load_state_dict(self.state.fixed, strict=False)
+        self.engine.write(self.state.engine)
         self.gp.train()
         self.gp.eval()
         self._predictive = self._predictive_terms()
-
-    # -- state ------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        with self.engine.scope():
-            engine = self.engine.state_dict()
-        return {
-            "engine": engine,
-            "gp": {name: value.detach().clone() for name, value in self.gp.state_dict().items()},
-            "feature_mean": self.feature_mean.clone(), "projection": self.projection.clone(),
-            "buffer_ids": self.buffer_ids.clone(), "buffer_successes": self.buffer_successes.clone(),
-            "buffer_trials": self.buffer_trials.clone(), "buffer_steps": self.buffer_steps.clone(),
-            "buffer_inputs": self.buffer_inputs.clone(),
-            "buffer_count": self.buffer_count, "buffer_head": self.buffer_head,
-            "generator": self.generator.get_state(),
-        }
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        if state["buffer_ids"].shape[0] != self.options.buffer_size:
-            raise ValueError(f"state has buffer_size {state['buffer_ids'].shape[0]}, "
-                             f"this predictor has {self.options.buffer_size}")
-        if state["projection"].shape != self.projection.shape:
-            raise ValueError(f"state projects features to shape {tuple(state['projection'].shape)}, "
-                             f"this predictor to {tuple(self.projection.shape)}")
-        current = self.gp.state_dict()
-        if set(state["gp"]) != set(current) or any(state["gp"][k].shape != v.shape for k, v in current.items()):
-            raise ValueError("state's GP has other parameters than this one "
-                             "(num_inducing, kernel, ard or learn_inducing_locations differ)")
-        self.gp.load_state_dict(state["gp"])  # fixed parameters and buffers; the store re-points the rest
-        self.engine.load_state_dict(state["engine"])
-        self.feature_mean, self.projection = state["feature_mean"].clone(), state["projection"].clone()
-        self.buffer_ids = state["buffer_ids"].clone()
-        self.buffer_successes = state["buffer_successes"].clone()
-        self.buffer_trials = state["buffer_trials"].clone()
-        self.buffer_steps = state["buffer_steps"].clone()
-        self.buffer_inputs = state["buffer_inputs"].clone()
-        self.buffer_count, self.buffer_head = int(state["buffer_count"]), int(state["buffer_head"])
-        self.generator.set_state(state["generator"])
-        self._refresh()
 
 
 def _checked_features(pool: PromptPool) -> Tensor:

@@ -27,7 +27,7 @@ one-hot: an int8 state code is stored instead of three floats (code 3: never rol
 Pooling (`pooling="cluster"|"global"`), which none of the references has: the prior of each
 prompt's rows is no longer the fixed alpha0 but `pool_strength` times the shared transition
 matrix of its cluster (or of the whole pool), estimated from the soft counts of every prompt in
-it (decayed with `pool_decay`). A prompt rolled out once already predicts with its cluster's
+it (decayed at `decay` rate "pool"). A prompt rolled out once already predicts with its cluster's
 dynamics; its own counts then pull it away from them. Waiting steps use the shared matrix as it
 stands now (the best current estimate of the cluster's dynamics).
 
@@ -49,12 +49,16 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.nn import PyroModule, PyroParam
 from pyro.ops.indexing import Vindex
 from pydantic import Field, field_validator
 from scipy import special
 from torch import Tensor
 
-from .base import PredictorOptions, PromptPool, RiskPredictor, SuccessPosterior, log_binomial_coefficient
+from mpts.inference.forgetting import decay_option, decay_rates, factor
+
+from .base import PredictorOptions, Program, PromptPool, RiskPredictor, Rows, SuccessPosterior
+from .distributions import ThreeStateCount, beta_binomial_log_prob
 
 NUM_STATES = 3
 UNSEEN = 3  # state code of a prompt never rolled out
@@ -93,10 +97,33 @@ def model(initial_belief: Tensor, concentration: Tensor, observations: Tensor, o
                     obs=observations)
 
 
-def guide(initial_belief: Tensor, concentration: Tensor, observations: Tensor, observe_prob: float = 0.5) -> None:
-    q = pyro.param("q_concentration", concentration.clone(), constraint=dist.constraints.positive)
-    with pyro.plate("prompts", initial_belief.shape[0]):
-        pyro.sample("transition", dist.Dirichlet(q).to_event(1))
+class Guide(PyroModule):
+    """q(P_i) = Dirichlet rows with concentration q_concentration [n, 3, 3], started at `concentration`."""
+
+    def __init__(self, concentration: Tensor):
+        super().__init__()
+        self.q_concentration = PyroParam(concentration.detach().clone(), constraint=dist.constraints.positive)
+
+    def forward(self, *args, **kwargs) -> None:
+        with pyro.plate("prompts", self.q_concentration.shape[0]):
+            pyro.sample("transition", dist.Dirichlet(self.q_concentration).to_event(1))
+
+
+def waited_belief(start: Tensor, matrices: Tensor, waits: Tensor) -> Tensor:
+    """The state after `waits[i]` unobserved steps from `start[i]`, by Pyro's `DiscreteHMM` filter.
+
+    matrices [n, T, 3, 3] are the steps' transition matrices (prompt i uses its first waits[i]);
+    shorter windows are padded in front with identity steps. The reference for `propagate`.
+    """
+    n, longest = matrices.shape[0], matrices.shape[1]
+    if longest == 0:
+        return start
+    offset = torch.arange(longest).unsqueeze(0) - (longest - waits).unsqueeze(1)  # index into each prompt's matrices
+    used = offset >= 0
+    picked = matrices.gather(1, offset.clamp_min(0).view(n, longest, 1, 1).expand(n, longest, NUM_STATES, NUM_STATES))
+    steps = torch.where(used.view(n, longest, 1, 1), picked, torch.eye(NUM_STATES).expand(n, longest, NUM_STATES, NUM_STATES))
+    chain = state_chain(start.clamp_min(1e-30), steps.clamp_min(1e-30), longest)
+    return chain.filter(torch.full((n, longest), float(WAITED))).probs
 
 
 def transition_model(previous_belief: Tensor, concentration: Tensor, states: Tensor) -> None:
@@ -120,8 +147,8 @@ def row_normalise(concentration: Tensor) -> Tensor:
 
 
 def decay_factor(lam: float, steps: Tensor) -> Tensor:
-    """lam**steps as [n, 1, 1] float32 (computed in float64 so that long waits underflow cleanly)."""
-    return torch.pow(torch.tensor(lam, dtype=torch.float64), steps.double()).float().view(-1, 1, 1)
+    """lam**steps as [n, 1, 1] float32 (`inference.forgetting.factor`)."""
+    return factor(lam, steps, torch.float32).view(-1, 1, 1)
 
 
 def exact_steps(lam: float, tol: float, excess_mass: float, prior_mass: float) -> int:
@@ -217,10 +244,6 @@ def states_of(successes: Tensor, trials: Tensor) -> Tensor:
 
 
 # -- the predictive ---------------------------------------------------------------------------------
-def _lbeta(a: Tensor, b: Tensor) -> Tensor:
-    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
-
-
 @dataclasses.dataclass(frozen=True)
 class ThreeStateMixturePosterior(SuccessPosterior):
     """Success count and rate from a belief over the three states.
@@ -246,9 +269,8 @@ class ThreeStateMixturePosterior(SuccessPosterior):
         k = self.trials_ref
         w = self.state_probs.double()
         s = torch.arange(k + 1, dtype=torch.float64)
-        log_bb = log_binomial_coefficient(torch.full_like(s, k), s) + _lbeta(self.a + s, self.b + k - s) \
-            - _lbeta(torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64))
-        within = log_bb.exp()
+        a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
+        within = beta_binomial_log_prob(a, b, s, torch.full_like(s, k)).exp()
         within[0] = within[-1] = 0.0
         within = within / within.sum()
         pi = w[:, 1:2] * within
@@ -282,27 +304,13 @@ class ThreeStateMixturePosterior(SuccessPosterior):
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         return torch.from_numpy(rng.beta(a[counts].numpy(), b[counts].numpy())).to(self.state_probs.dtype)
 
+    def predictive(self, trials: Tensor) -> ThreeStateCount:
+        """The success count of a group of `trials` rollouts, as a Pyro distribution."""
+        return ThreeStateCount(self.state_probs.double(), self.a, self.b, trials.double(), validate_args=False)
+
     def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
         """Exact log P(S = successes | trials); broadcasts successes [..., n] against trials [n]."""
-        s = successes.double()
-        n = trials.double().expand_as(s)
-        w = self.state_probs.double()
-        log_w = w.log()
-        a = torch.tensor(self.a, dtype=torch.float64)
-        b = torch.tensor(self.b, dtype=torch.float64)
-        base = _lbeta(a, b)
-        log_bb = log_binomial_coefficient(n, s) + _lbeta(a + s, b + n - s) - base
-        log_end0 = _lbeta(a, b + n) - base  # BB(0; n)
-        log_endn = _lbeta(a + n, b) - base  # BB(n; n)
-        log_middle = torch.log1p(-(log_end0.exp() + log_endn.exp()).clamp_max(1.0 - 1e-15))
-        partial = log_w[..., 1] + log_bb - log_middle
-        at_zero = torch.where(s == 0, log_w[..., 0], partial)
-        out = torch.where(s == n, log_w[..., 2], at_zero)
-        # one trial: no partial bucket; w1 follows the plain Beta-Binomial
-        single = torch.logaddexp(torch.where(s == 0, log_w[..., 0], log_w[..., 2]), log_w[..., 1] + log_bb)
-        out = torch.where(n == 1, single, out)
-        outside = (s < 0) | (s > n) | (s != s.round())
-        return out.masked_fill(outside, -math.inf).to(self.state_probs.dtype)
+        return self.predictive(trials).log_prob(successes).to(self.state_probs.dtype)
 
     def log_prob_grid(self, successes: Tensor, trials: Tensor) -> Tensor:
         return self.log_prob(successes, trials)
@@ -328,22 +336,29 @@ class ThreeStateMixturePosterior(SuccessPosterior):
 
 
 # -- the predictor --------------------------------------------------------------------------------
+DECAY_PARTS = {"transitions": 0.7, "pool": 0.9, "fits": 0.95}  # lam per step of each forgotten quantity
+
+
 class ThreeStateHMMOptions(PredictorOptions):
-    decay: float = Field(0.7, ge=0.0, le=1.0, description="lam: weight kept on the transition counts per step")
+    decay: float | dict[str, float] = decay_option(DECAY_PARTS, "the transition counts, the pooled counts and the "
+                                                                "running fits")
     prior_alpha: float | list[list[float]] = Field(
         1.0, description="alpha0: Dirichlet concentration of every transition cell, or a 3x3 matrix (from, to)")
     pooling: Literal["none", "cluster", "global"] = Field(
         "none", description="share transition counts within pool.clusters, across all prompts, or not at all")
     pool_strength: float = Field(3.0, gt=0.0, description="row concentration of the pooled prior of each prompt")
-    pool_decay: float = Field(0.9, ge=0.0, le=1.0, description="weight kept on the pooled counts per step")
     initial_belief: tuple[float, float, float] | None = Field(
         None, description="state distribution of a prompt never rolled out; None: fitted online to first rollouts")
-    fit_decay: float = Field(0.95, ge=0.0, le=1.0,
-                             description="weight kept per step on the running fits (rate Beta, initial belief)")
     fit_prior_weight: float = Field(4.0, gt=0.0, description="pseudo-observations behind the running fits")
     rollouts: int = Field(8, ge=2, description="k assumed for the rate summaries until outcomes are seen")
     catchup_tol: float = Field(1e-7, gt=0.0, lt=1.0,
                                description="below this change of E[P] per step, waited steps are one matrix power")
+
+    @field_validator("decay")
+    @classmethod
+    def _check_decay(cls, value):
+        decay_rates(value, DECAY_PARTS)
+        return value
 
     @field_validator("prior_alpha")
     @classmethod
@@ -363,9 +378,20 @@ class ThreeStateHMMOptions(PredictorOptions):
         return value
 
 
-# Running sums behind the online fits (float64, decayed by fit_decay per step).
+# Running sums behind the online fits (float64, decayed at `decay` rate "fits" per step).
 _RATE_WEIGHT, _RATE_SUM, _PAIR_WEIGHT, _PAIR_SUM, _TRIALS_SUM = range(5)
 _FIRST_STATES = slice(5, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class HMMState:
+    excess: Tensor  # float32 [N, 3, 3]: alpha - prior as of each prompt's last update
+    last_state: Tensor  # int8 [N]: state observed at the last update (UNSEEN: never rolled out)
+    last_step: Tensor  # int32 [N]
+    fit_sums: Tensor  # float64 [8]: running sums of the online fits
+    fit_step: Tensor  # int64 scalar, -1 before the first update
+    pool_excess: Tensor | None  # float32 [pools, 3, 3] (pooling only)
+    pool_step: Tensor | None  # int64 scalar (pooling only)
 
 
 class ThreeStateHMM(RiskPredictor):
@@ -377,16 +403,15 @@ class ThreeStateHMM(RiskPredictor):
         super().__init__(pool, options, seed)
         o = self.options
         n = self.num_prompts
+        self.rates = decay_rates(o.decay, DECAY_PARTS)
         self.prior = torch.as_tensor(o.prior_alpha, dtype=torch.float32).expand(NUM_STATES, NUM_STATES).clone()
-        self.excess = torch.zeros(n, NUM_STATES, NUM_STATES, dtype=torch.float32)  # alpha - prior
-        self.last_state = torch.full((n,), UNSEEN, dtype=torch.int8)
-        self.last_step = torch.zeros(n, dtype=torch.int32)
-        self.fit_sums = torch.zeros(8, dtype=torch.float64)
-        self.fit_step = torch.tensor(-1, dtype=torch.int64)
         self.cluster_index, num_pools = self._pools(pool)
-        self.pool_excess = torch.zeros(num_pools, NUM_STATES, NUM_STATES, dtype=torch.float32) if num_pools else None
-        self.pool_step = torch.tensor(-1, dtype=torch.int64)
-        self._recent: tuple[int, Tensor, Tensor] | None = None  # (step, sorted ids, b_{t-1}) of the last predict
+        self.state = HMMState(
+            excess=torch.zeros(n, NUM_STATES, NUM_STATES, dtype=torch.float32),
+            last_state=torch.full((n,), UNSEEN, dtype=torch.int8), last_step=torch.zeros(n, dtype=torch.int32),
+            fit_sums=torch.zeros(8, dtype=torch.float64), fit_step=torch.tensor(-1, dtype=torch.int64),
+            pool_excess=torch.zeros(num_pools, NUM_STATES, NUM_STATES, dtype=torch.float32) if num_pools else None,
+            pool_step=torch.tensor(-1, dtype=torch.int64) if num_pools else None)
 
     def _pools(self, pool: PromptPool) -> tuple[Tensor | None, int]:
         mode = self.options.pooling
@@ -412,27 +437,28 @@ class ThreeStateHMM(RiskPredictor):
     # -- reading the state as of a step ---------------------------------------------------------
     def prior_for(self, ids: Tensor, step: int) -> Tensor:
         """Dirichlet prior of each prompt's rows as of step - 1: alpha0, or the pooled matrix."""
-        if self.pool_excess is None:
+        state = self.state
+        if state.pool_excess is None:
             return self.prior
         o = self.options
-        waited = step - 1 - int(self.pool_step)
-        fade = o.pool_decay ** waited if int(self.pool_step) >= 0 and waited > 0 else 1.0
+        waited = step - 1 - int(state.pool_step)
+        fade = float(factor(self.rates["pool"], waited)) if int(state.pool_step) >= 0 and waited > 0 else 1.0
         if self.cluster_index is None:  # one shared matrix: keep it [3, 3]
-            return o.pool_strength * row_normalise(self.prior + fade * self.pool_excess[0])
-        shared = self.pool_excess.index_select(0, self.cluster_index.index_select(0, ids).long())
+            return o.pool_strength * row_normalise(self.prior + fade * state.pool_excess[0])
+        shared = state.pool_excess.index_select(0, self.cluster_index.index_select(0, ids).long())
         return o.pool_strength * row_normalise(torch.add(self.prior, shared, alpha=fade))
 
     def initial_belief(self) -> Tensor:
         o = self.options
         if o.initial_belief is not None:
             return torch.tensor(o.initial_belief, dtype=torch.float32)
-        first = self.fit_sums[_FIRST_STATES]
+        first = self.state.fit_sums[_FIRST_STATES]
         return ((o.fit_prior_weight / NUM_STATES + first) / (o.fit_prior_weight + first.sum())).float()
 
     def rate_beta(self) -> tuple[float, float, int]:
         """(a, b, K): the base Beta of success rates, moment-matched to the observed s/n, and the usual k."""
         o = self.options
-        sums, w0 = self.fit_sums.tolist(), o.fit_prior_weight
+        sums, w0 = self.state.fit_sums.tolist(), o.fit_prior_weight
         mean = (0.5 * w0 + sums[_RATE_SUM]) / (w0 + sums[_RATE_WEIGHT])  # prior: Beta(1, 1)
         second = (w0 / 3.0 + sums[_PAIR_SUM]) / (w0 + sums[_PAIR_WEIGHT])  # E[S(S-1)] / (n(n-1)) = E[p^2]
         spread = mean * (1.0 - mean)
@@ -443,127 +469,115 @@ class ThreeStateHMM(RiskPredictor):
 
     def _history(self, ids: Tensor, step: int):
         """Per prompt: belief after its last update, row prior, excess counts, steps since, unseen."""
-        code = self.last_state.index_select(0, ids).long()
+        state = self.state
+        code = state.last_state.index_select(0, ids).long()
         unseen = code == UNSEEN
         beliefs = torch.cat([torch.eye(NUM_STATES), self.initial_belief().unsqueeze(0)])  # row UNSEEN: initial
         start = beliefs.index_select(0, code)
-        since = (step - self.last_step.index_select(0, ids).long()).masked_fill_(unseen, 0)
-        return start, self.prior_for(ids, step), self.excess.index_select(0, ids), since, unseen
+        since = (step - state.last_step.index_select(0, ids).long()).masked_fill_(unseen, 0)
+        return start, self.prior_for(ids, step), state.excess.index_select(0, ids), since, unseen
 
     def _previous(self, ids: Tensor, step: int):
-        """Each prompt as of step - 1: belief b_{t-1}, concentration alpha_{t-1}, plus its history.
-
-        Beliefs that the last `predict` at this step already computed are reused (the state has
-        not changed since: every update clears them), so `observe` pays only for prompts it adds.
-        """
+        """Each prompt as of step - 1: belief b_{t-1} (lazy catch-up by `propagate`), concentration
+        alpha_{t-1}, plus its history."""
         start, prior, excess, since, unseen = self._history(ids, step)
-        before = (since - 1).clamp_min(0)
-        reused = None
-        if self._recent is not None and self._recent[0] == step:
-            _, known, beliefs = self._recent
-            at = torch.searchsorted(known, ids).clamp_max(known.shape[0] - 1)
-            found = known.index_select(0, at) == ids
-            reused = found.unsqueeze(-1), beliefs.index_select(0, at)
-            before = before.masked_fill(found, 0)
-        previous = propagate(start, prior, excess, self.options.decay, before, self.options.catchup_tol)
-        if reused is not None:
-            previous = torch.where(reused[0], reused[1], previous)
-        concentration = prior + decay_factor(self.options.decay, (since - 1).clamp_min(0)) * excess
+        lam = self.rates["transitions"]
+        previous = propagate(start, prior, excess, lam, (since - 1).clamp_min(0), self.options.catchup_tol)
+        concentration = prior + decay_factor(lam, (since - 1).clamp_min(0)) * excess
         return previous, concentration, start, since, unseen, excess
 
     def state_belief(self, ids: Tensor, step: int) -> Tensor:
         """w_t [n, 3]: the predicted state at `step`, before its outcome. Prompts never rolled out
         get the initial belief; a prompt updated at this very step gets its observed state."""
         ids = self.check_ids(ids)
-        step = int(step)
-        previous, concentration, start, since, _, _ = self._previous(ids, step)
+        previous, concentration, start, since, _, _ = self._previous(ids, int(step))
         moved = (previous.unsqueeze(-1) * row_normalise(concentration)).sum(-2)
-        order = torch.argsort(ids)
-        self._recent = (step, ids.index_select(0, order), previous.index_select(0, order))
         return torch.where((since >= 1).unsqueeze(-1), moved, start)
 
     def transition_concentration(self, ids: Tensor, step: int) -> Tensor:
         """alpha [n, 3, 3] at the end of `step` if the prompts are not rolled out then."""
         ids = self.check_ids(ids)
         _, prior, excess, since, _ = self._history(ids, int(step) + 1)
-        return prior + decay_factor(self.options.decay, (since - 1).clamp_min(0)) * excess
+        return prior + decay_factor(self.rates["transitions"], (since - 1).clamp_min(0)) * excess
 
     # -- the predictor calls ----------------------------------------------------------------------
     def _predict(self, ids: Tensor, step: int) -> ThreeStateMixturePosterior:
         a, b, k = self.rate_beta()
         return ThreeStateMixturePosterior(self.state_belief(ids, step), a, b, k)
 
-    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
-        o = self.options
+    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int):
+        o, state = self.options, self.state
         if not -2**31 < step < 2**31 - 1:
             raise ValueError(f"step {step} is outside the int32 range the predictor stores")
-        seen_since = self.last_step.index_select(0, ids).long()
-        stale = (self.last_state.index_select(0, ids) != UNSEEN) & (seen_since >= step)
+        seen_since = state.last_step.index_select(0, ids).long()
+        stale = (state.last_state.index_select(0, ids) != UNSEEN) & (seen_since >= step)
         if bool(stale.any()):
             i = int(torch.nonzero(stale)[0])
             raise ValueError(f"step {step} is not after the last update of prompt id {int(ids[i])} "
                              f"(step {int(seen_since[i])}); steps must increase")
         previous, concentration, _, since, unseen, excess = self._previous(ids, step)
-        self._recent = None  # the state changes below
         states = states_of(successes, trials)
         xi, predictive = soft_counts(previous, row_normalise(concentration), states)
         # alpha_t = lam alpha_{t-1} + (1 - lam) prior + xi  <=>  E_t = lam**since E + xi
-        self.excess.index_copy_(0, ids, decay_factor(o.decay, since) * excess + xi)
-        self.last_state.index_copy_(0, ids, states.to(torch.int8))
-        self.last_step.index_fill_(0, ids, step)
-        if self.pool_excess is not None:
-            self._update_pool(ids, xi, step)
-        self._update_fits(successes.double(), trials.double(), states, unseen, step)
+        changes = {"excess": Rows(ids, decay_factor(self.rates["transitions"], since) * excess + xi),
+                   "last_state": Rows(ids, states.to(torch.int8)),
+                   "last_step": Rows(ids, torch.full_like(ids, step, dtype=torch.int32))}
+        if state.pool_excess is not None:
+            changes["pool_excess"], changes["pool_step"] = self._pooled(ids, xi, step)
+        changes["fit_sums"], changes["fit_step"] = self._fits(successes.double(), trials.double(), states, unseen, step)
         chosen = predictive.gather(1, states.unsqueeze(1)).squeeze(1)
-        return {"state_log_prob": float(chosen.clamp_min(1e-30).log().mean())}
+        return changes, {"state_log_prob": float(chosen.clamp_min(1e-30).log().mean())}
 
-    def _update_pool(self, ids: Tensor, xi: Tensor, step: int) -> None:
-        if int(self.pool_step) >= 0:
-            self.pool_excess.mul_(self.options.pool_decay ** max(step - int(self.pool_step), 0))
+    def _pooled(self, ids: Tensor, xi: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        state = self.state
+        fade = factor(self.rates["pool"], max(step - int(state.pool_step), 0)) if int(state.pool_step) >= 0 else 1.0
+        pooled = state.pool_excess * fade
         if self.cluster_index is None:
-            self.pool_excess[0] += xi.sum(0)
+            pooled[0] += xi.sum(0)
         else:
-            self.pool_excess.index_add_(0, self.cluster_index.index_select(0, ids).long(), xi)
-        self.pool_step.fill_(step)
+            pooled.index_add_(0, self.cluster_index.index_select(0, ids).long(), xi)
+        return pooled, torch.tensor(step, dtype=torch.int64)
 
-    def _update_fits(self, successes: Tensor, trials: Tensor, states: Tensor, unseen: Tensor, step: int) -> None:
-        if int(self.fit_step) >= 0:
-            self.fit_sums.mul_(self.options.fit_decay ** max(step - int(self.fit_step), 0))
+    def _fits(self, successes: Tensor, trials: Tensor, states: Tensor, unseen: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        state = self.state
+        fade = factor(self.rates["fits"], max(step - int(state.fit_step), 0)) if int(state.fit_step) >= 0 else 1.0
+        sums = state.fit_sums * fade
         pairs = (trials >= 2).double()
         pair_rate = successes * (successes - 1) / (trials * (trials - 1)).clamp_min(1.0)  # 0 where trials = 1
         batch = torch.stack([torch.tensor(float(successes.numel()), dtype=torch.float64), (successes / trials).sum(),
                              pairs.sum(), pair_rate.sum(), trials.sum()])
-        self.fit_sums[:_FIRST_STATES.start] += batch
-        self.fit_sums[_FIRST_STATES] += torch.bincount(states[unseen], minlength=NUM_STATES).double()
-        self.fit_step.fill_(step)
+        sums[:_FIRST_STATES.start] += batch
+        sums[_FIRST_STATES] += torch.bincount(states[unseen], minlength=NUM_STATES).double()
+        return sums, torch.tensor(step, dtype=torch.int64)
 
-    # -- state --------------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        state = {"excess": self.excess.clone(), "last_state": self.last_state.clone(),
-                 "last_step": self.last_step.clone(), "fit_sums": self.fit_sums.clone(),
-                 "fit_step": self.fit_step.clone()}
-        if self.pool_excess is not None:
-            state["pool_excess"] = self.pool_excess.clone()
-            state["pool_step"] = self.pool_step.clone()
-        return state
+    # -- the declared program -----------------------------------------------------------------------
+    def program(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> Program:
+        """One filter step as `transition_model`, the prompt's previous state enumerated.
 
-    def _load_state(self, state: dict[str, Any]) -> None:
-        expected = set(self._state_keys())
-        if set(state) != expected:
-            raise ValueError(f"hmm3 state has keys {sorted(state)}, expected {sorted(expected)} "
-                             f"(pooling={self.options.pooling!r})")
-        for key in expected:
-            current = getattr(self, key)
-            if state[key].shape != current.shape or state[key].dtype != current.dtype:
-                raise ValueError(f"hmm3 state[{key!r}] has shape {tuple(state[key].shape)} and dtype "
-                                 f"{state[key].dtype}, expected {tuple(current.shape)} and {current.dtype}")
-        for key in expected:
-            setattr(self, key, state[key].clone())
-        self._recent = None
+        The belief before the update comes from Pyro's `DiscreteHMM` filter over the waited steps
+        (`waited_belief`), not from the production catch-up kernel, and the Dirichlet prior is the
+        decayed one the update adds its soft counts to.
+        """
+        ids, step, lam = self.check_ids(ids), int(step), self.rates["transitions"]
+        start, prior, excess, since, _ = self._history(ids, step)
+        waits = (since - 1).clamp_min(0)
+        longest = int(waits.max()) if waits.numel() else 0
+        decays = decay_factor(lam, torch.arange(longest)).view(1, longest, 1, 1)
+        prior_rows = prior if prior.dim() == 3 else prior.expand(ids.shape[0], NUM_STATES, NUM_STATES)
+        matrices = row_normalise(prior_rows.unsqueeze(1) + decays * excess.unsqueeze(1))  # [n, T, 3, 3]
+        previous = waited_belief(start, matrices, waits)
+        concentration = prior_rows + decay_factor(lam, since) * excess
+        states = states_of(successes, trials)
 
-    def _state_keys(self) -> list[str]:
-        keys = ["excess", "last_state", "last_step", "fit_sums", "fit_step"]
-        return keys + (["pool_excess", "pool_step"] if self.pool_excess is not None else [])
+        def posterior(guide: Guide) -> ThreeStateMixturePosterior:
+            """Next step's predictive: the observed state moved by the posterior mean matrix (on the
+            pooled prior as it stands then)."""
+            own = guide.q_concentration.detach() - prior_rows
+            rows = row_normalise(self.prior_for(ids, step + 1) + own)
+            belief = (torch.nn.functional.one_hot(states, NUM_STATES).float().unsqueeze(-1) * rows).sum(-2)
+            return ThreeStateMixturePosterior(belief, *self.rate_beta())
+
+        return Program(transition_model, Guide(concentration), (previous, concentration, states), "filter", posterior)
 
 
 class PooledThreeStateHMMOptions(ThreeStateHMMOptions):

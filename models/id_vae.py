@@ -18,7 +18,7 @@ Inference per observe() (SVI on a Pyro model + guide, warm-started by `Streaming
 - z_t: amortised guide, permutation-invariant: a deep-sets encoder mean-pools (features_i,
   code_i, expected logit_i, s_i / k_i, ...) over the batch into a Gaussian likelihood factor
   that multiplies the prior, so an uninformative batch leaves the prior as it was.
-- decoder and encoder weights: point estimates (`pyro.module`); streaming ELBO
+- decoder and encoder weights: point estimates (module parameters of model and guide); streaming ELBO
   E_q[log p(s | z_t)] - KL(q(z_t) || prior), where p(s | z_t) has the code integrated out exactly
   (1-D Gauss-Hermite along a_i). The last few steps' prompts ride along in the likelihood, each
   at the z inferred for its own step: fitted to one step at a time the decoder followed the
@@ -37,29 +37,28 @@ LogitNormal. Rows are brought up to date lazily (forgetting lam**steps waited) w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pydantic import Field
-from pyro.distributions import constraints
+from pydantic import Field, field_validator
 from pyro.infer import TraceMeanField_ELBO
 from torch import Tensor, nn
 
-from mpts.inference.forgetting import decay_gaussian
-from mpts.inference.streaming import StreamingSVI
+from mpts.inference.forgetting import decay_gaussian, decay_option, decay_rates
+from mpts.inference.streaming import StreamingSVI, SVIState, WithModule
 
-from .base import PredictorOptions, PromptPool, RiskPredictor
+from .base import PredictorOptions, Program, PromptPool, RiskPredictor, Rows
+from .distributions import BinomialLogitNormal, binomial_logit_normal
 from .posteriors import LogitNormalPosterior
 
-MODULE_NAME = "id_vae"
 _PRIME = 2**31 - 1  # universal hashing ((a x + b) mod P) mod B; a, x < 2^31 keeps a x inside int64
-_gh_x, _gh_w = np.polynomial.hermite_e.hermegauss(20)  # nodes for N(0, 1) expectations
-_GH_X = torch.tensor(_gh_x, dtype=torch.float32)
-_GH_LOGW = torch.tensor(np.log(_gh_w / math.sqrt(2 * math.pi)), dtype=torch.float32)
+
+
+DECAY_PARTS = {"z": 0.9, "codes": 0.99}  # lam per step waited of each forgotten belief
 
 
 class IdentifierVAEOptions(PredictorOptions):
@@ -71,14 +70,18 @@ class IdentifierVAEOptions(PredictorOptions):
     svi_steps: int = Field(3, ge=1, description="SVI steps per observe(), warm-started (more overfit the batch)")
     lr: float = Field(0.02, gt=0.0, le=1.0, description="Adam learning rate of the SVI steps (0, 1]")
     clip_norm: float = Field(10.0, gt=0.0, description="gradient clipping of the SVI steps")
-    forgetting: float = Field(0.9, ge=0.0, le=1.0,
-                              description="z's posterior is tempered toward N(0, I) as forgetting**steps waited")
-    code_forgetting: float = Field(0.99, ge=0.0, le=1.0,
-                                   description="each row's belief is tempered toward its prior the same way")
+    decay: float | dict[str, float] = decay_option(DECAY_PARTS, "z's posterior (toward N(0, I)) and each code "
+                                                                "row's belief (toward its prior)")
     replay_batches: int = Field(8, ge=0, description="recent steps the decoder is refitted on, each at its own z")
     replay_prompts: int = Field(32, ge=1, description="prompts kept from each step for replay")
     use_features: bool = Field(True, description="feed pool.features to decoder and encoder (when the pool has them)")
     seed: int | None = Field(None, description="weights, hashes and SVI draws; None: the run seed")
+
+    @field_validator("decay")
+    @classmethod
+    def _check_decay(cls, value):
+        decay_rates(value, DECAY_PARTS)
+        return value
 
 
 class PromptBlock(NamedTuple):
@@ -208,23 +211,11 @@ def code_logit(rows_loc: Tensor, rows_var: Tensor, loadings: Tensor) -> tuple[Te
 
 def logit_posterior(eta_loc: Tensor, eta_var: Tensor, offset: Tensor, successes: Tensor,
                     trials: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """eta ~ N(eta_loc, eta_var), s ~ Binomial(k, sigmoid(offset + eta)): log p(s), E[eta | s], Var[eta | s].
-
-    Gauss-Hermite quadrature centred at the posterior mode with the Laplace scale (the nodes
-    then sit where the posterior is, however peaked the likelihood is next to the prior); the
-    centre is held fixed under differentiation, the integrand is not.
-    """
-    centre, spread = _posterior_mode(eta_loc.detach(), eta_var.detach(), offset.detach(), successes, trials)
-    nodes = centre + spread * _GH_X.unsqueeze(1)  # [Q, n]
-    logits = offset + nodes
-    log_terms = (_GH_LOGW.unsqueeze(1) + 0.5 * _GH_X.square().unsqueeze(1)  # importance weights of N(centre, spread)
-                 - 0.5 * (nodes - eta_loc).square() / eta_var - 0.5 * eta_var.log()
-                 + successes * nn.functional.logsigmoid(logits) + (trials - successes) * nn.functional.logsigmoid(-logits))
-    log_marginal = torch.logsumexp(log_terms, 0) + spread.log() + _log_binomial(trials, successes)
-    w = torch.softmax(log_terms, dim=0)
-    post_loc = (w * nodes).sum(0)
-    post_var = (w * (nodes - post_loc).square()).sum(0).clamp(max=eta_var)
-    return log_marginal, post_loc, post_var
+    """eta ~ N(eta_loc, eta_var), s ~ Binomial(k, sigmoid(offset + eta)): log p(s), E[eta | s], Var[eta | s]
+    (the package's one Binomial-LogitNormal quadrature, `distributions.binomial_logit_normal`)."""
+    log_marginal, post_loc, post_var = binomial_logit_normal(offset + eta_loc, eta_var.sqrt(), successes, trials,
+                                                             moments=True)
+    return log_marginal, post_loc - offset, post_var.clamp(max=eta_var)
 
 
 def condition_rows(rows_loc: Tensor, rows_var: Tensor, offset: Tensor, loadings: Tensor,
@@ -246,80 +237,7 @@ def condition_rows(rows_loc: Tensor, rows_var: Tensor, offset: Tensor, loadings:
     return rows_loc + weighted * gain, 1 / (1 / rows_var + loadings.unsqueeze(1).square() * evidence)
 
 
-def _log_binomial(trials: Tensor, successes: Tensor) -> Tensor:
-    return torch.lgamma(trials + 1) - torch.lgamma(successes + 1) - torch.lgamma(trials - successes + 1)
-
-
-class BinomialLogitNormal(dist.TorchDistribution):
-    """s ~ Binomial(k, sigmoid(f)) with f ~ Normal(loc, scale) integrated out: the code's marginal."""
-
-    arg_constraints = {"total_count": constraints.nonnegative, "loc": constraints.real,
-                       "scale": constraints.positive}
-
-    def __init__(self, total_count: Tensor, loc: Tensor, scale: Tensor, validate_args=None):
-        self.total_count, self.loc, self.scale = torch.broadcast_tensors(total_count, loc, scale)
-        super().__init__(self.loc.shape, validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=True, event_dim=0)
-    def support(self):
-        return constraints.integer_interval(0, self.total_count)
-
-    def expand(self, batch_shape, _instance=None):
-        shape = torch.Size(batch_shape)
-        return BinomialLogitNormal(self.total_count.expand(shape), self.loc.expand(shape), self.scale.expand(shape))
-
-    def sample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
-        with torch.no_grad():
-            logits = self.loc.expand(shape) + self.scale.expand(shape) * torch.randn(shape)
-            return torch.distributions.Binomial(self.total_count.expand(shape), logits=logits).sample()
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        loc, scale, count = self.loc.reshape(-1), self.scale.reshape(-1), self.total_count.reshape(-1)
-        log_marginal, _, _ = logit_posterior(torch.zeros_like(loc), scale.square(), loc,
-                                             value.expand(self.loc.shape).reshape(-1), count)
-        return log_marginal.reshape(self.loc.shape)
-
-
-def _posterior_mode(prior_loc: Tensor, prior_var: Tensor, offset: Tensor, successes: Tensor,
-                    trials: Tensor, steps: int = 5) -> tuple[Tensor, Tensor]:
-    """Mode and Laplace scale of N(eta; prior) x Binomial(s | k, sigmoid(offset + eta)).
-
-    The log posterior is concave, so its slope falls monotonically through zero between the
-    prior's mode and the likelihood's (and within [prior - (k - s) var, prior + s var]). Newton
-    steps are taken inside that bracket; a step that would leave it bisects instead (plain
-    Newton overshoots when the prior is far off). The start combines the prior with the
-    smoothed empirical logit, which is usually close already.
-    """
-    interior = (successes > 0) & (successes < trials)
-    likelihood_mode = torch.where(interior, torch.log(successes.clamp_min(1) / (trials - successes).clamp_min(1)),
-                                  torch.where(successes > 0, math.inf, -math.inf)) - offset
-    low = torch.maximum(torch.minimum(prior_loc, likelihood_mode), prior_loc - (trials - successes) * prior_var)
-    high = torch.minimum(torch.maximum(prior_loc, likelihood_mode), prior_loc + successes * prior_var)
-    empirical = torch.log((successes + 0.5) / (trials - successes + 0.5)) - offset
-    empirical_precision = 1 / (1 / (successes + 0.5) + 1 / (trials - successes + 0.5))
-    eta = (prior_loc / prior_var + empirical * empirical_precision) / (1 / prior_var + empirical_precision)
-    eta = torch.minimum(torch.maximum(eta, low), high)
-    move, older_move = high - low, high - low
-    for _ in range(steps):
-        p = torch.sigmoid(offset + eta)
-        slope = successes - trials * p - (eta - prior_loc) / prior_var
-        curvature = trials * p * (1 - p) + 1 / prior_var
-        rising = slope > 0
-        low, high = torch.where(rising, eta, low), torch.where(rising, high, eta)
-        newton = eta + slope / curvature
-        # Newton where it stays in the bracket and converges fast enough, else bisect (rtsafe).
-        take = (newton >= low) & (newton <= high) & (2 * slope.abs() <= older_move * curvature)
-        moved = torch.where(take, newton, 0.5 * (low + high))
-        moved = torch.where(slope.abs() <= 1e-5 * curvature.sqrt(), eta, moved)  # converged: stay
-        move, older_move = (moved - eta).abs(), move
-        eta = moved
-    p = torch.sigmoid(offset + eta)
-    return eta, (trials * p * (1 - p) + 1 / prior_var).rsqrt()
-
-
-def model(batch: ObservedBatch, nets: IdentifierNetworks) -> None:
-    pyro.module(MODULE_NAME, nets, update_module_params=True)
+def model(nets: IdentifierNetworks, batch: ObservedBatch) -> None:
     block = batch.prompts
     z = pyro.sample("z", dist.Normal(batch.prior_loc, batch.prior_scale).to_event(1))
     # Recent steps ride along, each at the z inferred for it: the decoder has to explain several
@@ -333,8 +251,7 @@ def model(batch: ObservedBatch, nets: IdentifierNetworks) -> None:
         pyro.sample("s", BinomialLogitNormal(block.trials, offset + eta_loc, eta_var.sqrt()), obs=block.successes)
 
 
-def guide(batch: ObservedBatch, nets: IdentifierNetworks) -> None:
-    pyro.module(MODULE_NAME, nets, update_module_params=True)
+def guide(nets: IdentifierNetworks, batch: ObservedBatch) -> None:
     current = _head(batch.prompts, batch.num_current)
     trunk = nets.trunk_of(current.features, batch.num_current)
     z_loc, z_scale = nets.encode(current.features, trunk, current.rows_loc.sum(1), current.successes,
@@ -352,6 +269,28 @@ def hash_ids(ids: Tensor, mult: Tensor, shift: Tensor, buckets: int) -> Tensor:
     return (mult * x + shift) % _PRIME % buckets
 
 
+@dataclasses.dataclass(frozen=True)
+class VAEState:
+    engine: SVIState  # decoder and encoder weights with their Adam moments
+    seed: Tensor  # int64 scalar: seeds the SVI draws and the replay subsamples
+    hash_mult: Tensor  # int64 [R]: the hash functions of prompt ids
+    hash_shift: Tensor
+    row_loc: Tensor  # float32 [B, D]: belief over each hashed code row
+    row_var: Tensor
+    row_step: Tensor  # int32 [B]: step of each row's last update
+    z_loc: Tensor  # float32 [L]: belief over z after the last update
+    z_scale: Tensor
+    last_step: Tensor  # int64 scalar: step of the last update; -1: z is still at its prior
+    num_updates: Tensor  # int64 scalar
+    replay_ids: Tensor  # int64 [S, P]: the last S steps' kept prompts, oldest slot first
+    replay_rows_loc: Tensor  # [S, P, R, D]: their code beliefs before that step
+    replay_rows_var: Tensor
+    replay_successes: Tensor  # [S, P]
+    replay_trials: Tensor
+    replay_z: Tensor  # [S, L]: z inferred at that step
+    replay_size: Tensor  # int64 [S]: prompts kept in each slot (0: empty)
+
+
 class IdentifierVAE(RiskPredictor):
     name = "id_vae"
     Options = IdentifierVAEOptions
@@ -359,29 +298,32 @@ class IdentifierVAE(RiskPredictor):
     def __init__(self, pool: PromptPool, options: IdentifierVAEOptions | None = None, seed: int = 0):
         super().__init__(pool, options, seed)
         o = self.options
+        self.rates = decay_rates(o.decay, DECAY_PARTS)
         self.seed_used = o.seed if o.seed is not None else seed
         generator = torch.Generator().manual_seed(self.seed_used)
-        self.hash_mult = torch.randint(1, _PRIME, (o.num_hashes,), generator=generator)
-        self.hash_shift = torch.randint(0, _PRIME, (o.num_hashes,), generator=generator)
+        hash_mult = torch.randint(1, _PRIME, (o.num_hashes,), generator=generator)
+        hash_shift = torch.randint(0, _PRIME, (o.num_hashes,), generator=generator)
         self.feature_mean, self.feature_std = self._feature_moments()
         feature_dim = 0 if self.feature_mean is None else self.feature_mean.shape[0]
         with torch.random.fork_rng(devices=[]):  # seeded weights without touching the global stream
             torch.manual_seed(self.seed_used)
             self.nets = IdentifierNetworks(feature_dim, o.embedding_dim, o.latent_dim, o.hidden_dim)
-        self.svi = StreamingSVI(model, guide, steps=o.svi_steps, lr=o.lr, clip_norm=o.clip_norm,
-                                loss=TraceMeanField_ELBO())
-        with self.svi.scope():  # the weights live in the engine's store from the start
-            pyro.module(MODULE_NAME, self.nets)
+        self.engine = StreamingSVI(WithModule(model, self.nets), WithModule(guide, self.nets), steps=o.svi_steps,
+                                   lr=o.lr, clip_norm=o.clip_norm, loss=TraceMeanField_ELBO())
         # Rows start at N(0, 1/R) so that a prompt's code (the sum of its R rows) starts at N(0, I).
         self.row_prior_var = 1.0 / o.num_hashes
-        self.row_loc = torch.zeros(o.hash_buckets, o.embedding_dim)
-        self.row_var = torch.full((o.hash_buckets, o.embedding_dim), self.row_prior_var)
-        self.row_step = torch.zeros(o.hash_buckets, dtype=torch.int32)  # step of each row's last update
-        self.z_loc = torch.zeros(o.latent_dim)
-        self.z_scale = torch.ones(o.latent_dim)
-        self.last_step: int | None = None  # step of the last observe(); None: z is still at its prior
-        self.num_updates = 0
-        self.replay: list[dict[str, Tensor]] = []  # the last `replay_batches` steps, oldest first
+        slots, kept, code = max(o.replay_batches, 1), o.replay_prompts, (o.num_hashes, o.embedding_dim)
+        self.state = VAEState(
+            engine=self.engine.init(), seed=torch.tensor(self.seed_used), hash_mult=hash_mult, hash_shift=hash_shift,
+            row_loc=torch.zeros(o.hash_buckets, o.embedding_dim),
+            row_var=torch.full((o.hash_buckets, o.embedding_dim), self.row_prior_var),
+            row_step=torch.zeros(o.hash_buckets, dtype=torch.int32),
+            z_loc=torch.zeros(o.latent_dim), z_scale=torch.ones(o.latent_dim),
+            last_step=torch.tensor(-1), num_updates=torch.tensor(0),
+            replay_ids=torch.zeros(slots, kept, dtype=torch.int64), replay_rows_loc=torch.zeros(slots, kept, *code),
+            replay_rows_var=torch.ones(slots, kept, *code), replay_successes=torch.zeros(slots, kept),
+            replay_trials=torch.ones(slots, kept), replay_z=torch.zeros(slots, o.latent_dim),
+            replay_size=torch.zeros(slots, dtype=torch.int64))
 
     # -- identifier features ----------------------------------------------------------------------
     def _feature_moments(self) -> tuple[Tensor | None, Tensor | None]:
@@ -400,34 +342,29 @@ class IdentifierVAE(RiskPredictor):
         return (self.pool.features[ids].float() - self.feature_mean) / self.feature_std
 
     def _buckets(self, ids: Tensor) -> Tensor:
-        return hash_ids(ids, self.hash_mult, self.hash_shift, self.options.hash_buckets)
+        return hash_ids(ids, self.state.hash_mult, self.state.hash_shift, self.options.hash_buckets)
 
     def _rows(self, buckets: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """Belief over these rows as of `step`, forgetting of the steps they waited applied."""
-        loc, var = self.row_loc[buckets], self.row_var[buckets]
-        if self.options.code_forgetting < 1.0:
-            waited = (step - self.row_step[buckets]).clamp_min(0).unsqueeze(-1)
+        loc, var = self.state.row_loc[buckets], self.state.row_var[buckets]
+        if self.rates["codes"] < 1.0:
+            waited = (step - self.state.row_step[buckets]).clamp_min(0).unsqueeze(-1)
             loc, scale = decay_gaussian(loc, var.sqrt(), 0.0, math.sqrt(self.row_prior_var),
-                                        self.options.code_forgetting, waited)
+                                        self.rates["codes"], waited)
             var = scale.square()
         return loc, var
 
     # -- the belief over z --------------------------------------------------------------------------
     def z_belief(self, step: int) -> tuple[Tensor, Tensor]:
         """(loc, scale) of z at `step`: the last posterior, widened toward N(0, I) per step waited."""
-        if self.last_step is None:
-            return self.z_loc, self.z_scale
-        waited = max(step - self.last_step, 0)
-        return decay_gaussian(self.z_loc, self.z_scale, 0.0, 1.0, self.options.forgetting, waited)
-
-    def _sync_nets(self) -> None:
-        """Point the module at the engine's current tensors (they are replaced on rollback and load)."""
-        with self.svi.scope():
-            pyro.module(MODULE_NAME, self.nets, update_module_params=True)
+        state = self.state
+        if int(state.last_step) < 0:
+            return state.z_loc, state.z_scale
+        waited = max(step - int(state.last_step), 0)
+        return decay_gaussian(state.z_loc, state.z_scale, 0.0, 1.0, self.rates["z"], waited)
 
     # -- predictor interface ------------------------------------------------------------------------
     def _predict(self, ids: Tensor, step: int) -> LogitNormalPosterior:
-        self._sync_nets()
         z_loc, z_scale = self.z_belief(step)
         rows_loc, rows_var = self._rows(self._buckets(ids), step)
         with torch.no_grad():
@@ -435,58 +372,87 @@ class IdentifierVAE(RiskPredictor):
             mean, variance = self.nets.decode_belief(trunk, z_loc, z_scale, rows_loc.sum(1), rows_var.sum(1))
         return LogitNormalPosterior(mean, variance.sqrt())
 
-    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Any]:
-        self._sync_nets()
+    def program(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> Program:
+        """This step's prompts (and the replayed ones) under z's forgetting-tempered prior."""
+        ids, step = self.check_ids(ids), int(step)
         prior_loc, prior_scale = self.z_belief(step)
-        buckets = self._buckets(ids)
-        rows_loc, rows_var = self._rows(buckets, step)
-        features = self._features(ids)
-        current = PromptBlock(features, rows_loc, rows_var, successes, trials)
+        rows_loc, rows_var = self._rows(self._buckets(ids), step)
+        current = PromptBlock(self._features(ids), rows_loc, rows_var, successes, trials)
         prompts, replay_z = self._with_replay(current)
         batch = ObservedBatch(prompts, ids.shape[0], prior_loc, prior_scale, replay_z)
-        with torch.random.fork_rng(devices=[]):  # reproducible SVI draws given the state
-            torch.manual_seed(self.seed_used * 1_000_003 + self.num_updates)
-            losses = self.svi.update(batch, self.nets)
-        # Only now, with the update through, does any state change (a failed update restored the engine).
-        self._sync_nets()
-        with torch.no_grad():
-            trunk = self.nets.trunk_of(features, ids.shape[0])
-            z_loc, z_scale = self.nets.encode(features, trunk, rows_loc.sum(1), successes, trials,
-                                              prior_loc, prior_scale)
-            offset, loadings = self.nets.decode(trunk, z_loc)
-            new_loc, new_var = condition_rows(rows_loc, rows_var, offset, loadings, successes, trials)
-        self._write_rows(buckets, rows_loc, rows_var, new_loc, new_var, step)
-        self._remember(ids, current, z_loc)
-        self.z_loc, self.z_scale = z_loc, z_scale
-        self.last_step = step
-        self.num_updates += 1
-        return {"elbo": losses}
+        objective = self.engine.objective
+        return Program(objective.model, objective.guide, (batch,), "svi", engine=self.engine, state=self.state.engine,
+                       seed=int(self.state.seed) * 1_000_003 + int(self.state.num_updates))
 
-    def _remember(self, ids: Tensor, block: PromptBlock, z: Tensor) -> None:
-        """Keep (a seeded subsample of) this step's outcomes for replay, with its z and code priors."""
-        if self.options.replay_batches == 0:
-            return
-        generator = torch.Generator().manual_seed(self.seed_used * 7_919 + self.num_updates)
-        keep = torch.randperm(ids.shape[0], generator=generator)[: self.options.replay_prompts]
-        self.replay = self.replay[-(self.options.replay_batches - 1):] if self.options.replay_batches > 1 else []
-        self.replay.append({"ids": ids[keep], "rows_loc": block.rows_loc[keep], "rows_var": block.rows_var[keep],
-                            "successes": block.successes[keep], "trials": block.trials[keep],
-                            "z": z.expand(keep.shape[0], -1).clone()})
+    def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int):
+        program = self.program(ids, successes, trials, step)
+        batch = program.args[0]
+        engine, info = self.engine.update(program.state, *program.args, seed=program.seed)
+        if "failed" in info:  # the engine put the old weights back
+            raise RuntimeError(f"id_vae update failed, state unchanged: {info['failed']}")
+        try:  # the modules hold the new weights; the state gets them only with everything below
+            current = _head(batch.prompts, batch.num_current)
+            with torch.no_grad():
+                trunk = self.nets.trunk_of(current.features, ids.shape[0])
+                z_loc, z_scale = self.nets.encode(current.features, trunk, current.rows_loc.sum(1), successes, trials,
+                                                  batch.prior_loc, batch.prior_scale)
+                offset, loadings = self.nets.decode(trunk, z_loc)
+                new_loc, new_var = condition_rows(current.rows_loc, current.rows_var, offset, loadings,
+                                                  successes, trials)
+            changes = {"engine": engine, **self._rows_written(self._buckets(ids), current.rows_loc, current.rows_var,
+                                                               new_loc, new_var, step),
+                       **self._remembered(ids, current, z_loc),
+                       "z_loc": z_loc, "z_scale": z_scale, "last_step": torch.tensor(step),
+                       "num_updates": self.state.num_updates + 1}
+        except BaseException:
+            self.engine.write(self.state.engine)
+            raise
+        return changes, {"elbo": info["elbo"]}
+
+    def _state_changed(self) -> None:
+        self.engine.write(self.state.engine)  # the networks compute with the state's weights
+
+    def _remembered(self, ids: Tensor, block: PromptBlock, z: Tensor) -> dict[str, Tensor]:
+        """The replay slots with (a seeded subsample of) this step's outcomes added as the newest."""
+        o, state = self.options, self.state
+        if o.replay_batches == 0:
+            return {}
+        generator = torch.Generator().manual_seed(int(state.seed) * 7_919 + int(state.num_updates))
+        keep = torch.randperm(ids.shape[0], generator=generator)[: o.replay_prompts]
+        size = keep.shape[0]
+
+        def shifted(old: Tensor, new: Tensor) -> Tensor:
+            out = old.roll(-1, 0)  # drop the oldest slot; the newest goes last
+            out[-1] = 0
+            out[-1, :size] = new
+            return out
+
+        return {"replay_ids": shifted(state.replay_ids, ids[keep]),
+                "replay_rows_loc": shifted(state.replay_rows_loc, block.rows_loc[keep]),
+                "replay_rows_var": shifted(state.replay_rows_var, block.rows_var[keep]),
+                "replay_successes": shifted(state.replay_successes, block.successes[keep]),
+                "replay_trials": shifted(state.replay_trials, block.trials[keep]),
+                "replay_z": torch.cat([state.replay_z[1:], z.unsqueeze(0)]),
+                "replay_size": torch.cat([state.replay_size[1:], torch.tensor([size])])}
 
     def _with_replay(self, current: PromptBlock) -> tuple[PromptBlock, Tensor]:
-        """This step's prompts followed by the replayed ones, and the z of each replayed prompt."""
-        if not self.replay:
+        """This step's prompts followed by the replayed ones (oldest step first), and the z of each."""
+        state = self.state
+        if self.options.replay_batches == 0 or int(state.replay_size.sum()) == 0:
             return current, torch.zeros(0, self.options.latent_dim)
-        old = {key: torch.cat([entry[key] for entry in self.replay]) for key in self.replay[0]}
-        features = None if current.features is None else torch.cat([current.features, self._features(old["ids"])])
-        block = PromptBlock(features, torch.cat([current.rows_loc, old["rows_loc"]]),
-                            torch.cat([current.rows_var, old["rows_var"]]),
-                            torch.cat([current.successes, old["successes"]]), torch.cat([current.trials, old["trials"]]))
-        return block, old["z"]
+        used = torch.arange(state.replay_ids.shape[1]).unsqueeze(0) < state.replay_size.unsqueeze(1)  # [S, P]
+        ids = state.replay_ids[used]
+        features = None if current.features is None else torch.cat([current.features, self._features(ids)])
+        block = PromptBlock(features, torch.cat([current.rows_loc, state.replay_rows_loc[used]]),
+                            torch.cat([current.rows_var, state.replay_rows_var[used]]),
+                            torch.cat([current.successes, state.replay_successes[used]]),
+                            torch.cat([current.trials, state.replay_trials[used]]))
+        replay_z = state.replay_z.unsqueeze(1).expand(-1, used.shape[1], -1)[used]
+        return block, replay_z
 
-    def _write_rows(self, buckets: Tensor, old_loc: Tensor, old_var: Tensor, new_loc: Tensor,
-                    new_var: Tensor, step: int) -> None:
-        """Store the touched rows; a row shared by several prompts of the batch adds up their
+    def _rows_written(self, buckets: Tensor, old_loc: Tensor, old_var: Tensor, new_loc: Tensor,
+                      new_var: Tensor, step: int) -> dict[str, Rows]:
+        """The touched rows' new beliefs; a row shared by several prompts of the batch adds up their
         updates (mean shifts, and precision gains, as independent evidence would)."""
         flat = buckets.reshape(-1)
         rows, inverse, first = _first_occurrence(flat)
@@ -494,38 +460,8 @@ class IdentifierVAE(RiskPredictor):
         loc = old_loc.reshape(-1, dim)[first].index_add(0, inverse, (new_loc - old_loc).reshape(-1, dim))
         gain = (1 / new_var - 1 / old_var).reshape(-1, dim)
         precision = (1 / old_var).reshape(-1, dim)[first].index_add(0, inverse, gain)
-        self.row_loc[rows] = loc
-        self.row_var[rows] = 1 / precision
-        self.row_step[rows] = step
-
-    # -- state --------------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        return {"options": self.options.model_dump(), "seed_used": self.seed_used, "engine": self.svi.state_dict(),
-                "hash_mult": self.hash_mult.clone(), "hash_shift": self.hash_shift.clone(),
-                "feature_mean": _clone(self.feature_mean), "feature_std": _clone(self.feature_std),
-                "row_loc": self.row_loc.clone(), "row_var": self.row_var.clone(), "row_step": self.row_step.clone(),
-                "z_loc": self.z_loc.clone(), "z_scale": self.z_scale.clone(),
-                "last_step": self.last_step, "num_updates": self.num_updates,
-                "replay": [{key: value.clone() for key, value in old.items()} for old in self.replay]}
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        if state["options"] != self.options.model_dump():
-            raise ValueError(f"state was saved with options {state['options']}, "
-                             f"this predictor has {self.options.model_dump()}")
-        saved_dim = None if state["feature_mean"] is None else state["feature_mean"].shape[0]
-        own_dim = None if self.feature_mean is None else self.feature_mean.shape[0]
-        if saved_dim != own_dim:
-            raise ValueError(f"state was saved for pool features of width {saved_dim}, this pool has {own_dim}")
-        self.svi.load_state_dict(state["engine"])
-        self._sync_nets()
-        self.seed_used = state["seed_used"]
-        self.hash_mult, self.hash_shift = state["hash_mult"].clone(), state["hash_shift"].clone()
-        self.feature_mean, self.feature_std = _clone(state["feature_mean"]), _clone(state["feature_std"])
-        self.row_loc, self.row_var = state["row_loc"].clone(), state["row_var"].clone()
-        self.row_step = state["row_step"].clone()
-        self.z_loc, self.z_scale = state["z_loc"].clone(), state["z_scale"].clone()
-        self.last_step, self.num_updates = state["last_step"], state["num_updates"]
-        self.replay = [{key: value.clone() for key, value in old.items()} for old in state["replay"]]
+        return {"row_loc": Rows(rows, loc), "row_var": Rows(rows, 1 / precision),
+                "row_step": Rows(rows, torch.full_like(rows, step, dtype=torch.int32))}
 
 
 def _first_occurrence(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -534,7 +470,3 @@ def _first_occurrence(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     first = torch.full((unique.shape[0],), values.shape[0], dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(values.shape[0]), reduce="amin")
     return unique, inverse, first
-
-
-def _clone(value: Tensor | None) -> Tensor | None:
-    return None if value is None else value.clone()

@@ -1,40 +1,23 @@
 """Concrete `SuccessPosterior` families shared by the predictors.
 
 - `BetaPosterior`: conjugate; Beta-Binomial predictive in closed form.
-- `LogitNormalPosterior`: p = sigmoid(f), f ~ Normal(loc, scale); integrals by Gauss-Hermite
-  quadrature (for GP and latent-variable predictors).
+- `LogitNormalPosterior`: p = sigmoid(f), f ~ Normal(loc, scale); its predictive is
+  `distributions.BinomialLogitNormal`, and mean, variance and P(0 < S < k) are read off that
+  same pmf (for GP and latent-variable predictors).
 - `PointMassPosterior`: p known exactly (the simulator's oracle).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
 from scipy import special
 from torch import Tensor
 
-from .base import SuccessPosterior, log_binomial_coefficient
-
-
-def _lbeta(a: Tensor, b: Tensor) -> Tensor:
-    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
-
-
-def _sample_with(generator: torch.Generator | None, draw):
-    """Run a global-RNG sampler (torch.distributions take no generator) deterministically:
-    the global RNG is seeded from `generator` for the draw and restored afterwards."""
-    if generator is None:
-        return draw()
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    saved = torch.get_rng_state()
-    torch.default_generator.manual_seed(seed)
-    try:
-        return draw()
-    finally:
-        torch.set_rng_state(saved)
+from .base import SuccessPosterior
+from .distributions import BinomialLogitNormal, beta_binomial_log_prob, binomial_logit_normal, log_beta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +44,17 @@ class BetaPosterior(SuccessPosterior):
         return torch.from_numpy(draws).to(self.alpha.dtype)
 
     def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
-        s = successes.to(self.alpha.dtype)
-        n = trials.to(self.alpha.dtype)
-        return (log_binomial_coefficient(n, s) + _lbeta(s + self.alpha, n - s + self.beta)
-                - _lbeta(self.alpha, self.beta))
+        return beta_binomial_log_prob(self.alpha, self.beta, successes.to(self.alpha.dtype),
+                                      trials.to(self.alpha.dtype))
 
     def log_prob_grid(self, successes: Tensor, trials: Tensor) -> Tensor:
         return self.log_prob(successes, trials.expand_as(successes))
 
     def p_informative(self, k) -> Tensor:
         k = torch.as_tensor(k, dtype=self.alpha.dtype)
-        base = _lbeta(self.alpha, self.beta)
-        p_zero = (_lbeta(self.alpha, self.beta + k) - base).exp()
-        p_all = (_lbeta(self.alpha + k, self.beta) - base).exp()
+        base = log_beta(self.alpha, self.beta)
+        p_zero = (log_beta(self.alpha, self.beta + k) - base).exp()  # BetaBinomial(0; k) in closed form
+        p_all = (log_beta(self.alpha + k, self.beta) - base).exp()
         return (1.0 - p_zero - p_all).clamp(0.0, 1.0)
 
     def interval(self, level: float) -> tuple[Tensor, Tensor]:
@@ -84,12 +65,6 @@ class BetaPosterior(SuccessPosterior):
         return torch.from_numpy(lo).to(self.alpha.dtype), torch.from_numpy(hi).to(self.alpha.dtype)
 
 
-_GH_POINTS = 20  # ample for the smooth integrands here (checked against Monte Carlo in tests)
-_gh_x, _gh_w = np.polynomial.hermite_e.hermegauss(_GH_POINTS)  # probabilists' Hermite: weight exp(-x^2/2)
-_GH_X = torch.tensor(_gh_x, dtype=torch.float64)
-_GH_LOGW = torch.tensor(np.log(_gh_w / np.sqrt(2 * np.pi)), dtype=torch.float64)
-
-
 @dataclasses.dataclass(frozen=True)
 class LogitNormalPosterior(SuccessPosterior):
     """p = sigmoid(f), f ~ Normal(loc, scale), per prompt."""
@@ -97,59 +72,35 @@ class LogitNormalPosterior(SuccessPosterior):
     loc: Tensor
     scale: Tensor
 
-    def _nodes(self) -> Tensor:
-        """Logits at the quadrature nodes, shape [Q, n] (float64 for stable sums)."""
-        return self.loc.double().unsqueeze(0) + self.scale.double().unsqueeze(0) * _GH_X.unsqueeze(1)
-
-    def _expect(self, values: Tensor) -> Tensor:
-        return (values * _GH_LOGW.exp().unsqueeze(1)).sum(0)
+    def _moment(self, power: int) -> Tensor:
+        """E[p**power] = P(S = power | power trials): the predictive's own integral."""
+        count = torch.full_like(self.loc, float(power))
+        return binomial_logit_normal(self.loc, self.scale, count, count)[0].exp()
 
     @property
     def mean(self) -> Tensor:
-        return self._expect(torch.sigmoid(self._nodes())).to(self.loc.dtype)
+        return self._moment(1)
 
     @property
     def variance(self) -> Tensor:
-        p = torch.sigmoid(self._nodes())
-        m = self._expect(p)
-        return (self._expect(p.square()) - m.square()).clamp_min(0.0).to(self.loc.dtype)
+        return (self._moment(2) - self._moment(1).square()).clamp_min(0.0)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         eps = torch.randn((num_samples,) + tuple(self.loc.shape), generator=generator, dtype=self.loc.dtype)
         return torch.sigmoid(self.loc + self.scale * eps)
 
     def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
-        # Adaptive Gauss-Hermite: nodes centred at the mode of prior x likelihood and scaled by
-        # its curvature. Fixed nodes on the prior miss a peaked likelihood at wide scales.
-        m, sd = self.loc.double(), self.scale.double()
-        s, n = successes.double(), trials.double()
+        return BinomialLogitNormal(trials.to(self.loc.dtype), self.loc, self.scale, validate_args=False).log_prob(
+            successes.to(self.loc.dtype))
 
-        def slope(f):  # derivative of the concave log-integrand; decreasing in f
-            return -(f - m) / sd.square() + s * torch.sigmoid(-f) - (n - s) * torch.sigmoid(f)
-
-        # Bisection on the slope (plain Newton overshoots when the prior is wide), then Newton polish.
-        lo, hi = torch.minimum(m, torch.full_like(m, -40.0)) - 1.0, torch.maximum(m, torch.full_like(m, 40.0)) + 1.0
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            up = slope(mid) > 0
-            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
-        f = 0.5 * (lo + hi)
-        for _ in range(2):
-            f = f + slope(f) / (sd.square().reciprocal() + n * torch.sigmoid(f) * torch.sigmoid(-f))
-        tau = (sd.square().reciprocal() + n * torch.sigmoid(f) * torch.sigmoid(-f)).rsqrt()
-        nodes = f.unsqueeze(0) + tau.unsqueeze(0) * _GH_X.unsqueeze(1)  # [Q, n]
-        log_integrand = (-0.5 * ((nodes - m) / sd).square() - sd.log() - 0.5 * math.log(2 * math.pi)
-                         + s * torch.nn.functional.logsigmoid(nodes) + (n - s) * torch.nn.functional.logsigmoid(-nodes))
-        log_integral = (tau.log() + 0.5 * math.log(2 * math.pi)
-                        + torch.logsumexp(_GH_LOGW.unsqueeze(1) + log_integrand + 0.5 * _GH_X.square().unsqueeze(1), dim=0))
-        return (log_integral + log_binomial_coefficient(n, s)).to(self.loc.dtype)
+    def log_prob_grid(self, successes: Tensor, trials: Tensor) -> Tensor:
+        return self.log_prob(successes, trials)  # broadcasts [m, n] against [n]
 
     def p_informative(self, k) -> Tensor:
-        # One quadrature pass for E[1 - p^k - (1-p)^k] (acquisition calls this on every candidate).
-        f = self._nodes()
-        k = torch.as_tensor(k, dtype=f.dtype)
-        edge = (k * torch.nn.functional.logsigmoid(f)).exp() + (k * torch.nn.functional.logsigmoid(-f)).exp()
-        return (1.0 - self._expect(edge)).clamp(0.0, 1.0).to(self.loc.dtype)
+        """1 - P(S = 0) - P(S = k) of `log_prob` (both ends in one quadrature pass)."""
+        k = torch.as_tensor(k, dtype=self.loc.dtype).expand_as(self.loc)
+        ends = self.log_prob(torch.stack([torch.zeros_like(k), k]), k).exp()
+        return (1.0 - ends[0] - ends[1]).clamp(0.0, 1.0)
 
     def interval(self, level: float) -> tuple[Tensor, Tensor]:
         z = float(special.ndtri(0.5 + level / 2))

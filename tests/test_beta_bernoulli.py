@@ -1,14 +1,11 @@
-"""Beta-Bernoulli (MoPPS): closed-form update, agreement with SVI on the same Pyro program,
-lazy decay, state round-trip, and rejected inputs that leave the state unchanged."""
+"""Beta-Bernoulli (MoPPS): closed-form update (its agreement with SVI on the same Pyro program is
+in test_programs.py), lazy decay, state round-trip, and rejected inputs that leave the state unchanged."""
 
-import pyro
 import pytest
 import torch
-from pyro.infer import TraceMeanField_ELBO
 
-from mpts.inference import StreamingSVI
 from mpts.models import PromptPool
-from mpts.models.beta_bernoulli import BetaBernoulli, BetaBernoulliOptions, guide, model
+from mpts.models.beta_bernoulli import BetaBernoulli, BetaBernoulliOptions
 
 
 def make(n=10, **options):
@@ -20,35 +17,14 @@ def test_mopps_update_by_hand():
     ids = torch.tensor([3, 7])
     predictor.observe(ids, torch.tensor([2.0, 0.0]), torch.tensor([4.0, 4.0]), step=0)
     # alpha <- 0.5*1 + 0.5*1 + 2 = 3 ; beta <- 0.5*2 + 0.5*2 + 2 = 4
-    assert predictor.alpha[3].item() == pytest.approx(3.0)
-    assert predictor.beta[3].item() == pytest.approx(4.0)
+    assert predictor.state.alpha[3].item() == pytest.approx(3.0)
+    assert predictor.state.beta[3].item() == pytest.approx(4.0)
     predictor.observe(ids, torch.tensor([4.0, 4.0]), torch.tensor([4.0, 4.0]), step=1)
     # alpha <- 0.5*3 + 0.5*1 + 4 = 6 ; beta <- 0.5*4 + 0.5*2 + 0 = 3
-    assert predictor.alpha[3].item() == pytest.approx(6.0)
-    assert predictor.beta[3].item() == pytest.approx(3.0)
+    assert predictor.state.alpha[3].item() == pytest.approx(6.0)
+    assert predictor.state.beta[3].item() == pytest.approx(3.0)
     untouched = predictor.predict(torch.tensor([0]), step=2)
     assert untouched.mean.item() == pytest.approx(1.0 / 3.0)
-
-
-def test_conjugate_update_agrees_with_svi_on_the_same_program():
-    torch.manual_seed(0)
-    pyro.set_rng_seed(0)
-    n = 12
-    predictor = make(n, decay=0.8)
-    ids = torch.arange(n)
-    trials = torch.full((n,), 8.0)
-    predictor.observe(ids, torch.binomial(trials, torch.rand(n)), trials, step=0)  # a non-trivial prior
-    successes = torch.binomial(trials, torch.rand(n))
-    prior_alpha, prior_beta = predictor.decayed_prior(ids, step=1)
-    predictor.observe(ids, successes, trials, step=1)
-    exact = predictor.predict(ids, step=2).mean
-
-    engine = StreamingSVI(model, guide, steps=800, lr=0.05, lr_decay=0.995,
-                          loss=TraceMeanField_ELBO(num_particles=32, vectorize_particles=True))
-    engine.update(prior_alpha, prior_beta, successes, trials)
-    q_alpha, q_beta = engine.param("q_alpha"), engine.param("q_beta")
-    svi_mean = q_alpha / (q_alpha + q_beta)
-    assert (svi_mean - exact).abs().max().item() < 0.01
 
 
 def test_lazy_decay_equals_step_by_step_decay():
@@ -101,10 +77,10 @@ def test_state_round_trip():
 def test_bad_outcomes_are_rejected_and_leave_state_unchanged(ids, successes, trials, message):
     predictor = make(10)
     predictor.observe(torch.tensor([1, 2]), torch.tensor([3.0, 4.0]), torch.tensor([8.0, 8.0]), step=0)
-    before = {key: value.clone() for key, value in predictor._state().items()}
+    before = {key: value.clone() for key, value in predictor.state_dict()["state"].items()}
     with pytest.raises((ValueError, IndexError), match=message):
         predictor.observe(torch.tensor(ids, dtype=torch.long), torch.tensor(successes), torch.tensor(trials), step=1)
-    for key, value in predictor._state().items():
+    for key, value in predictor.state_dict()["state"].items():
         assert torch.equal(value, before[key])
 
 

@@ -14,7 +14,7 @@ from scipy import stats
 
 from mpts.inference import StreamingSVI
 from mpts.models import PromptPool
-from mpts.models.hmm3 import (WAITED, ThreeStateHMM, ThreeStateHMMOptions, ThreeStateMixturePosterior, guide,
+from mpts.models.hmm3 import (WAITED, ThreeStateHMM, ThreeStateHMMOptions, ThreeStateMixturePosterior, Guide,
                               model, propagate, row_normalise, soft_counts, state_chain, transition_model)
 from mpts.models.registry import get_predictor_class
 
@@ -47,7 +47,7 @@ def test_dps_update_by_hand():
     # first rollout: previous state ~ uniform, E[P] uniform -> xi puts 1/3 in column 1 of each row
     expected = torch.zeros(3, 3)
     expected[:, 1] = 1 / 3
-    assert torch.allclose(predictor.excess[2], expected)
+    assert torch.allclose(predictor.state.excess[2], expected)
     w = predictor.predict(torch.tensor([2]), step=1).state_probs[0]
     # row 1 of alpha_0 = (1, 4/3, 1) -> (0.3, 0.4, 0.3)
     assert torch.allclose(w, torch.tensor([0.3, 0.4, 0.3]))
@@ -55,7 +55,7 @@ def test_dps_update_by_hand():
     # previous state known (1): xi = one count 1 -> 2;  E <- 0.5 E + xi
     expected = 0.5 * expected
     expected[1, 2] += 1.0
-    assert torch.allclose(predictor.excess[2], expected)
+    assert torch.allclose(predictor.state.excess[2], expected)
     # two waited steps: alpha = 1 + 0.25 E for the third step's transition
     row2 = torch.tensor([1.0, 1.0, 1.0]) + 0.5 ** 0 * expected[2]
     after_one = row2 / row2.sum()
@@ -117,19 +117,22 @@ def test_lazy_catch_up_equals_the_step_by_step_update(lam):
 
 
 @pytest.mark.parametrize("pooling", ["none", "global"])
-def test_observe_after_predict_reuses_its_beliefs_without_changing_the_update(pooling):
+def test_predict_is_pure_observe_after_predict_is_the_same_update(pooling):
     torch.manual_seed(11)
     with_predict, without = make(40, pooling=pooling), make(40, pooling=pooling)
     for step in (0, 3, 9, 60, 61, 200):
         candidates = torch.randperm(40)[:20]
         chosen = candidates[:8]
         states = torch.randint(0, 3, (8,))
+        before = {key: value.clone() for key, value in with_predict.state_dict()["state"].items()}
         with_predict.predict(candidates, step)
+        for key, value in with_predict.state_dict()["state"].items():
+            assert torch.equal(value, before[key]), key
         for predictor in (with_predict, without):
             torch.manual_seed(step)
             observe_states(predictor, chosen, states, step)
-    for key, value in with_predict._state().items():
-        assert torch.allclose(value.double(), without._state()[key].double(), atol=1e-6), key
+    for key, value in with_predict.state_dict()["state"].items():
+        assert torch.allclose(value.double(), without.state_dict()["state"][key].double(), atol=1e-6), key
 
 
 def naive_propagate(belief, prior, excess, lam, steps):
@@ -244,11 +247,14 @@ def test_svi_on_the_pyro_program_agrees_with_the_exact_update():
         for a, b in zip(path[i, :-1], path[i, 1:]):
             counts[i, a, b] += 1
     assert torch.allclose(exact, prior + counts, atol=1e-5)
+    guide = Guide(prior)
     engine = StreamingSVI(model, guide, steps=250, lr=0.15, lr_decay=0.985,
                           loss=TraceMeanField_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1))
     with pyro.validation_enabled(False):  # argument checks cost more than the tiny model itself
-        engine.update(torch.nn.functional.one_hot(first, 3).float(), prior, observations, 1.0)
-    svi_mean = row_normalise(engine.param("q_concentration"))
+        fitted, info = engine.update(engine.init(), torch.nn.functional.one_hot(first, 3).float(), prior,
+                                     observations, 1.0, seed=6)
+    assert "failed" not in info
+    svi_mean = row_normalise(guide.q_concentration.detach())
     assert (svi_mean - row_normalise(exact)).abs().max().item() < 0.03
 
 
@@ -357,7 +363,7 @@ def test_pooled_counts_recover_shared_dynamics_when_data_per_prompt_is_scarce():
     results = {}
     for pooling in ("none", "global", "cluster"):
         torch.manual_seed(8)
-        predictor = make(n, clusters=clusters, decay=1.0, pool_decay=1.0, pooling=pooling)
+        predictor = make(n, clusters=clusters, decay=1.0, pooling=pooling)
         log_score = 0.0
         for t in range(num_steps):
             ids = torch.arange(n)
@@ -376,7 +382,7 @@ def test_pooled_counts_recover_shared_dynamics_when_data_per_prompt_is_scarce():
 def test_fitted_rate_beta_and_initial_belief_follow_the_observations():
     torch.manual_seed(9)
     n = 20000
-    predictor = make(n, fit_decay=1.0)
+    predictor = make(n, decay={"fits": 1.0})
     rates = torch.distributions.Beta(2.0, 5.0).sample((n,))
     trials = torch.full((n,), float(K))
     successes = torch.binomial(trials, rates)
@@ -390,7 +396,7 @@ def test_fitted_rate_beta_and_initial_belief_follow_the_observations():
 
 def test_pooled_prompt_seen_once_borrows_its_cluster_dynamics():
     clusters = torch.tensor([0] * 50 + [1] * 50 + [0])
-    predictor = make(101, clusters=clusters, pooling="cluster", decay=0.9, pool_decay=1.0)
+    predictor = make(101, clusters=clusters, pooling="cluster", decay={"transitions": 0.9, "pool": 1.0})
     ids = torch.arange(50)
     for t in range(6):  # cluster 0 stays solved
         observe_states(predictor, ids, torch.full((50,), 2), t)
@@ -429,10 +435,10 @@ def test_state_round_trip(pooling):
 def test_bad_inputs_are_rejected_and_leave_state_unchanged(ids, successes, trials, step, message):
     predictor = make(10, pooling="global")
     observe_states(predictor, [1, 2], [1, 2], step=1)
-    before = {key: value.clone() for key, value in predictor._state().items()}
+    before = {key: value.clone() for key, value in predictor.state_dict()["state"].items()}
     with pytest.raises((ValueError, IndexError), match=message):
         predictor.observe(torch.tensor(ids), torch.tensor(successes), torch.tensor(trials), step)
-    for key, value in predictor._state().items():
+    for key, value in predictor.state_dict()["state"].items():
         assert torch.equal(value, before[key]), key
 
 

@@ -94,6 +94,13 @@ def test_own_predictor_is_registered_run_and_compared_with_beta(tmp_path, monkey
     assert _images(notebook) >= 2  # reliability diagram and ELBO trace
 
 
+def test_own_predictor_is_at_most_60_lines():
+    notebook = nbformat.read(NOTEBOOKS / "02_write_your_own_predictor.ipynb", as_version=4)
+    cell = next(c for c in notebook.cells if c.cell_type == "code" and "class PooledBeta(RiskPredictor)" in c.source)
+    lines = [line for line in cell.source.splitlines()[1:] if line.strip()]  # after %%writefile, not blank
+    assert len(lines) <= 60, f"the notebook's predictor takes {len(lines)} lines"
+
+
 def test_replay_scores_every_predictor_on_one_trace(tmp_path, monkeypatch):
     notebook, out = execute("03_replay.ipynb", tmp_path, monkeypatch)
     _no_errors(notebook)

@@ -66,22 +66,3 @@ def test_point_mass_p_informative():
     posterior = PointMassPosterior(torch.tensor([0.0, 0.5, 1.0]))
     expected = torch.tensor([0.0, 1 - 2 * 0.5 ** 8, 0.0])
     assert torch.allclose(posterior.p_informative(8), expected, atol=1e-6)
-
-
-def test_logit_normal_p_informative_matches_its_predictive_pmf():
-    posterior = LogitNormalPosterior(torch.tensor([-2.0, 0.0, 1.5]), torch.tensor([0.5, 1.0, 2.0]))
-    k = torch.full((3,), 8.0)
-    via_pmf = 1 - posterior.log_prob(torch.zeros(3), k).exp() - posterior.log_prob(k, k).exp()
-    assert torch.allclose(posterior.p_informative(8), via_pmf, atol=5e-4)
-
-
-def test_logit_normal_predictive_is_exact_at_wide_scales():
-    from scipy import integrate, special as sp
-    cases = [(4.0, 3.0, 3, 8), (-5.0, 4.0, 8, 8), (0.0, 6.0, 1, 16), (2.0, 0.05, 5, 8), (-1.0, 1.0, 0, 8)]
-    for loc, scale, s, n in cases:
-        def integrand(f):
-            return stats.norm.pdf(f, loc, scale) * stats.binom.pmf(s, n, sp.expit(f))
-        exact = np.log(integrate.quad(integrand, loc - 12 * scale, loc + 12 * scale, points=[0.0], limit=400)[0])
-        got = LogitNormalPosterior(torch.tensor([loc], dtype=torch.float64), torch.tensor([scale], dtype=torch.float64)) \
-            .log_prob(torch.tensor([float(s)], dtype=torch.float64), torch.tensor([float(n)], dtype=torch.float64))
-        assert abs(got.item() - exact) < 1e-3, (loc, scale, s, n, got.item(), exact)

@@ -49,7 +49,7 @@ def test_a_predictor_reads_a_lazy_cluster_source():
     hmm = get_predictor_class("hmm3_pooled")
     pool = PromptPool(6, clusters=lambda: torch.tensor([5, 5, 9, 9, 9, 5]))
     predictor = hmm(pool)
-    assert predictor.pool_excess.shape[0] == 2
+    assert predictor.state.pool_excess.shape[0] == 2
 
 
 def test_text_pool_embeds_only_when_asked(monkeypatch):

@@ -88,3 +88,15 @@ def test_replay_command_prints_and_writes_json(tmp_path, capsys):
     assert scores["predictor"] == "beta" and scores["rows"] == 5
     assert main(["replay", str(tmp_path / "none.csv"), "--predictor", "beta"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_beta_replay_reproduces_the_log_predictive_density_from_before_issue_9():
+    """A fixed trace and the density the closed-form Beta update gave at commit 2aec53d
+    (tests/fixtures/replay_beta_reference.json); a change of update maths moves it."""
+    from pathlib import Path
+    fixtures = Path(__file__).parent / "fixtures"
+    reference = json.loads((fixtures / "replay_beta_reference.json").read_text())["beta"]
+    trace = read_trace(fixtures / "replay_trace.csv")
+    for case in reference.values():
+        scores, _ = replay(trace, "beta", case["options"])
+        assert abs(scores["log_predictive_density"] - case["log_predictive_density"]) < 1e-9, case

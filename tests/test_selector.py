@@ -1,10 +1,12 @@
 """The Selector: ids as labels, common random numbers across arms, prediction before outcome."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from mpts.models.base import PromptPool, RiskPredictor
+from mpts.models.base import PromptPool, RiskPredictor, Rows
 from mpts.models.beta_bernoulli import BetaBernoulli
 from mpts.models.posteriors import BetaPosterior
 from mpts.training.acquisition import get_acquisition_class
@@ -58,6 +60,12 @@ def test_logging_and_global_rng_use_do_not_perturb_selection():
     assert play(make(), log=True, disturb=True) == play(make())
 
 
+@dataclasses.dataclass(frozen=True)
+class NoisyState:
+    alpha: torch.Tensor
+    beta: torch.Tensor
+
+
 class NoisyPredictor(RiskPredictor):
     """Draws from torch's global RNG in observe (as SVI predictors do)."""
 
@@ -65,21 +73,15 @@ class NoisyPredictor(RiskPredictor):
 
     def __init__(self, pool, options=None, seed=0):
         super().__init__(pool, options, seed)
-        self.alpha, self.beta = torch.ones(pool.size), torch.ones(pool.size)
+        self.state = NoisyState(torch.ones(pool.size), torch.ones(pool.size))
 
     def _predict(self, ids, step):
-        return BetaPosterior(self.alpha[ids], self.beta[ids])
+        return BetaPosterior(self.state.alpha[ids], self.state.beta[ids])
 
     def _observe(self, ids, successes, trials, step):
         jitter = torch.rand(ids.shape[0])
-        self.alpha[ids] += successes + jitter
-        self.beta[ids] += trials - successes + 1 - jitter
-
-    def _state(self):
-        return {"alpha": self.alpha.clone(), "beta": self.beta.clone()}
-
-    def _load_state(self, state):
-        self.alpha, self.beta = state["alpha"].clone(), state["beta"].clone()
+        return {"alpha": Rows(ids, self.state.alpha[ids] + successes + jitter),
+                "beta": Rows(ids, self.state.beta[ids] + trials - successes + 1 - jitter)}, {}
 
 
 def test_predictor_draws_follow_the_predictor_stream_and_leave_the_global_rng_alone():

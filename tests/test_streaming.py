@@ -1,11 +1,15 @@
-"""The streaming SVI engine: isolated parameter stores, rollback on failure, state round-trip."""
+"""The streaming SVI engine: state in, state out; no global parameter store; rollback for free."""
+
+import re
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.nn import PyroModule, PyroParam
 
-from mpts.inference import StreamingSVI, decay_concentration, decay_gaussian
+from mpts.inference import StreamingSVI, SVIState, decay_concentration, decay_gaussian
 
 
 def gaussian_model(prior_loc, data):
@@ -14,40 +18,60 @@ def gaussian_model(prior_loc, data):
         pyro.sample("x", dist.Normal(mu, 1.0), obs=data)
 
 
-def gaussian_guide(prior_loc, data):
-    loc = pyro.param("loc", torch.tensor(0.0))
-    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
-    pyro.sample("mu", dist.Normal(loc, scale))
+class GaussianGuide(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.loc = PyroParam(torch.tensor(0.0))
+        self.scale = PyroParam(torch.tensor(1.0), constraint=dist.constraints.positive)
+
+    def forward(self, prior_loc, data):
+        pyro.sample("mu", dist.Normal(self.loc, self.scale))
 
 
-def test_engines_do_not_share_parameters():
-    pyro.set_rng_seed(0)
-    a = StreamingSVI(gaussian_model, gaussian_guide, steps=300, lr=0.05)
-    b = StreamingSVI(gaussian_model, gaussian_guide, steps=300, lr=0.05)
-    a.update(torch.tensor(0.0), torch.full((50,), 3.0))
-    b.update(torch.tensor(0.0), torch.full((50,), -3.0))
-    assert a.param("loc").item() > 2.0
-    assert b.param("loc").item() < -2.0
-    assert "loc" not in pyro.get_param_store()
+LOC = "guide.loc_unconstrained"
 
 
-def test_a_failing_update_leaves_parameters_and_optimiser_unchanged():
-    pyro.set_rng_seed(0)
-    engine = StreamingSVI(gaussian_model, gaussian_guide, steps=50, lr=0.05)
-    engine.update(torch.tensor(0.0), torch.full((20,), 1.0))
-    before = engine.state_dict()
-    with pytest.raises((ValueError, FloatingPointError)):  # Pyro's validation or the engine's own check
-        engine.update(torch.tensor(0.0), torch.tensor([float("nan")]))
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        engine.update(torch.tensor(float("inf")), torch.full((20,), 1.0))
-    assert torch.equal(engine.param("loc"), before["params"]["params"]["loc"])
-    engine2 = StreamingSVI(gaussian_model, gaussian_guide, steps=50, lr=0.05)
-    engine2.load_state_dict(before)
-    pyro.set_rng_seed(1)
-    engine.update(torch.tensor(0.0), torch.full((20,), 1.0))
-    pyro.set_rng_seed(1)
-    engine2.update(torch.tensor(0.0), torch.full((20,), 1.0))
-    assert torch.allclose(engine.param("loc"), engine2.param("loc"))
+def engine(steps=300):
+    return StreamingSVI(gaussian_model, GaussianGuide(), steps=steps, lr=0.05)
+
+
+def test_engines_do_not_share_parameters_and_leave_the_global_store_empty():
+    pyro.clear_param_store()
+    a, b = engine(), engine()
+    state_a, _ = a.update(a.init(), torch.tensor(0.0), torch.full((50,), 3.0), seed=0)
+    state_b, _ = b.update(b.init(), torch.tensor(0.0), torch.full((50,), -3.0), seed=0)
+    assert state_a.params[LOC].item() > 2.0 and state_b.params[LOC].item() < -2.0
+    assert len(pyro.get_param_store()) == 0
+
+
+def test_an_update_never_writes_its_input_state_and_a_failed_one_returns_it():
+    svi = engine(50)
+    state, _ = svi.update(svi.init(), torch.tensor(0.0), torch.full((20,), 1.0), seed=0)
+    frozen = {key: value.clone() for key, value in state.tensors().items()}
+    moved, info = svi.update(state, torch.tensor(0.0), torch.full((20,), 4.0), seed=1)
+    assert "elbo" in info and not torch.equal(moved.params[LOC], state.params[LOC])
+    for key, value in state.tensors().items():
+        assert torch.equal(value, frozen[key]), key
+    for bad in [(torch.tensor(0.0), torch.tensor([float("nan")])), (torch.tensor(float("inf")), torch.full((20,), 1.0))]:
+        same, info = svi.update(state, *bad, seed=2)
+        assert same is state and "failed" in info
+        assert torch.equal(svi.objective.guide.loc_unconstrained.detach(), state.params[LOC])  # the modules hold it again
+
+
+def test_state_round_trips_through_its_tensors_and_updates_are_seeded():
+    svi = engine(20)
+    state, _ = svi.update(svi.init(), torch.tensor(0.0), torch.full((20,), 1.0), seed=0)
+    names = {LOC, "guide.scale_unconstrained"}  # the guide module's parameters, by their module path
+    assert set(state.tensors()) == {"lr"} | {f"{part}.{name}" for part in ("params", "exp_avg", "exp_avg_sq",
+                                                                           "adam_steps") for name in names}
+    copy = SVIState.from_tensors({key: value.clone() for key, value in state.tensors().items()})
+    other = engine(20)
+    a, _ = svi.update(state, torch.tensor(0.0), torch.full((20,), 2.0), seed=5)
+    b, _ = other.update(copy, torch.tensor(0.0), torch.full((20,), 2.0), seed=5)
+    for key, value in a.tensors().items():
+        assert torch.equal(value, b.tensors()[key]), key
+    c, _ = svi.update(state, torch.tensor(0.0), torch.full((20,), 2.0), seed=6)
+    assert not torch.equal(a.params["guide.scale_unconstrained"], c.params["guide.scale_unconstrained"])  # the draws differ
 
 
 def test_forgetting_composes_geometrically():
@@ -61,9 +85,35 @@ def test_forgetting_composes_geometrically():
     assert loc.item() == pytest.approx(2.0) and scale.item() == pytest.approx(0.1)
 
 
-def test_optimiser_state_is_saved_by_parameter_name():
-    pyro.set_rng_seed(0)
-    engine = StreamingSVI(gaussian_model, gaussian_guide, steps=5, lr=0.05)
-    engine.update(torch.tensor(0.0), torch.full((20,), 1.0))
-    saved = engine.state_dict()["optim"]
-    assert set(saved) == {"loc", "scale"}
+def test_every_predictor_forgets_under_the_one_option_name_decay():
+    from mpts.models.registry import PREDICTORS
+    old_names = {"forgetting", "code_forgetting", "pool_decay", "fit_decay"}
+    for name in PREDICTORS.names():
+        fields = set(PREDICTORS.get(name).Options.model_fields)
+        assert "decay" in fields and not fields & old_names, name
+    hmm3 = PREDICTORS.get("hmm3").Options
+    with pytest.raises(ValueError, match="unknown part 'bogus'; parts are transitions, pool, fits"):
+        hmm3(decay={"bogus": 0.5})
+    with pytest.raises(ValueError, match="pool must be in"):
+        hmm3(decay={"pool": 1.5})
+    with pytest.raises(ValueError, match="pool_decay"):
+        hmm3(pool_decay=0.9)
+    from mpts.models import PromptPool
+    assert PREDICTORS.get("hmm3")(PromptPool(4), hmm3(decay=0.5)).rates == {"transitions": 0.5, "pool": 0.5, "fits": 0.5}
+    assert PREDICTORS.get("hmm3")(PromptPool(4), hmm3(decay={"pool": 1.0})).rates == {
+        "transitions": 0.7, "pool": 1.0, "fits": 0.95}
+
+
+def test_no_global_parameter_store_or_private_pyro_attributes_in_the_library():
+    root = Path(__file__).resolve().parents[1]
+    forbidden = re.compile(r"pyro\.param\(|get_param_store|clear_param_store|pyro\.module\(|"
+                           r"\._state_waiting|\.pop\(None|_sync_nets|_refresh\b|\.scope\(")
+    private = re.compile(r"(?:pyro|optim|svi|engine)\S*\._[a-z]\w*")
+    offenders = []
+    for folder in ("inference", "models"):
+        for path in sorted((root / folder).glob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if forbidden.search(code) or private.search(code):
+                    offenders.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
