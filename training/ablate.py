@@ -146,7 +146,8 @@ def format_table(table: pd.DataFrame) -> str:
     """Markdown, one row per arm x grid point: mean ± 95% t-interval over seeds ('(m/n)' where only m
     of n seeds have a value); then the paired differences with each baseline arm at the same grid
     point (same seeds), where the ablation has one."""
-    present = [(c, label) for c, label, _ in HEADLINE if c in table]
+    # columns no arm has a value for (e.g. greedy and sampled accuracy on the simulator) are left out
+    present = [(c, label) for c, label, _ in HEADLINE if c in table and table[c].notna().any()]
     grid = grid_columns(table)
     arm = "| predictor | acquisition | " + "".join(f"{c.removeprefix(GRID_PREFIX)} | " for c in grid)
     rule_line = "|---|---|" + "---|" * len(grid)
