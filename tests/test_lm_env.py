@@ -260,6 +260,16 @@ def test_warm_up_result_is_reused_by_a_resumed_run(tmp_path, monkeypatch):
         make_env(tmp_path, warmup_sft_steps=6, warmup_sft_problems=64)
 
 
+def test_a_policy_from_other_warm_up_settings_is_set_aside_not_deleted(tmp_path):
+    make_env(tmp_path, warmup_sft_steps=5, warmup_sft_problems=64).close()
+    work = tmp_path / "run"
+    first = {p.name: p.read_bytes() for p in (work / "policy").iterdir()}
+    make_env(tmp_path, warmup_sft_steps=6, warmup_sft_problems=64).close()
+    aside = [p for p in work.iterdir() if p.name.startswith("policy.replaced-")]
+    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == first
+    assert (work / "policy").is_dir()
+
+
 def test_reference_completion_is_what_the_verifier_accepts():
     task = get_task("arithmetic")
     problem = task.problems(1, 0)[0]

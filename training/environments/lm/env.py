@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -165,8 +166,8 @@ class LMEnvironment(Environment):
         model.eval()
         if opts.model is not None and opts.warmup_sft_steps == 0:
             return model, tokenizer, Path(opts.model)  # the engine loads the user's checkpoint as it is
-        if policy_dir.exists():
-            shutil.rmtree(policy_dir)
+        if policy_dir.exists():  # another start (other warm-up settings, or a save cut short): set aside, never deleted
+            os.replace(policy_dir, policy_dir.with_name(f"{POLICY_DIR}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"))
         save_model(model, tokenizer, policy_dir)
         (policy_dir / _FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
         return model, tokenizer, policy_dir
