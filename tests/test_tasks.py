@@ -210,6 +210,28 @@ def test_arithmetic_carry_counts():
     assert _carries(99, "*", 9) == 2 and _carries(12, "*", 3) == 0
 
 
+def test_arithmetic_flawed_answer_is_the_answer_with_a_leading_zero_and_is_graded_wrong(arithmetic):
+    backwards = get_task("arithmetic", {"max_digits": 2, "reverse_answer": True})
+    for task in (arithmetic, backwards):
+        for p in task.problems(300, seed=1):
+            flawed = task.flawed_answer(p)
+            assert task.reward(p.answer, p) == 1.0 and task.reward(flawed, p) == 0.0
+            assert flawed == ("0" + p.answer if task is arithmetic else p.answer + "0")
+    with pytest.raises(ValueError, match="defines no flawed answer"):
+        get_task("countdown").flawed_answer(get_task("countdown").problems(1, 0)[0])
+
+
+def test_arithmetic_reversed_answers_are_written_least_significant_digit_first():
+    forwards = get_task("arithmetic", {"max_digits": 2})
+    backwards = get_task("arithmetic", {"max_digits": 2, "reverse_answer": True})
+    for p, q in zip(forwards.problems(300, seed=2), backwards.problems(300, seed=2)):
+        assert p.question == q.question and q.answer == p.answer[::-1]
+        assert backwards.reward(q.answer, q) == 1.0 and backwards.reward(p.answer, q) == (p.answer == q.answer)
+    negative = get_task("arithmetic", {"max_digits": 2, "reverse_answer": True, "allow_negative": True})
+    assert all(p.answer == ("-" if int(p.meta["a"]) < int(p.meta["b"]) else "") + str(abs(p.meta["a"] - p.meta["b"]))[::-1]
+               for p in negative.problems(200, seed=0) if p.meta["op"] == "-")
+
+
 def test_arithmetic_options_operators_negatives_and_exhaustion():
     task = get_task("arithmetic", {"max_digits": 2, "operators": ["-", "*"], "allow_negative": True})
     problems = task.problems(300, seed=0)

@@ -100,15 +100,27 @@ def save_model(model, tokenizer, directory: Path) -> Path:
 
 
 def supervised_warmup(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], steps: int,
-                      batch_size: int, lr: float, seed: int, device: torch.device) -> list[float]:
+                      batch_size: int, lr: float, seed: int, device: torch.device,
+                      flawed_targets: Sequence[str] | None = None, flaw_rate: float = 0.0) -> list[float]:
     """Teacher-forced cross-entropy on the target completions (prompt tokens are not scored).
 
-    Returns the loss of each step. Sampling of mini-batches is deterministic given `seed`.
+    With `flawed_targets`, each drawn example is taught its flawed target with probability
+    `flaw_rate` (a teacher that makes a systematic slip that often), so the warmed-up policy knows
+    the right answer but gives it only part of the time: the situation RL with a verifier fixes.
+    Returns the loss of each step. Mini-batches and slips are deterministic given `seed`.
     """
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"warm-up needs as many targets as prompts (got {len(prompts)} prompts, {len(targets)} targets)")
+    if flawed_targets is not None and len(flawed_targets) != len(targets):
+        raise ValueError(f"warm-up needs one flawed target per target (got {len(flawed_targets)} for {len(targets)})")
+    if not 0.0 <= flaw_rate <= 1.0:
+        raise ValueError(f"flaw_rate must be in [0, 1], got {flaw_rate}")
+
+    def encode(texts: Sequence[str]) -> list[list[int]]:
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    target_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in targets]
+    target_ids = encode(targets)
+    flawed_ids = encode(flawed_targets) if flawed_targets is not None else target_ids
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(steps, 1)))
@@ -116,7 +128,11 @@ def supervised_warmup(model, tokenizer, prompts: Sequence[str], targets: Sequenc
     losses = []
     for _ in range(steps):
         picks = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
-        input_ids, attention_mask, scored = pad_right([prompt_ids[i] + target_ids[i] for i in picks],
+        # drawn only with a flawed teacher, so a clean warm-up sees the mini-batches it always saw
+        slips = ((torch.rand(batch_size, generator=generator) < flaw_rate).tolist() if flawed_targets is not None
+                 else [False] * batch_size)
+        completions = [flawed_ids[i] if slip else target_ids[i] for i, slip in zip(picks, slips)]
+        input_ids, attention_mask, scored = pad_right([prompt_ids[i] + c for i, c in zip(picks, completions)],
                                                       [len(prompt_ids[i]) for i in picks], tokenizer.pad_token_id)
         labels = input_ids.masked_fill(~scored, -100)
         loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

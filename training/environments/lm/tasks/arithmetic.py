@@ -14,6 +14,11 @@ on the last such tag instead, for models that were taught the tag format.
 Options: operand sizes (`min_digits`..`max_digits`), `operators` (any of + - *), and whether
 subtraction may go negative. The first operand has exactly d digits, d drawn uniformly from the
 range, and the second 1..d digits (order swapped at random for + and *).
+The flawed answer (`flawed_answer`, the teacher slip a warm-up can imitate) is the right number
+with a leading zero, "081": a formatting slip the grader rejects on every problem, which one
+decision shared by all prompts (end the number or write the zero) fixes. (A slip in the arithmetic
+itself, dropped carries, was tried first: taught on 60% of examples it kept the 2-layer model of
+`lm_tiny` from learning the task in its warm-up at all.)
 Difficulty = (d - 1) + the number of carries (for +), borrows (for -) or digit products of 10 or
 more (for *), so "3+4=" is level 0 and "58+67=" (two digits, two carries) is level 3.
 """
@@ -38,6 +43,9 @@ class ArithmeticOptions(TaskOptions):
     max_digits: int = Field(3, ge=1, le=18)
     operators: tuple[Operator, ...] = ("+", "-")
     allow_negative: bool = False
+    reverse_answer: bool = Field(False, description="answers written least-significant digit first (125 as "
+                                 "'521'): each digit then depends only on its column and the carry just "
+                                 "written, which small transformers learn far faster")
 
     @field_validator("operators")
     @classmethod
@@ -77,7 +85,7 @@ class Arithmetic(Task):
             seen.add((a, op, b))
             result = a + b if op == "+" else a - b if op == "-" else a * b
             steps = _carries(a, op, b)
-            out.append(Problem(question=f"{a}{op}{b}=", answer=str(result), difficulty=digits - 1 + steps,
+            out.append(Problem(question=f"{a}{op}{b}=", answer=self._written(result), difficulty=digits - 1 + steps,
                                meta={"a": a, "b": b, "op": op, "digits": digits, "carries": steps}))
         return out
 
@@ -89,6 +97,14 @@ class Arithmetic(Task):
         tagged = last_answer_tag(text)
         candidate = tagged if tagged is not None else text.lstrip().split("\n", 1)[0]
         return candidate.strip() == problem.answer
+
+    def flawed_answer(self, problem: Problem) -> str:
+        value = int(problem.answer[::-1] if self.options.reverse_answer else problem.answer)
+        return self._written(value, leading_zero=True)
+
+    def _written(self, value: int, leading_zero: bool = False) -> str:
+        digits = ("0" if leading_zero else "") + str(abs(value))
+        return ("-" if value < 0 else "") + (digits[::-1] if self.options.reverse_answer else digits)
 
     def _draw(self, rng: random.Random) -> tuple[int, str, int, int]:
         digits = rng.randint(self.options.min_digits, self.options.max_digits)

@@ -88,6 +88,11 @@ class Task(abc.ABC):
         """The reward of one completion: 1.0 or 0.0, never an exception."""
         return self._score_one(completion, problem).reward
 
+    def flawed_answer(self, problem: Problem) -> str:
+        """The answer a teacher with this task's typical systematic slip would give (for a warm-up
+        whose targets are partly wrong in a consistent way). Tasks without such a slip refuse."""
+        raise ValueError(f"task {self.name!r} defines no flawed answer; warmup_teacher_error needs one")
+
     def close(self) -> None:
         """Release worker processes or files (nothing for pure-Python verifiers)."""
 
