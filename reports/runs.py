@@ -85,7 +85,9 @@ def expand_run_dirs(paths: Sequence[Path | str]) -> tuple[list[Path], list[Path]
         if is_run_folder(path):
             found.append(path)
             continue
-        inner = sorted(p for p in (path / "runs").glob("*") if p.is_dir()) if (path / "runs").is_dir() else []
+        # hidden folders are not runs (the LM environment's shared warm-up cache lives in runs/.warmup-cache)
+        inner = (sorted(p for p in (path / "runs").glob("*") if p.is_dir() and not p.name.startswith("."))
+                 if (path / "runs").is_dir() else [])
         runs = [p for p in inner if is_run_folder(p)]
         skipped.extend(p for p in inner if not is_run_folder(p))
         if not runs:

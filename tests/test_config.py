@@ -78,7 +78,7 @@ def test_grpo_options_are_one_nested_section_checked_against_grpo_config():
 
     config = load_config("lm_tiny", ["env.grpo.kl_coef=0.05"])
     options = config.env.with_options(LMOptions)
-    assert isinstance(options.grpo, GRPOConfig) and options.grpo.kl_coef == 0.05 and options.grpo.lr == 3.0e-5
+    assert isinstance(options.grpo, GRPOConfig) and options.grpo.kl_coef == 0.05 and options.grpo.lr == 1.0e-4
     assert not set(GRPOConfig.model_fields) & set(LMOptions.model_fields)  # no GRPO field repeated at env level
     with pytest.raises(ConfigError, match="grpo.lrr: unknown key"):
         load_config("lm_tiny", ["env.grpo.lrr=0.1"])

@@ -260,6 +260,27 @@ def test_warm_up_result_is_reused_by_a_resumed_run(tmp_path, monkeypatch):
         make_env(tmp_path, warmup_sft_steps=6, warmup_sft_problems=64)
 
 
+def test_runs_with_the_same_warm_up_share_it_through_the_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = make_env(tmp_path, "arm-a", warmup_sft_steps=5, warmup_sft_problems=64, warmup_cache=str(cache))
+    weights = {k: v.clone() for k, v in first.model.state_dict().items()}
+    first.close()
+    assert [p.name for p in cache.iterdir()] == [first._fingerprint()[:32]]  # published whole, no staging left
+
+    def no_warmup(*args, **kwargs):
+        raise AssertionError("the warm-up ran again")
+    monkeypatch.setattr("mpts.training.environments.lm.env.supervised_warmup", no_warmup)
+    second = make_env(tmp_path, "arm-b", warmup_sft_steps=5, warmup_sft_problems=64, warmup_cache=str(cache))
+    for key, value in second.model.state_dict().items():
+        assert torch.equal(value, weights[key])
+    assert (tmp_path / "arm-b" / POLICY_DIR / "model.safetensors").is_file()  # the run keeps its own copy
+    second.close()
+    third = make_env(tmp_path, "arm-c", warmup_sft_steps=5, warmup_sft_problems=64, warmup_cache="../cache")
+    third.close()  # a relative cache is found from the run folder
+    with pytest.raises(AssertionError, match="ran again"):  # another seed: another start
+        make_env(tmp_path, "arm-d", seed=1, warmup_sft_steps=5, warmup_sft_problems=64, warmup_cache=str(cache))
+
+
 def test_a_policy_from_other_warm_up_settings_is_set_aside_not_deleted(tmp_path):
     make_env(tmp_path, warmup_sft_steps=5, warmup_sft_problems=64).close()
     work = tmp_path / "run"
@@ -268,6 +289,41 @@ def test_a_policy_from_other_warm_up_settings_is_set_aside_not_deleted(tmp_path)
     aside = [p for p in work.iterdir() if p.name.startswith("policy.replaced-")]
     assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == first
     assert (work / "policy").is_dir()
+
+
+def test_flawed_teacher_warm_up_teaches_the_slip_at_its_rate(monkeypatch):
+    """The warm-up's targets: the flawed answer on a `flaw_rate` share of drawn examples, else the right one."""
+    from mpts.training.environments.lm import tiny_lm
+
+    tokenizer = tiny_lm.build_char_tokenizer()
+    model = tiny_lm.build_tiny_model(tokenizer, tiny_lm.TinyModelOptions(**TINY), seed=0)
+    taught = []
+    real_pad_right = tiny_lm.pad_right
+
+    def spy(sequences, prompt_lengths, pad_id):
+        taught.extend(tokenizer.decode(s[n:-1]) for s, n in zip(sequences, prompt_lengths))
+        return real_pad_right(sequences, prompt_lengths, pad_id)
+    monkeypatch.setattr(tiny_lm, "pad_right", spy)
+    for rate, expected in ((0.0, 0.0), (0.6, 0.6), (1.0, 1.0)):
+        taught.clear()
+        tiny_lm.supervised_warmup(model, tokenizer, ["1+1="] * 4, ["2"] * 4, steps=20, batch_size=50, lr=1e-4,
+                                  seed=0, device=torch.device("cpu"), flawed_targets=["3"] * 4, flaw_rate=rate)
+        assert set(taught) <= {"2", "3"} and len(taught) == 1000
+        assert abs(taught.count("3") / 1000 - expected) < 0.05
+    with pytest.raises(ValueError, match="one flawed target per target"):
+        tiny_lm.supervised_warmup(model, tokenizer, ["1+1="], ["2"], 1, 1, 1e-4, 0, torch.device("cpu"),
+                                  flawed_targets=[], flaw_rate=0.5)
+
+
+def test_teacher_error_changes_the_starting_policy_and_needs_a_task_with_a_slip(tmp_path):
+    clean = make_env(tmp_path, "clean", warmup_sft_steps=5, warmup_sft_problems=64)
+    flawed = make_env(tmp_path, "flawed", warmup_sft_steps=5, warmup_sft_problems=64, warmup_teacher_error=0.5)
+    assert clean._fingerprint() != flawed._fingerprint()
+    assert any(not torch.equal(a, b) for a, b in zip(clean.model.state_dict().values(), flawed.model.state_dict().values()))
+    clean.close(), flawed.close()
+    with pytest.raises(ValueError, match="defines no flawed answer"):
+        make_env(tmp_path, "parity", task="countdown", task_options={}, warmup_sft_steps=5, warmup_sft_problems=8,
+                 warmup_teacher_error=0.5)
 
 
 def test_reference_completion_is_what_the_verifier_accepts():
@@ -392,3 +448,50 @@ def test_one_grpo_step_raises_the_probability_of_the_right_answer_on_the_trained
     assert float(after.mean()) > float(before.mean()) + 0.01
     assert float((after > before).float().mean()) > 0.5
     env.close()
+
+
+def test_grpo_on_pool_prompts_removes_the_warm_up_slip_on_held_out_problems(tmp_path):
+    """The learning lm_tiny shows, in small: the warm-up teaches a leading-zero slip on 60% of its
+    examples; GRPO steps on pool prompts make the held-out problems' right answer more likely than
+    the slipped one (exact probabilities under the rollout temperature), so the gradient generalises."""
+    from mpts.training.environments.lm.grpo import completion_logprobs
+    env = make_env(tmp_path, task_options={"min_digits": 1, "max_digits": 2, "operators": ["+"], "reverse_answer": True},
+                   num_prompts=256, eval_prompts=64, warmup_sft_steps=300, warmup_sft_batch=32, warmup_sft_lr=3e-3,
+                   warmup_sft_problems=512, warmup_teacher_error=0.6, grpo={"lr": 1e-3, "warmup_updates": 2})
+    eos = env.tokenizer.eos_token_id
+
+    def right_over_slipped() -> float:
+        """Mean over held-out problems of P(answer) / (P(answer) + P(slipped answer))."""
+        encode = [env.tokenizer(p.answer, add_special_tokens=False)["input_ids"] for p in env.eval_problems]
+        right = [ids + [eos] for ids in encode]
+        slipped = [env.tokenizer(env.task.flawed_answer(p), add_special_tokens=False)["input_ids"] + [eos]
+                   for p in env.eval_problems]
+        with torch.no_grad():
+            scores = []
+            for completions in (right, slipped):
+                logp, mask = completion_logprobs(env.model, env.eval_prompt_ids, completions, env.pad_id)
+                scores.append((logp * mask).sum(1))
+        return float(torch.sigmoid(scores[0] - scores[1]).mean())
+    before = right_over_slipped()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        env.train_on(env.rollout(torch.randperm(256, generator=generator)[:32], 8))
+    after = right_over_slipped()
+    env.close()
+    print(f"right over slipped: {before:.3f} -> {after:.3f}")
+    assert before < 0.5 < after, (before, after)
+
+
+def test_warmup_probe_script_reports_the_starting_policy(tmp_path):
+    """scripts/warmup_probe.py (the README's warm-up figures) on a tiny setting: its lines and numbers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "warmup_probe.py"
+    result = subprocess.run([sys.executable, str(script), "--set", "warmup_sft_steps=5", "--set", "num_prompts=50",
+                             "--set", "eval_prompts=20", "--set", f"tiny={json.dumps(TINY)}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out (20 problems): greedy" in result.stdout and "greedy answer = flawed answer" in result.stdout
+    assert "carries 0:" in result.stdout

@@ -402,3 +402,16 @@ def test_html_loads_in_headless_chromium_with_every_image_decoded(report, tmp_pa
     figures = len(summary["files"]["figures"])
     tables = page.count("<table")
     assert title.group(1) == f"PROBE images={figures}/{figures} errors=0 tables={tables}"
+
+
+def test_hidden_folders_of_an_ablation_are_neither_runs_nor_skipped_runs(ablation, tmp_path):
+    """runs/.warmup-cache (the LM environment's shared warm-up) sits beside the runs: not a run, no warning."""
+    from mpts.reports.runs import expand_run_dirs
+
+    copy = tmp_path / "ablation"
+    shutil.copytree(ablation, copy)
+    (copy / "runs" / ".warmup-cache" / "abc").mkdir(parents=True)
+    (copy / "runs" / "beta__uniform__seed9").mkdir()  # a run still going: skipped, and said so
+    found, skipped = expand_run_dirs([copy])
+    assert len(found) == len(list((ablation / "runs").iterdir()))
+    assert [p.name for p in skipped] == ["beta__uniform__seed9"]

@@ -65,6 +65,13 @@ class LMOptions(EnvironmentOptions):
     warmup_sft_steps: int = Field(0, ge=0, description="supervised steps on reference answers before GRPO")
     warmup_sft_batch: int = Field(64, ge=1)
     warmup_sft_lr: float = Field(3e-3, gt=0.0)
+    warmup_teacher_error: float = Field(0.0, ge=0.0, le=1.0, description="share of warm-up examples taught the "
+                                        "task's flawed answer (its systematic slip, e.g. arithmetic's dropped "
+                                        "carries) instead of the right one")
+    warmup_cache: str | None = Field(None, description="folder of warmed-up starting policies, one per set of "
+                                     "settings that determines them: runs that share those (an ablation's arms "
+                                     "at one seed) warm up once; a relative path is taken from the run folder "
+                                     "(../warmup-cache: shared by the runs side by side); null: no sharing")
     warmup_sft_problems: int = Field(4096, ge=1, description="problems drawn for the warm-up (eval problems are "
                                      "dropped; pool ones may recur)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -145,6 +152,13 @@ class LMEnvironment(Environment):
         if _read_fingerprint(policy_dir) == fingerprint:  # a resumed run: the warmed-up start is on disk
             model, tokenizer = _load_local(policy_dir)
             return model.to(self.device).eval(), tokenizer, policy_dir
+        cached = self._cached_policy(fingerprint)
+        if cached is not None:  # the same start, warmed up by an earlier run
+            _set_aside(policy_dir)
+            shutil.copytree(cached, policy_dir)
+            model, tokenizer = _load_local(policy_dir)
+            logger.info("warm-up: reusing the starting policy in %s", cached)
+            return model.to(self.device).eval(), tokenizer, policy_dir
         if opts.model is None:
             tokenizer = build_char_tokenizer()
             model = build_tiny_model(tokenizer, opts.tiny, self.seed)
@@ -157,20 +171,47 @@ class LMEnvironment(Environment):
             if not warmup_problems:
                 raise ValueError("warmup_sft_problems: no problems left for the warm-up")
             targets = [reference_completion(self.task, p) for p in warmup_problems]
+            flawed = ([reference_completion(self.task, p, self.task.flawed_answer(p)) for p in warmup_problems]
+                      if opts.warmup_teacher_error > 0 else None)
             prompts = [self.task.format_prompt(p) for p in warmup_problems]
             start = time.perf_counter()
             losses = supervised_warmup(model, tokenizer, prompts, targets, opts.warmup_sft_steps,
-                                       opts.warmup_sft_batch, opts.warmup_sft_lr, self.seed, self.device)
+                                       opts.warmup_sft_batch, opts.warmup_sft_lr, self.seed, self.device,
+                                       flawed_targets=flawed, flaw_rate=opts.warmup_teacher_error)
             logger.info("supervised warm-up: %d steps in %.1f s, loss %.3f -> %.3f", opts.warmup_sft_steps,
                         time.perf_counter() - start, losses[0], losses[-1])
         model.eval()
         if opts.model is not None and opts.warmup_sft_steps == 0:
             return model, tokenizer, Path(opts.model)  # the engine loads the user's checkpoint as it is
-        if policy_dir.exists():  # another start (other warm-up settings, or a save cut short): set aside, never deleted
-            os.replace(policy_dir, policy_dir.with_name(f"{POLICY_DIR}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"))
+        _set_aside(policy_dir)
         save_model(model, tokenizer, policy_dir)
         (policy_dir / _FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+        self._publish_policy(policy_dir, fingerprint)
         return model, tokenizer, policy_dir
+
+    def _cached_policy(self, fingerprint: str) -> Path | None:
+        if self.options.warmup_cache is None or self.options.warmup_sft_steps == 0:
+            return None
+        cached = self._cache_dir() / fingerprint[:32]
+        return cached if _read_fingerprint(cached) == fingerprint else None
+
+    def _cache_dir(self) -> Path:
+        # lexically: the run folder may not exist yet; an absolute path stays as it is
+        return Path(os.path.normpath(self.work_dir / Path(self.options.warmup_cache).expanduser()))
+
+    def _publish_policy(self, policy_dir: Path, fingerprint: str) -> None:
+        """Copy a freshly warmed-up policy into the cache, whole or not at all (a rename), so a
+        concurrent run never reads half a policy; if another run published first, its copy stays."""
+        if self.options.warmup_cache is None or self.options.warmup_sft_steps == 0:
+            return
+        cache = self._cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=cache))
+        shutil.copytree(policy_dir, staging, dirs_exist_ok=True)
+        try:
+            os.rename(staging, cache / fingerprint[:32])
+        except OSError:  # already there (published by a concurrent run): ours is the same policy
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _fingerprint(self) -> str:
         """What determines the starting policy: a saved one is reused only when all of it matches."""
@@ -178,6 +219,8 @@ class LMEnvironment(Environment):
         keys = {"seed": self.seed, "task": o.task, "task_options": o.task_options, "model": o.model,
                 "tiny": o.tiny.model_dump(), "warmup": [o.warmup_sft_steps, o.warmup_sft_batch, o.warmup_sft_lr,
                                                         o.warmup_sft_problems, o.num_prompts, o.eval_prompts]}
+        if o.warmup_teacher_error > 0:  # a new key only when set, so existing runs keep their fingerprint
+            keys["warmup_teacher_error"] = o.warmup_teacher_error
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
     def _build_backend(self, model_dir: Path) -> RolloutBackend:
@@ -399,13 +442,21 @@ def warmup_set(task: Task, n: int, seed: int, eval_problems: list[Problem]) -> l
     return [p for p in task.problems(n, seed + 1) if p.question not in held_out]
 
 
-def reference_completion(task: Task, problem: Problem) -> str:
-    """The supervised target: the first of a few answer formats that the task's own verifier accepts."""
-    for candidate in (problem.answer, f"<answer>{problem.answer}</answer>"):
-        if task.reward(candidate, problem) >= 1.0:
+def reference_completion(task: Task, problem: Problem, answer: str | None = None) -> str:
+    """The supervised target for `answer` (default: the reference answer): the first of a few answer
+    formats that the task's own verifier accepts for the reference answer."""
+    answer = problem.answer if answer is None else answer
+    for plain, candidate in ((problem.answer, answer), (f"<answer>{problem.answer}</answer>", f"<answer>{answer}</answer>")):
+        if task.reward(plain, problem) >= 1.0:
             return candidate
     raise ValueError(f"warmup_sft_steps: task {task.name!r} accepts neither {problem.answer!r} nor its "
                      f"<answer> tag as an answer to {problem.question!r}; no supervised target")
+
+
+def _set_aside(policy_dir: Path) -> None:
+    """Another start is in the way (other warm-up settings, or a save cut short): set aside, never deleted."""
+    if policy_dir.exists():
+        os.replace(policy_dir, policy_dir.with_name(f"{POLICY_DIR}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"))
 
 
 def _load_local(path: Path):
