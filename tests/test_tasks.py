@@ -228,8 +228,13 @@ def test_arithmetic_reversed_answers_are_written_least_significant_digit_first()
         assert p.question == q.question and q.answer == p.answer[::-1]
         assert backwards.reward(q.answer, q) == 1.0 and backwards.reward(p.answer, q) == (p.answer == q.answer)
     negative = get_task("arithmetic", {"max_digits": 2, "reverse_answer": True, "allow_negative": True})
-    assert all(p.answer == ("-" if int(p.meta["a"]) < int(p.meta["b"]) else "") + str(abs(p.meta["a"] - p.meta["b"]))[::-1]
-               for p in negative.problems(200, seed=0) if p.meta["op"] == "-")
+    differences = [p for p in negative.problems(200, seed=0) if p.meta["op"] == "-"]
+    assert any(p.meta["a"] < p.meta["b"] for p in differences)
+    for p in differences:
+        sign = "-" if p.meta["a"] < p.meta["b"] else ""
+        assert p.answer == sign + str(abs(p.meta["a"] - p.meta["b"]))[::-1]
+        assert negative.flawed_answer(p) == sign + str(abs(p.meta["a"] - p.meta["b"]))[::-1] + "0"
+        assert negative.reward(negative.flawed_answer(p), p) == 0.0
 
 
 def test_arithmetic_options_operators_negatives_and_exhaustion():

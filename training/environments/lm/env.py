@@ -66,12 +66,12 @@ class LMOptions(EnvironmentOptions):
     warmup_sft_batch: int = Field(64, ge=1)
     warmup_sft_lr: float = Field(3e-3, gt=0.0)
     warmup_teacher_error: float = Field(0.0, ge=0.0, le=1.0, description="share of warm-up examples taught the "
-                                        "task's flawed answer (its systematic slip, e.g. arithmetic's dropped "
-                                        "carries) instead of the right one")
+                                        "task's flawed answer (its systematic slip, e.g. arithmetic's leading "
+                                        "zero) instead of the right one")
     warmup_cache: str | None = Field(None, description="folder of warmed-up starting policies, one per set of "
                                      "settings that determines them: runs that share those (an ablation's arms "
                                      "at one seed) warm up once; a relative path is taken from the run folder "
-                                     "(../warmup-cache: shared by the runs side by side); null: no sharing")
+                                     "(../.warmup-cache: shared by the runs side by side); null: no sharing")
     warmup_sft_problems: int = Field(4096, ge=1, description="problems drawn for the warm-up (eval problems are "
                                      "dropped; pool ones may recur)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -152,8 +152,8 @@ class LMEnvironment(Environment):
         if _read_fingerprint(policy_dir) == fingerprint:  # a resumed run: the warmed-up start is on disk
             model, tokenizer = _load_local(policy_dir)
             return model.to(self.device).eval(), tokenizer, policy_dir
-        cached = self._cached_policy(fingerprint)
-        if cached is not None:  # the same start, warmed up by an earlier run
+        cached = self._cache_entry(fingerprint)
+        if cached is not None and _read_fingerprint(cached) == fingerprint:  # the same start, warmed up by an earlier run
             _set_aside(policy_dir)
             shutil.copytree(cached, policy_dir)
             model, tokenizer = _load_local(policy_dir)
@@ -189,27 +189,25 @@ class LMEnvironment(Environment):
         self._publish_policy(policy_dir, fingerprint)
         return model, tokenizer, policy_dir
 
-    def _cached_policy(self, fingerprint: str) -> Path | None:
+    def _cache_entry(self, fingerprint: str) -> Path | None:
+        """Where the warm-up cache keeps this start; None without a cache or a warm-up."""
         if self.options.warmup_cache is None or self.options.warmup_sft_steps == 0:
             return None
-        cached = self._cache_dir() / fingerprint[:32]
-        return cached if _read_fingerprint(cached) == fingerprint else None
-
-    def _cache_dir(self) -> Path:
         # lexically: the run folder may not exist yet; an absolute path stays as it is
-        return Path(os.path.normpath(self.work_dir / Path(self.options.warmup_cache).expanduser()))
+        cache = Path(os.path.normpath(self.work_dir / Path(self.options.warmup_cache).expanduser()))
+        return cache / fingerprint[:32]
 
     def _publish_policy(self, policy_dir: Path, fingerprint: str) -> None:
         """Copy a freshly warmed-up policy into the cache, whole or not at all (a rename), so a
         concurrent run never reads half a policy; if another run published first, its copy stays."""
-        if self.options.warmup_cache is None or self.options.warmup_sft_steps == 0:
+        entry = self._cache_entry(fingerprint)
+        if entry is None:
             return
-        cache = self._cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=cache))
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=entry.parent))
         shutil.copytree(policy_dir, staging, dirs_exist_ok=True)
         try:
-            os.rename(staging, cache / fingerprint[:32])
+            os.rename(staging, entry)
         except OSError:  # already there (published by a concurrent run): ours is the same policy
             shutil.rmtree(staging, ignore_errors=True)
 

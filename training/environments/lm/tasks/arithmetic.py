@@ -99,8 +99,9 @@ class Arithmetic(Task):
         return candidate.strip() == problem.answer
 
     def flawed_answer(self, problem: Problem) -> str:
-        value = int(problem.answer[::-1] if self.options.reverse_answer else problem.answer)
-        return self._written(value, leading_zero=True)
+        digits = problem.answer.lstrip("-")
+        value = int(digits[::-1] if self.options.reverse_answer else digits)
+        return self._written(-value if problem.answer.startswith("-") else value, leading_zero=True)
 
     def _written(self, value: int, leading_zero: bool = False) -> str:
         digits = ("0" if leading_zero else "") + str(abs(value))
