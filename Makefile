@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test test-core test-vllm test-verl bench gpu-check system-deps clean
+.PHONY: setup demo test docs test-core test-vllm test-verl bench gpu-check system-deps clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,19 @@ demo: setup
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The documentation site (docs/, Sphinx + MyST + furo) into docs/_build/html. The docs extra is
+# added to .venv once, after `make setup`'s install. Every warning is an error (-W), every
+# cross-reference and MyST link to a page or heading is checked (-n), and -E re-reads every page so
+# no warning hides behind an incremental build. External links are not fetched (no network in CI).
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -n -E -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
 
 # The predictor core alone (`pip install mpts`, no extras) in a fresh virtualenv: it imports
 # mpts.models, replays a trace with `beta`, and holds no transformers (so it fits next to any

@@ -148,7 +148,7 @@ def reliability_table(pred_mean, successes, trials, bins: int = 10) -> pd.DataFr
 
 
 def expected_calibration_error(pred_mean, successes, trials, bins: int = 10) -> float:
-    """Row-count-weighted mean |predicted - observed| over the equal-mass reliability bins."""
+    """Row-count-weighted mean ``|predicted - observed|`` over the equal-mass reliability bins."""
     table = reliability_table(pred_mean, successes, trials, bins)
     if table.empty:
         return math.nan

@@ -76,7 +76,7 @@ class StreamingSVI:
     """A few warm-started SVI steps per observed batch on `Trace_ELBO()(model, guide)`.
 
     `model` and `guide` are callables; every trainable parameter must belong to an `nn.Module`
-    among them (a `PyroModule` guide with `PyroParam`s, or a module holding networks).
+    among them (a `PyroModule` guide with `PyroParam` attributes, or a module holding networks).
     """
 
     def __init__(self, model: Callable, guide: Callable, *, steps: int = 20, lr: float = 0.05,

@@ -1,4 +1,4 @@
-"""TRL adapter: any mpts predictor and acquisition rule choose the prompts of TRL's GRPOTrainer.
+"""TRL adapter: any mpts predictor and acquisition rule choose the prompts of TRL's GRPOTrainer::
 
     trainer = SelectiveGRPOTrainer(model=..., reward_funcs=[...], args=GRPOConfig(...),
                                    train_dataset=dataset, processing_class=tokenizer,

@@ -1,11 +1,11 @@
 """mpts prompt selection inside verl 0.9.1's `RayPPOTrainer` (the legacy trainer, `trainer.use_v1=False`).
 
-Launch (one command; every verl Hydra override works, `mpts.*` are ours):
+Launch (one command; every verl Hydra override works, `mpts.*` are ours)::
 
     python -m mpts.integrations.verl data.train_files=... actor_rollout_ref.model.path=... \\
         mpts.predictor.name=beta mpts.acquisition.name=thompson_target mpts.candidate_ratio=8
 
-Per training step:
+Per training step::
 
     sampler: C = candidate_ratio x B candidate prompts -> selector.select -> B dataset rows
     verl:    generate k = rollout.n responses per row, reward, advantages

@@ -2,14 +2,14 @@
 
 Each prompt's state at a step is read off its k rollouts: 0 unsolved (s = 0), 1 partially solved
 (0 < s < k), 2 solved (s = k). States follow a Markov chain whose transition matrix has Dirichlet
-rows. Generative model of one window of a prompt's history (`model` below):
+rows. Generative model of one window of a prompt's history (`model` below)::
 
     P[i, :] ~ Dirichlet(alpha[i, :])                  i = 0, 1, 2
     x_{t0} ~ belief at the start of the window
     x_t | x_{t-1} ~ Categorical(P[x_{t-1}, :])
     y_t = x_t when the prompt is rolled out at step t, else "waited" (no information about x_t)
 
-The fast path is the DPS filter, per prompt and step t (rows are "from", columns "to"):
+The fast path is the DPS filter, per prompt and step t (rows are "from", columns "to")::
 
     predict   w_t = b_{t-1} @ E[P | alpha_{t-1}]              (E[P] = alpha with rows normalised)
     rolled out, state j:

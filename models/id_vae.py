@@ -1,6 +1,6 @@
 """Identifier-conditioned VAE risk predictor (MPTS): a latent learner state decoded per prompt.
 
-A generative model of the learner's optimisation history, one RL step t at a time:
+A generative model of the learner's optimisation history, one RL step t at a time::
 
     z_t ~ N(m', s'^2)                       learner state; prior = last posterior widened toward N(0, I)
     e_i = r[h_1(i)] + ... + r[h_R(i)]       the prompt's code: hashed rows, each r ~ N(its row belief)
@@ -10,11 +10,12 @@ A generative model of the learner's optimisation history, one RL step t at a tim
 Identifier features are the prompt's hashed code and its optional pool features. The decoder is
 linear in the code, so given z_t the code's uncertainty reaches the logit as an exact Gaussian
 term (the per-prompt epistemic term): for a prompt nobody has rolled out (code at its N(0, I)
-prior) |a_i| is the learned spread of prompts with those features; a prompt seen often is sharp.
+prior) ``|a_i|`` is the learned spread of prompts with those features; a prompt seen often is sharp.
 z_t[0] also lifts every logit directly (a general competence, as ability in item response
 theory), which the network refines.
 
 Inference per observe() (SVI on a Pyro model + guide, warm-started by `StreamingSVI`):
+
 - z_t: amortised guide, permutation-invariant: a deep-sets encoder mean-pools (features_i,
   code_i, expected logit_i, s_i / k_i, ...) over the batch into a Gaussian likelihood factor
   that multiplies the prior, so an uninformative batch leaves the prior as it was.
@@ -27,6 +28,7 @@ Inference per observe() (SVI on a Pyro model + guide, warm-started by `Streaming
   batch in-sample, and the decoder then learned a collapsed spread: logit z-scores with RMS ~8).
   After the SVI steps each prompt's logit posterior is moment-matched and its rows conditioned
   on it (assumed-density filtering), with no optimiser state per row.
+
 New beliefs over z and the touched rows are written only after the update succeeded, so a
 failed update leaves everything as it was.
 

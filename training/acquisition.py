@@ -5,6 +5,7 @@ Rules never model and predictors never choose: any rule works with any `SuccessP
 `dynamic_sampling`, which orders all candidates). Ties are broken at random by the generator.
 
 Class flags tell the loop what a rule needs, and reports what it is:
+
 - `needs_truth`: the loop passes a `PointMassPosterior` of the true p (simulator only);
 - `rolls_out_all`: the loop rolls the returned candidates out in chunks of `batch_size` until
   `batch_size` informative groups (0 < s < k) are kept, and counts every rollout it spent;

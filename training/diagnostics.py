@@ -1,7 +1,7 @@
 """Per-step selection diagnostics: where a rule spends its policy updates across the pool.
 
 The state is two tensors over the pool (the last step each prompt was trained on, and how often),
-carried from step to step and saved with the checkpoint. Each step adds to `metrics.parquet`:
+carried from step to step and saved with the checkpoint. Each step adds to `metrics.parquet`::
 
     recent_overlap       share of this step's trained prompts already trained in the previous
                          `window` steps (20 by default): how much a rule re-uses the same prompts

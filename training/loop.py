@@ -1,8 +1,11 @@
 """The common loop: one readable function for every environment, predictor and rule.
 
-Per step:  selector: sample candidates -> predictor.predict -> rule.select -> env.rollout
+Per step::
+
+    selector: sample candidates -> predictor.predict -> rule.select -> env.rollout
            -> trace rows (the prediction made BEFORE the outcome, and the outcome)
            -> selector.observe -> env.train_on -> evaluate -> metrics -> checkpoint
+
 Every run is thereby also a prequential (predict-then-observe) calibration experiment. The
 selector's random streams are keyed by (seed, stream, step), so arms of an ablation with the same
 seed see the same candidates, and the environment's rollout noise, at every step.

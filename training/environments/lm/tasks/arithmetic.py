@@ -11,16 +11,16 @@ Grading is lenient on whitespace around the number and strict on the number itse
 decimal, ASCII digits, "-" for negatives). A completion that holds `<answer>…</answer>` is graded
 on the last such tag instead, for models that were taught the tag format.
 
-Options: operand sizes (`min_digits`..`max_digits`), `operators` (any of + - *), and whether
+Options: operand sizes (`min_digits`..`max_digits`), `operators` (any of ``+ - *``), and whether
 subtraction may go negative. The first operand has exactly d digits, d drawn uniformly from the
-range, and the second 1..d digits (order swapped at random for + and *).
+range, and the second 1..d digits (order swapped at random for ``+`` and ``*``).
 The flawed answer (`flawed_answer`, the teacher slip a warm-up can imitate) is the right number
 with a leading zero, "081": a formatting slip the grader rejects on every problem, which one
 decision shared by all prompts (end the number or write the zero) fixes. (A slip in the arithmetic
 itself, dropped carries, was tried first: taught on 60% of examples it kept the 2-layer model of
 `lm_tiny` from learning the task in its warm-up at all.)
 Difficulty = (d - 1) + the number of carries (for +), borrows (for -) or digit products of 10 or
-more (for *), so "3+4=" is level 0 and "58+67=" (two digits, two carries) is level 3.
+more (for ``*``), so "3+4=" is level 0 and "58+67=" (two digits, two carries) is level 3.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Math problems from a local JSONL or parquet file, graded with `math-verify`.
 
-The file needs a question column and an answer column; by default the first present of
+The file needs a question column and an answer column; by default the first present of::
+
     question: question, problem, prompt, query, input
     answer:   answer, final_answer, expected_answer, solution, target, output
+
 is used (or name them with `question_field` / `answer_field`). An optional difficulty column
 (`level`, `difficulty`; integers or strings such as "Level 3") is shifted so the easiest is 0.
 A reference answer may be a bare result ("3", "\\frac{1}{2}"), a solution containing

@@ -2,9 +2,11 @@
 kill it when a comparison runs away (sympy can spend hours on `9^{9^{9^9}}`).
 
 Run as a plain script (it imports nothing from mpts, so it starts without torch). Protocol on
-stdin/stdout, one JSON object per line:
+stdin/stdout, one JSON object per line::
+
     start-up   -> {"ready": true}
     {"gold": str, "pred": str, "timeout": float} -> {"correct": bool, "error": str | null}
+
 math-verify's own signal-based time-outs are switched off (parsing_timeout=None,
 timeout_seconds=None): the parent bounds the time of each request and kills the worker when it
 runs over. As a backstop, should the parent die first, each request arms an alarm with the
