@@ -483,7 +483,7 @@ def test_grpo_on_pool_prompts_removes_the_warm_up_slip_on_held_out_problems(tmp_
 
 
 def test_warmup_probe_script_reports_the_starting_policy(tmp_path):
-    """scripts/warmup_probe.py (the README's warm-up figures) on a tiny setting: its lines and numbers."""
+    """scripts/warmup_probe.py (the warm-up figures in docs/results/lm_tiny.md) on a tiny setting: its lines and numbers."""
     import subprocess
     import sys
     from pathlib import Path
