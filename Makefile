@@ -91,6 +91,6 @@ bench: setup
 gpu-check:
 	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
-# Environments and caches only: run folders under runs/ are the user's results and are never removed.
+# Environments, caches and the built docs only: run folders under runs/ are the user's results and are never removed.
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) $(CORE_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) $(CORE_VENV) .pytest_cache docs/_build docs/_api
