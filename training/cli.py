@@ -97,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--window", type=count, help="steps per window for calibration over time")
     _add_set(report)
 
+    fit_sim = sub.add_parser("fit-sim", help="fit the simulated learner to a trace and check the fit against it")
+    fit_sim.add_argument("trace", type=Path, help="an mpts run folder, or anything `mpts replay` reads")
+    fit_sim.add_argument("--out", type=Path, default=Path("fitted-sim.yaml"),
+                         help="simulator config to write (never overwritten); <stem>.fit.json and "
+                              "<stem>.check.csv beside it (default %(default)s)")
+    fit_sim.add_argument("--clusters", type=Path, metavar="FILE",
+                         help="CSV or parquet with prompt_id, cluster (default: the simulator's own, or one cluster)")
+    fit_sim.add_argument("--num-prompts", type=count, help="pool size of the fitted simulator (default: prompts seen)")
+    fit_sim.add_argument("--max-iterations", type=count, default=200,
+                         help="L-BFGS iterations to the posterior mode (default %(default)s)")
+    fit_sim.add_argument("--seed", type=cli_number(int, ge=0, le=2**32 - 1), default=0)
+
     sub.add_parser("configs", help="list the named configurations")
     return parser
 
@@ -213,6 +225,38 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_fit_sim(args) -> int:
+    from mpts.training.fit_sim import fit, predictive_check, read_fit_input, simulator_config, write_outputs
+
+    outputs = [args.out, args.out.with_suffix(".fit.json"), args.out.with_suffix(".check.csv")]
+    taken = [p for p in outputs if p.exists() or p.is_symlink()]
+    if taken:
+        raise ValueError(f"--out: {taken[0]} exists; fit-sim never overwrites a file, name a new one")
+    if args.trace.is_dir() and args.out.resolve().is_relative_to(args.trace.resolve()):
+        raise ValueError(f"--out {args.out} is inside the trace folder {args.trace}; write it elsewhere")
+    data = read_fit_input(args.trace, args.clusters)
+    result = fit(data, max_iterations=args.max_iterations, seed=args.seed)
+    check, verdict = predictive_check(result, seed=args.seed)
+    command = "mpts fit-sim " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["fit-sim"] else f"mpts fit-sim {args.trace}"
+    config = simulator_config(result, num_prompts=args.num_prompts, name=args.out.stem)
+    written = write_outputs(result, check, verdict, config, args.out, command)
+    table = Table(title=f"fitted to {args.trace} ({len(data.step)} groups, {data.num_steps} steps, "
+                        f"{result.seconds:.1f} s)")
+    for column in ("parameter", "mean", "q05", "q95", "identified"):
+        table.add_column(column, justify="left" if column in ("parameter", "identified") else "right")
+    for row in result.parameters().itertuples():
+        table.add_row(row.parameter, f"{row.mean:.3f}", f"{row.q05:.3f}", f"{row.q95:.3f}", row.identified)
+    console.print(table)
+    for name, value in verdict.items():
+        if isinstance(value, dict):
+            console.print(f"predictive check {name}: {value['share_outside_90']:.0%} of steps outside the 90% band"
+                          + ("  MISFIT" if value["flagged"] else ""))
+    console.print("the fit " + ("does NOT reproduce the trace (see the .check.csv)" if verdict["misfit"]
+                                else "reproduces the trace's per-step statistics"))
+    console.print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def cmd_configs(args) -> int:
     from mpts.training.config import named_configs
 
@@ -222,7 +266,7 @@ def cmd_configs(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "ablate": cmd_ablate, "replay": cmd_replay, "bench": cmd_bench,
-            "report": cmd_report, "configs": cmd_configs}
+            "report": cmd_report, "fit-sim": cmd_fit_sim, "configs": cmd_configs}
 
 
 def main(argv: list[str] | None = None) -> int:

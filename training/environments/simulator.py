@@ -3,6 +3,7 @@
 Prompts i = 1..N fall into skill clusters c(i) in 1..C; the policy holds one competence per cluster.
 
     mu_c   = difficulty_mean + cluster_spread * (c / (C - 1) - 1/2)    cluster means, evenly spread
+             (or `cluster_difficulties`, one per cluster, as `mpts fit-sim` writes them)
     d_i    ~ Normal(mu_c(i), difficulty_std)                           latent difficulty
     p_i    = sigmoid(slope * (theta_c(i) - d_i))                       true success probability
     S_i    ~ Binomial(k, p_i)                                          one group of k rollouts
@@ -45,6 +46,9 @@ class SimulatorOptions(EnvironmentOptions):
     num_clusters: int = Field(8, ge=1, description="C: skill clusters, each with its own competence")
     difficulty_mean: float = Field(1.8, description="centre of the cluster mean difficulties (logit units)")
     cluster_spread: float = Field(3.0, ge=0.0, description="distance between the easiest and hardest cluster means")
+    cluster_difficulties: list[float] | None = Field(
+        None, description="mu_c for each cluster (replaces difficulty_mean and cluster_spread); "
+                          "`mpts fit-sim` writes the fitted ones here")
     difficulty_std: float = Field(2.2, ge=0.0, description="sigma: spread of difficulty within a cluster")
     slope: float = Field(1.5, gt=0.0, description="a: how sharply success falls with difficulty above competence")
     initial_competence: float = Field(0.0, description="theta_0: every cluster's competence at the start")
@@ -58,6 +62,16 @@ class SimulatorOptions(EnvironmentOptions):
     eval_prompts: int = Field(500, ge=1, description="held-out prompts whose mean true p is the eval accuracy")
     feature_dim: int = Field(16, ge=1, description="width of the embedding-like pool features")
     feature_noise: float = Field(0.5, ge=0.0, description="std of the isotropic noise added to the features")
+
+    @model_validator(mode="after")
+    def _cluster_difficulties_fit(self) -> "SimulatorOptions":
+        given = self.cluster_difficulties
+        if given is not None:
+            if len(given) != self.num_clusters:
+                raise ValueError(f"cluster_difficulties has {len(given)} values; num_clusters is {self.num_clusters}")
+            if not all(math.isfinite(v) for v in given):
+                raise ValueError("cluster_difficulties must be finite numbers")
+        return self
 
     @model_validator(mode="after")
     def _jump_needs_size(self) -> "SimulatorOptions":
@@ -89,6 +103,8 @@ class SimulatedLearner(Environment):
     # -- the world --------------------------------------------------------------------------
     def _cluster_means(self) -> Tensor:
         o = self.options
+        if o.cluster_difficulties is not None:
+            return torch.tensor(o.cluster_difficulties, dtype=torch.float32)
         if o.num_clusters == 1:
             return torch.tensor([o.difficulty_mean], dtype=torch.float32)
         spread = torch.linspace(-0.5, 0.5, o.num_clusters, dtype=torch.float32)
