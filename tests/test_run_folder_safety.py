@@ -287,3 +287,38 @@ def test_a_config_name_that_is_a_path_is_refused(tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "name" in err and "--out" in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["a"] and list(work.iterdir()) == []
+
+
+def test_the_ray_driver_neither_writes_through_nor_ships_a_planted_link(tmp_path):
+    from mpts.training.executors.work import read_folder, write_folder
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    folder = tmp_path / "run"
+    (folder / "parts").mkdir(parents=True)
+    (folder / "summary.json.tmp").symlink_to(victim)
+    (folder / "parts" / "manifest.json.tmp").symlink_to(victim)
+    (folder / "config.yaml").symlink_to(victim)
+    write_folder(folder, {"summary.json": b"{}", "parts/manifest.json": b"{}", "config.yaml": b"name: x"})
+    assert victim.read_text() == "the user's file"
+    (folder / "secret").symlink_to(victim)
+    assert set(read_folder(folder)) == {"summary.json", "parts/manifest.json", "config.yaml"}
+
+
+def test_re_running_an_ablation_does_not_write_through_a_linked_table(tmp_path):
+    from grid_helpers import TINY
+
+    from mpts.training.ablate import ablate
+    from mpts.training.config import validate_config
+
+    config = validate_config({**TINY, "ablation": {"seeds": [0], "workers": 1,
+                                                    "arms": [{"predictor": "beta", "acquisition": "uniform"}]}})
+    ablate(config, tmp_path / "abl", show_progress=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    for name in ("table.md", "runs.parquet"):
+        (tmp_path / "abl" / name).unlink()
+        (tmp_path / "abl" / name).symlink_to(victim)
+    ablate(config, tmp_path / "abl", show_progress=False)
+    assert victim.read_text() == "the user's file"
+    assert not (tmp_path / "abl" / "table.md").is_symlink()
