@@ -179,6 +179,7 @@ class PromptSelection:
             raise VerlSelectionError(f"the selector state was saved after {state.get('steps_done')} steps, "
                                      f"verl resumes after {steps_done}")
         try:
+            self.folder.lock()  # one writer: refused while another process writes this run folder
             plan = self.folder.plan_resume(rollback_to=steps_done)
         except RunFolderError as error:
             raise VerlSelectionError(f"mpts.out: {error}") from None

@@ -302,6 +302,7 @@ def test_the_ray_driver_neither_writes_through_nor_ships_a_planted_link(tmp_path
     write_folder(folder, {"summary.json": b"{}", "parts/manifest.json": b"{}", "config.yaml": b"name: x"})
     assert victim.read_text() == "the user's file"
     (folder / "secret").symlink_to(victim)
+    (folder / ".lock").touch()  # the folder's own lock is not part of the run either
     assert set(read_folder(folder)) == {"summary.json", "parts/manifest.json", "config.yaml"}
 
 

@@ -53,7 +53,7 @@ import torch
 
 from mpts.inference.schema import METRICS_REQUIRED, TRACE_FIELDS  # noqa: F401  (METRICS_REQUIRED re-exported)
 from mpts.training.atomic import DiskFullError, atomic_file, disk_full, disk_full_error, write_bytes
-from mpts.training.run_lock import RunLock
+from mpts.training.run_lock import RunLock, RunLockedError
 from mpts.training.state_file import UnreadableStateError, UnsafeStateError, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,10 @@ class RunFolder:
     def lock(self) -> None:
         """Hold the run folder's write lock until `unlock` (or this process ends); refuses with one
         line while another process holds it. `create` takes it; a resume takes it before planning."""
-        self._lock.acquire()
+        try:
+            self._lock.acquire()
+        except RunLockedError as error:
+            raise RunFolderError(str(error)) from None
 
     def unlock(self) -> None:
         self._lock.release()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mpts.training.atomic import write_bytes
+from mpts.training.run_lock import LOCK_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ def read_folder(folder: Path) -> dict[str, bytes]:
         return {}
     return {path.relative_to(folder).as_posix(): path.read_bytes()  # a link is not the run's own file
             for path in sorted(folder.rglob("*"))
-            if path.is_file() and not path.is_symlink() and not path.name.endswith(".tmp")}
+            if path.is_file() and not path.is_symlink() and not path.name.endswith(".tmp")
+            and path.relative_to(folder).as_posix() != LOCK_FILE}  # the lock belongs to the folder, not the run
 
 
 def run_detached(name: str, config_json: dict[str, Any], files: dict[str, bytes]) -> RunOutput:
