@@ -260,6 +260,26 @@ def test_a_second_writer_is_refused_while_a_process_holds_the_lock_and_a_dead_ho
     assert (folder / "summary.json").is_file()
 
 
+def test_a_planted_lock_link_is_refused_and_a_file_system_without_locks_still_runs(tmp_path, capsys, monkeypatch,
+                                                                                   caplog):
+    import mpts.training.run_lock as run_lock
+
+    folder = interrupted(tmp_path / "r")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    (folder / ".lock").unlink()
+    (folder / ".lock").symlink_to(victim)
+    assert main(["run", "--resume", str(folder)]) == 2
+    assert "lock" in capsys.readouterr().err and victim.read_text() == "the user's file"
+    (folder / ".lock").unlink()
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    run(None, folder, resume=True)  # some network mounts cannot lock: the run goes on, with a warning
+    assert "cannot lock files" in caplog.text and (folder / "summary.json").is_file()
+
+
 def test_a_run_holds_its_folder_lock_while_it_writes(tmp_path):
     probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
              "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError: sys.exit(3)")

@@ -7,9 +7,14 @@ let two writers lock two different files). It is opened without following links 
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 LOCK_FILE = ".lock"
 
@@ -23,10 +28,6 @@ class RunLock:
         self.path = Path(root) / LOCK_FILE
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> None:
         """Take the lock (a no-op if this object holds it); refuse at once if another process does."""
         if self._fd is not None:
@@ -34,14 +35,21 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as error:
-            raise RunLockedError(f"cannot open the run folder's lock {self.path} ({error.strerror}); "
-                                 "it must be a plain file") from None
+            why = "a symbolic link; it must be a plain file" if error.errno == errno.ELOOP else error.strerror
+            raise RunLockedError(f"cannot open the run folder's lock {self.path}: {why}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise RunLockedError(f"{self.path.parent} is being written by another process (it holds "
                                  f"{self.path}); wait for that run to finish or stop it, then try again") from None
+        except OSError as error:
+            if error.errno not in UNSUPPORTED:
+                os.close(fd)
+                raise
+            # a file system without flock (some network mounts): run, but nothing stops a second writer
+            logger.warning("%s: this file system cannot lock files (%s); make sure no other process writes "
+                           "this run", self.path, error.strerror)
         except BaseException:
             os.close(fd)
             raise
