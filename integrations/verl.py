@@ -28,18 +28,16 @@ verl's validation metrics stay in verl's own logger (eval_accuracy is empty in t
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
 from mpts.integrations.verl_selection import (PromptSelection, SelectionConfig, VerlSelectionError, batch_labels,
-                                              read_selection_config)
+                                              read_selection_config, read_selector_state, write_selector_state)
 from mpts.training.config import ConfigError, apply_overrides
 
 try:
@@ -188,10 +186,7 @@ class SelectingPPOTrainer(RayPPOTrainer):
     def _save_checkpoint(self):
         super()._save_checkpoint()
         state = self.selection.checkpoint(self.total_training_steps)
-        path = self._selector_file()
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_selector_state(state, self._selector_file())
 
     def _load_checkpoint(self):
         result = super()._load_checkpoint()
@@ -202,10 +197,7 @@ class SelectingPPOTrainer(RayPPOTrainer):
         if not path.is_file():
             raise VerlSelectionError(f"verl resumes from {path.parent}, which has no {SELECTOR_FILE}: that "
                                      "checkpoint was not written with mpts selection")
-        try:
-            state = torch.load(path, weights_only=False)
-        except Exception as error:
-            raise VerlSelectionError(f"{path} is unreadable ({error})") from None
+        state = read_selector_state(path)
         self.selection.resume(state, self.global_steps)
         self._observed_step = self.global_steps
         return result

@@ -31,10 +31,24 @@ from mpts.training.environments.base import Outcomes
 from mpts.training.loop import trace_rows
 from mpts.training.run_dir import RunFolder, RunFolderError
 from mpts.training.selector import Selection, Selector
+from mpts.training.state_file import load_state, save_state
 
 
 class VerlSelectionError(ValueError):
     """A verl setup or batch the adapter cannot select from; the message names what is wrong."""
+
+
+def write_selector_state(state: dict[str, Any], path: Path) -> None:
+    """The selector state saved beside verl's checkpoint: tensors and plain data, written atomically."""
+    save_state(state, path)
+
+
+def read_selector_state(path: Path) -> dict[str, Any]:
+    """The selector state saved beside verl's checkpoint, read without running anything in it."""
+    try:
+        return load_state(path)
+    except ValueError as error:  # damaged, or holding objects other than tensors and plain data
+        raise VerlSelectionError(str(error)) from None
 
 
 class SelectionConfig(StrictOptions):
@@ -165,6 +179,7 @@ class PromptSelection:
             raise VerlSelectionError(f"the selector state was saved after {state.get('steps_done')} steps, "
                                      f"verl resumes after {steps_done}")
         try:
+            self.folder.lock()  # one writer: refused while another process writes this run folder
             plan = self.folder.plan_resume(rollback_to=steps_done)
         except RunFolderError as error:
             raise VerlSelectionError(f"mpts.out: {error}") from None

@@ -131,3 +131,45 @@ def test_a_run_uses_as_many_threads_as_cpus_it_declared(tmp_path):
         assert output.summary["seed"] == 0 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_killing_the_ablation_driver_takes_its_workers_with_it(tmp_path):
+    """kill -9 of `mpts ablate` (local executor): its workers, and so the resource tracker they keep
+    open, exit within seconds instead of running (or blocking) on as orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    import yaml
+
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "steps": 100000, "checkpoint_every": 1000,
+                                      "ablation": {"seeds": [0, 1], "workers": 2,
+                                                   "arms": [{"predictor": "beta", "acquisition": "uniform"}]}}))
+    out = tmp_path / "abl"
+    driver = subprocess.Popen([sys.executable, "-m", "mpts.training.cli", "ablate", str(config), "--out", str(out)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("runs/*/config.yaml"))) < 2:  # both workers are inside a run
+            assert driver.poll() is None and time.monotonic() < deadline, "the ablation did not start its runs"
+            time.sleep(0.2)
+        children = psutil.Process(driver.pid).children(recursive=True)
+        assert len(children) >= 2
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, [(p.pid, p.cmdline()[-3:]) for p in alive]
+    finally:
+        driver.kill()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass

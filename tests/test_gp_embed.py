@@ -131,7 +131,7 @@ def test_state_round_trip_gives_identical_predictions_and_updates():
     torch.save(original.state_dict(), blob)
     blob.seek(0)
     restored = EmbeddingGP(pool, EmbeddingGPOptions(**FAST), seed=123)  # different seed: all state must load
-    restored.load_state_dict(torch.load(blob, weights_only=False))
+    restored.load_state_dict(torch.load(blob, weights_only=True))
     assert torch.equal(restored.predict(ids, 3).loc, original.predict(ids, 3).loc)
     assert torch.equal(restored.predict(ids, 3).scale, original.predict(ids, 3).scale)
 

@@ -312,7 +312,7 @@ def test_state_round_trip_gives_identical_predictions_and_updates():
     torch.save(predictor.state_dict(), buffer)  # as a checkpoint would
     buffer.seek(0)
     restored = IdentifierVAE(world.pool(), IdentifierVAEOptions(**SMALL), seed=99)
-    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
     probe = torch.arange(0, 2400, 3)
     a, b = predictor.predict(probe, 7), restored.predict(probe, 7)
     assert torch.equal(a.loc, b.loc) and torch.equal(a.scale, b.scale)

@@ -75,7 +75,7 @@ def test_state_dict_round_trip_resumes_identically_through_torch_save():
 
     resumed = make(seed=7)
     buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert_same(drive(resumed, 6, seed=9), expected)
 
 

@@ -204,7 +204,7 @@ def test_fit_generates_exactly_the_selected_prompts_and_observes_their_outcomes(
             np.testing.assert_allclose(rows[name].to_numpy(), values, rtol=1e-6, err_msg=name)
         direct.observe(selection.ids, successes, trials, step)
 
-    final = torch.load(run_dir / "checkpoints" / "predictor_final.pt", weights_only=False)
+    final = torch.load(run_dir / "checkpoints" / "predictor_final.pt", weights_only=True)
     expected = direct.predictor.state_dict()
     torch.testing.assert_close(final.pop("state"), expected.pop("state"), rtol=0, atol=0)
     assert final == expected

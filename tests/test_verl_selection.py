@@ -132,6 +132,10 @@ def test_resume_checks_the_run_folder_and_sets_later_rows_aside(tmp_path):
         if step < 2:
             states.append(selection.checkpoint(total_steps=4))
     selection.checkpoint(total_steps=4)  # step 2's rows and checkpoint: a resume from step 2 sets them aside
+    second = PromptSelection(selection.options, selection.labels, B, K, tmp_path / "run")
+    with pytest.raises(VerlSelectionError, match="being written by another process"):
+        second.resume(states[1], 2)  # the first trainer still writes the folder
+    selection.folder.unlock()  # the first trainer's process ends
     fresh = PromptSelection(selection.options, selection.labels, B, K, tmp_path / "run")
     with pytest.raises(VerlSelectionError, match="saved after 1 steps, verl resumes after 2"):
         fresh.resume(states[0], 2)

@@ -23,6 +23,7 @@ from mpts.inference.schema import format_grid_value
 from mpts.reports.measures import PAIRED_NUMBERS, RUN_NUMBERS, pool_groups
 from mpts.reports.stats import Estimate
 from mpts.training.acquisition import get_acquisition_class, reference_role
+from mpts.training.atomic import atomic_file, write_bytes
 from mpts.training.config import RunConfig
 from mpts.training.executors import make_executor
 from mpts.training.executors.work import read_summary
@@ -74,9 +75,10 @@ def ablate(config: RunConfig, out_dir: Path | str, *, workers: int | None = None
                 **{GRID_PREFIX + key: format_grid_value(run.point[key]) if key in run.point else "" for key in grid_keys}}
                for run in runs]
     frame = pd.DataFrame(results)  # in the config's order: arms, then grid points, then seeds
-    frame.to_parquet(out / "runs.parquet", index=False)
+    with atomic_file(out / "runs.parquet") as handle:
+        frame.to_parquet(handle, index=False)
     table = aggregate(frame)
-    (out / "table.md").write_text(format_table(table))
+    write_bytes(out / "table.md", format_table(table).encode())
     write_json(out / "ablation.json", {"config": config.name, "grid": config.ablation.grid,
                                        "runs": [run.name for run in runs]})
     return table

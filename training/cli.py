@@ -118,8 +118,13 @@ def _overrides(args) -> list[str]:
     return list(args.overrides) + extra
 
 
-def _default_out(name: str) -> Path:
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _default_out(name: str, prefix: str = "") -> Path:
+    """runs/<prefix><name>-<time>; a name that is a path (a separator, absolute) would leave runs/."""
+    folder = f"{prefix}{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if Path(folder).name != folder or any(sep in name for sep in ("/", "\\")):
+        raise ValueError(f"config name {name!r} is a path, not a name, so the default run folder would lie "
+                         "outside runs/; set name to a plain name (no / or ..) or give --out")
+    return Path("runs") / folder
 
 
 def cmd_run(args) -> int:
@@ -167,7 +172,7 @@ def cmd_ablate(args) -> int:
     from mpts.training.config import load_config
 
     config = load_config(args.config, _overrides(args))
-    out = args.out or _default_out(f"ablate-{config.name}")
+    out = args.out or _default_out(config.name, "ablate-")
     try:
         table = ablate(config, out, workers=args.workers, executor=args.executor, address=args.address)
     except RunsFailed as error:

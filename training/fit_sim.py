@@ -1,7 +1,7 @@
 """Fit the simulated learner to a real trace, then check the fit by replaying the trace.
 
 The fit is a Pyro program of the simulator's own generative story (training/environments/
-simulator.py), in logit units:
+simulator.py), in logit units::
 
     mu_c  = difficulty_mean + cluster_scale * z_c,   z_c ~ Normal(0, 1)      cluster difficulties
     d_i   = mu_c(i) + difficulty_std * e_i,          e_i ~ Normal(0, 1)      prompt difficulties

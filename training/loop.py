@@ -172,11 +172,22 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
 
     Everything is checked before the folder is touched: a new run's folder is created only once
     its environment and predictor are built; a resume verifies the parts, the checkpoint and that
-    the checkpoint fits the config before it sets any surplus part aside (see `RunFolder`).
+    the checkpoint fits the config before it sets any surplus part aside (see `RunFolder`). The
+    folder's write lock is held from its creation (or before a resume plans) until this returns.
     """
     folder = RunFolder(Path(out_dir))
+    try:
+        return _run_in(folder, config, resume=resume, rollback_to=rollback_to, progress=progress)
+    finally:
+        folder.unlock()
+
+
+def _run_in(folder: RunFolder, config: RunConfig | None, *, resume: bool, rollback_to: int | None,
+            progress: ProgressCallback | None) -> dict[str, Any]:
     if resume:
-        config = validate_config(yaml.safe_load(folder.config_yaml()))
+        config_yaml = folder.config_yaml()  # first: a folder that is not a run is named as such
+        folder.lock()  # a second writer is refused before it reads anything a writer may change
+        config = validate_config(yaml.safe_load(config_yaml))
         plan = folder.plan_resume(rollback_to)
         saved = plan.state
         if saved is not None:

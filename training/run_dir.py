@@ -20,14 +20,24 @@ against the manifest, the checkpoint) and only then changes anything: parts writ
 checkpoint it resumes from (a crash in between, or `--rollback-to`) are moved to
 `parts/.orphaned/`, never removed. Write order at a checkpoint is parts -> manifest -> checkpoint,
 each atomic, so a crash at any moment leaves a folder a resume can verify.
+
+Safety against the folder's own contents (run folders are data, shared between people and machines):
+checkpoints are read with `torch.load(weights_only=True)` (`state_file`: nothing in them runs); every
+write goes to a new, exclusively created temporary file renamed into place (`atomic`), so a link
+planted in the folder is never written through, and `parts/` or `checkpoints/` being a link is
+refused; a full disk is one line naming the file, and a resume checks free space before it moves
+anything; one process writes a run at a time (`run_lock`: a flock on `.lock`, dropped when its holder
+dies). A missing or damaged `latest.pt` resumes from the newest intact `step-*.pt`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -42,6 +52,11 @@ import pyarrow.parquet as pq
 import torch
 
 from mpts.inference.schema import METRICS_REQUIRED, TRACE_FIELDS  # noqa: F401  (METRICS_REQUIRED re-exported)
+from mpts.training.atomic import DiskFullError, atomic_file, disk_full, disk_full_error, write_bytes
+from mpts.training.run_lock import RunLock, RunLockedError
+from mpts.training.state_file import UnreadableStateError, UnsafeStateError, load_state, save_state
+
+logger = logging.getLogger(__name__)
 
 TRACE_SCHEMA = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in TRACE_FIELDS])
 
@@ -49,6 +64,7 @@ PART_KINDS = ("trace", "metrics")
 PART_NAME = re.compile(r"^(trace|metrics)-(\d+)-(\d+)\.parquet$")
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")
 FINAL_TABLES = ("trace.parquet", "metrics.parquet", "summary.json", "posterior_draws.parquet")
+RESUME_SPACE_MARGIN = 1 << 20  # bytes beyond the manifest and one more checkpoint
 
 
 class RunFolderError(ValueError):
@@ -56,9 +72,7 @@ class RunFolderError(ValueError):
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes(path, data)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -87,9 +101,8 @@ def _json_default(value):
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        pq.write_table(table, handle)
 
 
 def _sha256(path: Path) -> str:
@@ -135,6 +148,19 @@ class RunFolder:
         self._trace: list[pd.DataFrame] = []
         self._metrics: list[dict[str, Any]] = []
         self._first_unflushed: int | None = None
+        self._lock = RunLock(self.root)
+
+    # -- one writer at a time -------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold the run folder's write lock until `unlock` (or this process ends); refuses with one
+        line while another process holds it. `create` takes it; a resume takes it before planning."""
+        try:
+            self._lock.acquire()
+        except RunLockedError as error:
+            raise RunFolderError(str(error)) from None
+
+    def unlock(self) -> None:
+        self._lock.release()
 
     # -- creating ------------------------------------------------------------------------------
     def check_new(self) -> None:
@@ -156,6 +182,9 @@ class RunFolder:
         if (self.root / "config.yaml").exists():
             raise FileExistsError(f"{self.root} already holds a run; use --resume {self.root} or another --out")
         self.root.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        if (self.root / "config.yaml").exists():  # another process created it before we held the lock
+            raise FileExistsError(f"{self.root} already holds a run; use --resume {self.root} or another --out")
         self.parts.mkdir(exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
         self._write_manifest([])
@@ -182,8 +211,12 @@ class RunFolder:
                                  f"or resume with --rollback-to 0 to start again (its parts are kept)") from None
 
     def _write_manifest(self, parts: list[Part]) -> None:
+        _atomic_write_bytes(self.manifest_path, self._manifest_bytes(parts))
+
+    @staticmethod
+    def _manifest_bytes(parts: list[Part]) -> bytes:
         payload = {"version": 1, "parts": [vars(p) for p in sorted(parts, key=lambda p: (p.first, p.kind))]}
-        _atomic_write_bytes(self.manifest_path, json.dumps(payload, indent=1).encode())
+        return json.dumps(payload, indent=1).encode()
 
     def _verify(self, part: Part) -> None:
         path = self.parts / part.file
@@ -220,17 +253,38 @@ class RunFolder:
         return sorted(steps)
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's state, read without running anything (`state_file.load_state`).
+        UnreadableStateError for a damaged file; RunFolderError for one holding other objects."""
         try:
-            state = torch.load(path, weights_only=False)
-            int(state["step"])
-        except Exception as error:  # a truncated or foreign file
-            older = [s for s in self.checkpoint_steps()
-                     if s < self._step_of(path) and not path.samefile(self.checkpoints / f"step-{s:07d}.pt")]
-            way_out = (f"resume with --rollback-to {older[-1] + 1} to use the one at step {older[-1]}"
-                       if older else "resume with --rollback-to 0 to start again")
-            raise RunFolderError(f"checkpoint {path} is unreadable ({error}); the run cannot resume from it; "
-                                 f"{way_out} (nothing is deleted)") from None
+            state = load_state(path)
+        except UnsafeStateError as error:
+            raise RunFolderError(f"checkpoint {error}; move it out of the run folder and resume again "
+                                 f"(the newest other checkpoint is used; nothing was changed)") from None
+        try:
+            step = int(state["step"])
+        except (TypeError, KeyError, ValueError, IndexError):
+            raise UnreadableStateError(path, "no step recorded") from None
+        if self._step_of(path) not in (step, 1 << 62):
+            raise UnreadableStateError(path, f"it records step {step}, its name another")
         return state
+
+    def _newest_intact(self, candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+        """The first of `candidates` (newest first) that loads; None when there are none. A damaged one
+        is passed over (with a warning); none intact is a one-line error."""
+        damaged: list[UnreadableStateError] = []
+        for path in candidates:
+            try:
+                state = self._load_checkpoint(path)
+            except UnreadableStateError as error:
+                damaged.append(error)
+                continue
+            for error in damaged:
+                logger.warning("checkpoint %s is unreadable (%s); resuming from %s", error.path, error.reason, path)
+            return path, state
+        if damaged:
+            raise RunFolderError(f"checkpoint {damaged[0]}; no other intact checkpoint is left to resume from; "
+                                 "resume with --rollback-to 0 to start again (nothing is deleted)")
+        return None
 
     @staticmethod
     def _step_of(path: Path) -> int:
@@ -246,14 +300,15 @@ class RunFolder:
         self.config_yaml()
         if rollback_to is not None and rollback_to < 0:
             raise RunFolderError(f"--rollback-to must be a step >= 0, got {rollback_to}")
-        checkpoint: Path | None = None
-        if rollback_to is None:
-            latest = self.checkpoints / "latest.pt"
-            checkpoint = latest if latest.exists() else None
-        else:
-            older = [s for s in self.checkpoint_steps() if s < rollback_to]
-            checkpoint = self.checkpoints / f"step-{older[-1]:07d}.pt" if older else None
-        state = self._load_checkpoint(checkpoint) if checkpoint is not None else None
+        self._refuse_linked_folders()
+        # newest first: latest.pt, then each step-*.pt (latest.pt deleted or damaged: the newest intact one)
+        older = [s for s in self.checkpoint_steps() if rollback_to is None or s < rollback_to]
+        candidates = [self.checkpoints / f"step-{s:07d}.pt" for s in reversed(older)]
+        latest = self.checkpoints / "latest.pt"
+        if rollback_to is None and (latest.exists() or latest.is_symlink()):
+            candidates.insert(0, latest)
+        found = self._newest_intact(candidates)
+        checkpoint, state = found if found is not None else (None, None)
         step = -1 if state is None else int(state["step"])
 
         recorded = self.manifest()
@@ -284,16 +339,39 @@ class RunFolder:
             set_aside += [name for name in FINAL_TABLES if (self.root / name).exists()]
         return ResumePlan(state, checkpoint, keep, set_aside)
 
+    def _refuse_linked_folders(self) -> None:
+        """Writes go into parts/ and checkpoints/: a link there would send them out of the run."""
+        for folder in (self.parts, self.checkpoints, self.parts / ".orphaned"):
+            if folder.is_symlink():
+                raise RunFolderError(f"{folder} is a symbolic link; a run folder writes only into its own "
+                                     "folders: replace the link with the folder it points to")
+
+    def _check_free_space(self, plan: ResumePlan) -> None:
+        """Before a resume changes anything: room for the manifest and one more checkpoint."""
+        need = RESUME_SPACE_MARGIN + 1024 * (len(plan.keep) + 1)
+        if plan.checkpoint is not None:
+            need += plan.checkpoint.stat().st_size
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            raise DiskFullError(f"no space left on device for resuming {self.root}: {free / 2**20:.1f} MiB free, "
+                                f"about {need / 2**20:.1f} MiB needed (the manifest and one checkpoint); free some "
+                                "space and resume again (nothing was changed)")
+
     def apply(self, plan: ResumePlan) -> Path | None:
-        """Carry out a checked plan: surplus files move to parts/.orphaned/<time>/; returns that folder."""
+        """Carry out a checked plan: surplus files move to parts/.orphaned/<time>/; returns that folder.
+        Free space is checked first and the new manifest written (not yet in place) before anything moves,
+        so a full disk changes nothing."""
+        self._check_free_space(plan)
         target = None
-        if plan.set_aside:
-            (self.parts / ".orphaned").mkdir(exist_ok=True)
-            target = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S-"), dir=self.parts / ".orphaned"))
-            for name in plan.set_aside:
-                source = self.parts / name if (self.parts / name).exists() else self.root / name
-                os.replace(source, target / name)
-        self._write_manifest(plan.keep)
+        with atomic_file(self.manifest_path) as manifest:
+            manifest.write(self._manifest_bytes(plan.keep))
+            manifest.flush()  # a full disk shows here, before anything moves
+            if plan.set_aside:
+                (self.parts / ".orphaned").mkdir(exist_ok=True)
+                target = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%S-"), dir=self.parts / ".orphaned"))
+                for name in plan.set_aside:
+                    source = self.parts / name if (self.parts / name).exists() else self.root / name
+                    os.replace(source, target / name)
         if plan.checkpoint is not None and plan.checkpoint.name != "latest.pt":
             self._point_latest_at(plan.checkpoint)
         return target
@@ -327,20 +405,24 @@ class RunFolder:
         """Flush rows, then save resume state atomically (in that order: see module doc)."""
         self.flush(step)
         path = self.checkpoints / f"step-{step:07d}.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({**state, "step": step}, tmp)
-        os.replace(tmp, path)
+        save_state({**state, "step": step}, path)
         self._point_latest_at(path)
         self.write_progress(step + 1, steps_total, "running")
 
     def _point_latest_at(self, path: Path) -> None:
-        tmp = self.checkpoints / "latest.pt.tmp"
-        tmp.unlink(missing_ok=True)  # a link left by a crash: the checkpoint it names is still in step-*.pt
+        latest = self.checkpoints / "latest.pt"
+        tmp = self.checkpoints / f"latest.pt.{secrets.token_hex(6)}.tmp"  # a new name: link() never overwrites
         try:
             os.link(path, tmp)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, self.checkpoints / "latest.pt")
+        except FileExistsError:
+            return self._point_latest_at(path)
+        except OSError as error:
+            if disk_full(error):
+                raise disk_full_error(latest) from None
+            with atomic_file(latest) as handle, path.open("rb") as source:  # a file system without hard links
+                shutil.copyfileobj(source, handle)
+            return
+        os.replace(tmp, latest)
 
     def write_progress(self, done: int, steps_total: int, status: str) -> None:
         write_json(self.root / "progress.json", {"step": done, "steps": steps_total, "status": status})
@@ -367,5 +449,5 @@ class RunFolder:
         if posterior_draws is not None:
             _write_parquet(pa.Table.from_pandas(posterior_draws, preserve_index=False),
                            self.root / "posterior_draws.parquet")
-        torch.save(predictor_state, self.checkpoints / "predictor_final.pt")
+        save_state(predictor_state, self.checkpoints / "predictor_final.pt")
         write_json(self.root / "summary.json", summary)

@@ -3,10 +3,11 @@
 Prompts i = 1..N fall into skill clusters c(i) in 1..C; the policy holds one competence per cluster.
 
     mu_c   = difficulty_mean + cluster_spread * (c / (C - 1) - 1/2)    cluster means, evenly spread
-             (or `cluster_difficulties`, one per cluster, as `mpts fit-sim` writes them)
     d_i    ~ Normal(mu_c(i), difficulty_std)                           latent difficulty
     p_i    = sigmoid(slope * (theta_c(i) - d_i))                       true success probability
     S_i    ~ Binomial(k, p_i)                                          one group of k rollouts
+
+(`cluster_difficulties` sets each mu_c instead, as `mpts fit-sim` writes them.)
 
 One policy update on n trained groups (the loop passes only kept, non-failed groups):
 

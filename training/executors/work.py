@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from mpts.training.atomic import write_bytes
+from mpts.training.run_lock import LOCK_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +46,10 @@ def read_folder(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (relative POSIX path -> bytes); {} when it does not exist."""
     if not folder.is_dir():
         return {}
-    return {path.relative_to(folder).as_posix(): path.read_bytes()
-            for path in sorted(folder.rglob("*")) if path.is_file() and not path.name.endswith(".tmp")}
+    return {path.relative_to(folder).as_posix(): path.read_bytes()  # a link is not the run's own file
+            for path in sorted(folder.rglob("*"))
+            if path.is_file() and not path.is_symlink() and not path.name.endswith(".tmp")
+            and path.relative_to(folder).as_posix() != LOCK_FILE}  # the lock belongs to the folder, not the run
 
 
 def run_detached(name: str, config_json: dict[str, Any], files: dict[str, bytes]) -> RunOutput:
@@ -67,9 +71,7 @@ def write_folder(folder: Path, files: dict[str, bytes]) -> None:
     for relative in sorted(files, key=lambda r: r == "summary.json"):
         path = folder / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(files[relative])
-        os.replace(tmp, path)
+        write_bytes(path, files[relative])  # a new temporary file, renamed: a planted link is not followed
     for stale in set(read_folder(folder)) - set(files):
         (folder / stale).unlink()
 
