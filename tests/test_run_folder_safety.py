@@ -343,3 +343,26 @@ def test_re_running_an_ablation_does_not_write_through_a_linked_table(tmp_path):
     ablate(config, tmp_path / "abl", show_progress=False)
     assert victim.read_text() == "the user's file"
     assert not (tmp_path / "abl" / "table.md").is_symlink()
+
+
+def test_a_resumed_config_imports_only_the_plugins_the_user_names(tmp_path, monkeypatch, capsys):
+    """A run folder's config.yaml is data: a plugin it names (code) is not imported on resume
+    unless the user names it with --plugin."""
+    import sys
+
+    marker = tmp_path / "plugin-ran"
+    (tmp_path / "planted_plugin_mod.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    assert main(["run", "quickstart", "--out", str(run), "--set", "steps=3", "--set", "env.num_prompts=100", "--set", "batch_size=8",
+                     "--set", "checkpoint_every=1"]) == 0
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("plugins: []", "plugins:\n- planted_plugin_mod"))
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "planted_plugin_mod" in err and "--plugin planted_plugin_mod" in err and err.count("\n") == 1
+    assert not marker.exists() and "planted_plugin_mod" not in sys.modules
+    # named by the user: imported (and the resume goes on)
+    main(["run", "--resume", str(run), "--plugin", "planted_plugin_mod"])
+    assert marker.exists()

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rollback-to", type=cli_number(int, ge=0, le=10**9), metavar="STEP",
                      help="with --resume: redo steps STEP onward from the newest checkpoint before STEP "
                           "(rows after it are moved to parts/.orphaned/, never deleted)")
+    run.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                     help="with --resume: a plugin module the run's config.yaml names and you trust (repeatable); "
+                          "importing it runs its code")
     run.add_argument("--model", help="local model directory for the LM environment (= --set env.model=...)")
     _add_set(run)
 
@@ -135,8 +138,8 @@ def cmd_run(args) -> int:
         if args.overrides or args.model or args.config:
             raise ValueError("--resume continues a run with its saved config; drop CONFIG, --set and --model")
         out, config, resume = args.resume, None, True
-    elif args.rollback_to is not None:
-        raise ValueError("--rollback-to goes with --resume RUN_DIR")
+    elif args.rollback_to is not None or args.plugin:
+        raise ValueError("--rollback-to and --plugin go with --resume RUN_DIR (a new run's config names its plugins)")
     else:
         if not args.config:
             raise ValueError("give a CONFIG (see `mpts configs`) or --resume RUN_DIR")
@@ -151,7 +154,8 @@ def cmd_run(args) -> int:
             bar.update(task, completed=done, total=total,
                        description=f"step {done}/{total} eval {metrics['eval_accuracy']:.3f}")
 
-        summary = run(config, out, resume=resume, rollback_to=args.rollback_to, progress=progress)
+        summary = run(config, out, resume=resume, rollback_to=args.rollback_to, progress=progress,
+                      trusted_plugins=args.plugin)
     _print_summary(summary)
     console.print(f"run folder: {out}")
     return 0

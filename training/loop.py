@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -166,28 +167,49 @@ def check_checkpoint_fits(saved: dict[str, Any], config: RunConfig, path: Path |
                          f"{current[key]!r} in config.yaml); nothing was changed")
 
 
+def _check_plugins_trusted(raw: Any, where: Path, trusted: tuple[str, ...]) -> None:
+    """Importing a plugin runs its code; a run folder may come from anyone, so its config.yaml
+    may only name plugins the user named too."""
+    named = raw.get("plugins") if isinstance(raw, dict) else None
+    if named is None:
+        return
+    if not isinstance(named, list) or not all(isinstance(m, str) for m in named):
+        raise ValueError(f"{where}: plugins must be a list of module names")
+    untrusted = [m for m in named if m not in trusted]
+    if untrusted:
+        flags = " ".join(f"--plugin {m}" for m in untrusted)
+        raise ValueError(f"{where} names plugin module(s) {', '.join(untrusted)}, and importing a module runs "
+                         f"its code; a run folder is data, so resume it with {flags} if you trust them")
+
+
 def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, rollback_to: int | None = None,
-        progress: ProgressCallback | None = None) -> dict[str, Any]:
+        progress: ProgressCallback | None = None, trusted_plugins: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) one configuration into `out_dir`; returns the summary.
 
     Everything is checked before the folder is touched: a new run's folder is created only once
     its environment and predictor are built; a resume verifies the parts, the checkpoint and that
     the checkpoint fits the config before it sets any surplus part aside (see `RunFolder`). The
     folder's write lock is held from its creation (or before a resume plans) until this returns.
+
+    A resumed folder's `config.yaml` is data: the plugin modules it names are imported only when
+    the caller trusts them (`trusted_plugins`, or the plugins of the `config` passed in).
     """
     folder = RunFolder(Path(out_dir))
     try:
-        return _run_in(folder, config, resume=resume, rollback_to=rollback_to, progress=progress)
+        return _run_in(folder, config, resume=resume, rollback_to=rollback_to, progress=progress,
+                       trusted_plugins=tuple(config.plugins) if config is not None else tuple(trusted_plugins))
     finally:
         folder.unlock()
 
 
 def _run_in(folder: RunFolder, config: RunConfig | None, *, resume: bool, rollback_to: int | None,
-            progress: ProgressCallback | None) -> dict[str, Any]:
+            progress: ProgressCallback | None, trusted_plugins: tuple[str, ...]) -> dict[str, Any]:
     if resume:
         config_yaml = folder.config_yaml()  # first: a folder that is not a run is named as such
         folder.lock()  # a second writer is refused before it reads anything a writer may change
-        config = validate_config(yaml.safe_load(config_yaml))
+        raw = yaml.safe_load(config_yaml)
+        _check_plugins_trusted(raw, folder.root / "config.yaml", trusted_plugins)
+        config = validate_config(raw)
         plan = folder.plan_resume(rollback_to)
         saved = plan.state
         if saved is not None:
