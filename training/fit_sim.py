@@ -351,6 +351,7 @@ def simulator_config(result: FitResult, *, num_prompts: int | None = None, name:
     mean = {n: float(result.draws[n].mean()) for n in GLOBAL_SITES if n in result.draws}
     groups_per_step = np.bincount(data.step.numpy())
     run = data.run_config
+    env = run.get("env") if isinstance(run.get("env"), dict) else {}
     config: dict[str, Any] = {
         "name": name,
         "seed": int(run.get("seed", 0)),
@@ -359,8 +360,9 @@ def simulator_config(result: FitResult, *, num_prompts: int | None = None, name:
         "candidate_ratio": int(run.get("candidate_ratio", 8)),
         "k": int(run.get("k", int(data.trials.median()))),
         "target_accuracy": float(run.get("target_accuracy", 0.6)),
+        "eval_every": int(run.get("eval_every", 1)),
         "env": {"name": "sim",
-                "num_prompts": int(num_prompts or len(data.prompt_ids)),
+                "num_prompts": int(num_prompts or env.get("num_prompts") or len(data.prompt_ids)),
                 "num_clusters": data.num_clusters,
                 "cluster_difficulties": [round(float(x), 4) for x in result.cluster_difficulties().mean(0)],
                 "difficulty_std": round(mean["difficulty_std"], 4),
