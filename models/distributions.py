@@ -127,7 +127,23 @@ class BinomialLogitNormal(dist.TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape)
-        return BinomialLogitNormal(self.total_count.expand(shape), self.loc.expand(shape), self.scale.expand(shape))
+        return BinomialLogitNormal(self.total_count.expand(shape), self.loc.expand(shape), self.scale.expand(shape),
+                                   validate_args=self._validate_args)
+
+    def _rate_moment(self, power: int) -> Tensor:
+        """E[p**power] = P(S = power | power trials): the same quadrature as `log_prob`."""
+        count = torch.full_like(self.loc, float(power))
+        return binomial_logit_normal(self.loc, self.scale, count, count)[0].exp()
+
+    @property
+    def mean(self) -> Tensor:
+        return self.total_count * self._rate_moment(1)
+
+    @property
+    def variance(self) -> Tensor:
+        """Var S = n E[p] + n (n - 1) E[p^2] - (n E[p])^2 (binomial factorial moments)."""
+        n, first = self.total_count, self._rate_moment(1)
+        return (n * first + n * (n - 1) * self._rate_moment(2) - (n * first).square()).clamp_min(0.0)
 
     def sample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
@@ -167,14 +183,32 @@ class ThreeStateCount(dist.TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape)
         return ThreeStateCount(self.state_probs.expand(shape + (3,)), self.a.expand(shape), self.b.expand(shape),
-                               self.total_count.expand(shape))
+                               self.total_count.expand(shape), validate_args=self._validate_args)
+
+    def _pmf_table(self) -> Tensor:
+        """P(S = s) for s = 0..max(n), [max(n) + 1, *batch] (zero beyond each n): `log_prob` itself."""
+        top = int(self.total_count.max()) if self.total_count.numel() else 0
+        counts = torch.arange(top + 1, dtype=self.state_probs.dtype).reshape((-1,) + (1,) * len(self.batch_shape))
+        return self.log_prob(counts.expand((top + 1,) + self.batch_shape)).exp()  # -inf beyond n: zero
+
+    @property
+    def mean(self) -> Tensor:
+        pmf = self._pmf_table()
+        counts = torch.arange(pmf.shape[0], dtype=pmf.dtype).reshape((-1,) + (1,) * len(self.batch_shape))
+        return (pmf * counts).sum(0)
+
+    @property
+    def variance(self) -> Tensor:
+        pmf = self._pmf_table()
+        counts = torch.arange(pmf.shape[0], dtype=pmf.dtype).reshape((-1,) + (1,) * len(self.batch_shape))
+        mean = (pmf * counts).sum(0)
+        return (pmf * (counts - mean).square()).sum(0)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """Exact; broadcasts value [..., batch] against the batch shape."""
         if self._validate_args:
             self._validate_sample(value)
-        s = value.double()
-        n, a, b = (x.double().expand_as(s) for x in (self.total_count, self.a, self.b))
+        s, n, a, b = torch.broadcast_tensors(value.double(), *(x.double() for x in (self.total_count, self.a, self.b)))
         log_w = self.state_probs.double().log().expand(s.shape + (3,))
         log_bb = beta_binomial_log_prob(a, b, s, n)
         log_end0 = log_beta(a, b + n) - log_beta(a, b)  # BetaBinomial(0; n)
@@ -191,9 +225,7 @@ class ThreeStateCount(dist.TorchDistribution):
         """Inverse-CDF draw over the support 0..max(n)."""
         shape = self._extended_shape(sample_shape)
         with torch.no_grad():
-            top = int(self.total_count.max()) if self.total_count.numel() else 0
-            counts = torch.arange(top + 1, dtype=self.state_probs.dtype).reshape((-1,) + (1,) * len(self.batch_shape))
-            pmf = self.log_prob(counts.expand((top + 1,) + self.batch_shape)).exp()  # -inf beyond n: zero
-            cdf = pmf.cumsum(0).reshape((top + 1,) + (1,) * len(sample_shape) + self.batch_shape)
+            pmf = self._pmf_table()
+            cdf = pmf.cumsum(0).reshape((pmf.shape[0],) + (1,) * len(sample_shape) + self.batch_shape)
             u = torch.rand(shape, dtype=cdf.dtype) * cdf[-1]
             return (u.unsqueeze(0) > cdf).sum(0).clamp_max(self.total_count).to(self.state_probs.dtype)
