@@ -2,8 +2,8 @@
 
 - Beta-Binomial: Pyro's own `dist.BetaBinomial` (closed form).
 - `BinomialLogitNormal`: S ~ Binomial(n, sigmoid(f)), f ~ Normal(loc, scale) integrated out.
-- `ThreeStateCount`: a belief over the states unsolved (S = 0) / partial / solved (S = n), with
-  a Beta-Binomial spread over 1..n-1 inside the partial state (the HMM predictor's predictive).
+- `ThreeStateCount`: a belief over the states unsolved (p = 0) / partial (p ~ Beta) / solved
+  (p = 1), S ~ Binomial(n, p) (the HMM predictor's predictive).
 
 Each is a `TorchDistribution`: usable as a likelihood in a Pyro model (`pyro.sample(...,
 obs=s)`) and as a posterior predictive (`log_prob`, `sample`). `binomial_logit_normal` is the
@@ -158,9 +158,10 @@ class BinomialLogitNormal(dist.TorchDistribution):
 
 
 class ThreeStateCount(dist.TorchDistribution):
-    """S from a belief over three states: P(S = 0) = w0, P(S = n) = w2, and w1 spread over
-    1..n-1 as a Beta-Binomial(n, a, b) truncated to that range (for n = 1 there is no partial
-    state and w1 follows the untruncated Beta-Binomial).
+    """S ~ Binomial(n, p) with p from a belief over three states: unsolved (p = 0, probability w0),
+    partial (p ~ Beta(a, b), w1) and solved (p = 1, w2). So P(S = s) = w0 [s = 0] + w2 [s = n]
+    + w1 BetaBinomial(s; n, a, b): a binomial mixture, whose mixing distribution of p is what
+    `ThreeStateMixturePosterior` summarises and samples.
 
     state_probs [..., 3]; a, b and total_count broadcast against its batch shape.
     """
@@ -210,14 +211,9 @@ class ThreeStateCount(dist.TorchDistribution):
             self._validate_sample(value)
         s, n, a, b = torch.broadcast_tensors(value.double(), *(x.double() for x in (self.total_count, self.a, self.b)))
         log_w = self.state_probs.double().log().expand(s.shape + (3,))
-        log_bb = beta_binomial_log_prob(a, b, s, n)
-        log_end0 = log_beta(a, b + n) - log_beta(a, b)  # BetaBinomial(0; n)
-        log_endn = log_beta(a + n, b) - log_beta(a, b)  # BetaBinomial(n; n)
-        log_middle = torch.log1p(-(log_end0.exp() + log_endn.exp()).clamp_max(1.0 - 1e-15))
-        partial = log_w[..., 1] + log_bb - log_middle
-        out = torch.where(s == n, log_w[..., 2], torch.where(s == 0, log_w[..., 0], partial))
-        single = torch.logaddexp(torch.where(s == 0, log_w[..., 0], log_w[..., 2]), log_w[..., 1] + log_bb)
-        out = torch.where(n == 1, single, out)
+        partial = log_w[..., 1] + beta_binomial_log_prob(a, b, s, n)
+        out = torch.logaddexp(partial, torch.where(s == 0, log_w[..., 0], -math.inf))
+        out = torch.logaddexp(out, torch.where(s == n, log_w[..., 2], -math.inf))
         outside = (s < 0) | (s > n) | (s != s.round())
         return out.masked_fill(outside, -math.inf).to(self.state_probs.dtype)
 
