@@ -101,13 +101,15 @@ def _three_state(n=4):
     return ThreeStateCount(probs, 1.5, 2.5, torch.full((n,), 8.0, dtype=torch.float64))
 
 
-def test_three_state_count_is_a_normalised_pmf_with_the_state_masses():
+def test_three_state_count_is_the_binomial_mixture_of_its_three_rate_states():
     d = _three_state()
     pmf = d.log_prob(torch.arange(9, dtype=torch.float64).unsqueeze(1).expand(9, 4)).exp()
     assert torch.allclose(pmf.sum(0), torch.ones(4, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(pmf[0], d.state_probs[:, 0]) and torch.allclose(pmf[8], d.state_probs[:, 2])
-    assert torch.allclose(pmf[1:8].sum(0), d.state_probs[:, 1])
-    posterior = ThreeStateMixturePosterior(d.state_probs, 1.5, 2.5, 8)
+    bb = torch.from_numpy(stats.betabinom(8, 1.5, 2.5).pmf(np.arange(9))).unsqueeze(1)
+    w = d.state_probs
+    assert torch.allclose(pmf[0], w[:, 0] + w[:, 1] * bb[0]) and torch.allclose(pmf[8], w[:, 2] + w[:, 1] * bb[8])
+    assert torch.allclose(pmf[1:8], w[:, 1] * bb[1:8])
+    posterior = ThreeStateMixturePosterior(d.state_probs, 1.5, 2.5)
     assert torch.allclose(posterior.p_informative(8), 1 - pmf[0] - pmf[8], atol=1e-6)
     unchecked = ThreeStateCount(d.state_probs, 1.5, 2.5, d.total_count, validate_args=False)
     assert unchecked.log_prob(torch.tensor([9.0, -1.0, 2.5, 3.0], dtype=torch.float64))[:3].eq(-math.inf).all()
