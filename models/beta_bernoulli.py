@@ -125,5 +125,15 @@ class BetaBernoulli(RiskPredictor):
 
     def program(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> Program:
         prior_alpha, prior_beta = self.decayed_prior(self.check_ids(ids), int(step))
+        o = self.options
+
+        def next_prediction(guide: Guide) -> BetaPosterior:
+            """The prediction at step + 1: the fitted posterior, decayed once as the next update's prior."""
+            alpha, beta = guide.q_alpha.detach(), guide.q_beta.detach()
+            if o.mopps_exact:
+                return BetaPosterior(alpha, beta)
+            return BetaPosterior(decay_concentration(alpha, o.prior_alpha, o.decay),
+                                 decay_concentration(beta, o.prior_beta, o.decay))
+
         return Program(model, Guide(prior_alpha, prior_beta), (prior_alpha, prior_beta, successes, trials),
-                       "conjugate", lambda guide: BetaPosterior(guide.q_alpha.detach(), guide.q_beta.detach()))
+                       "conjugate", next_prediction)

@@ -116,3 +116,13 @@ def test_float_ids_are_a_type_error():
 def test_unknown_option_is_an_error():
     with pytest.raises(Exception, match="decay_rate"):
         BetaBernoulliOptions(decay_rate=0.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_load_rejects_non_finite_state_and_keeps_its_own(bad):
+    predictor = make(4)
+    state = predictor.state_dict()
+    state["state"]["alpha"][1] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        predictor.load_state_dict(state)
+    assert torch.equal(predictor.state.alpha, torch.ones(4))
