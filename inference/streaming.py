@@ -7,9 +7,10 @@ The recipe (assumed-density filtering with SVI as the projection):
      batch, warm-started from the parameters and optimiser moments in `state`;
   3. the predictor reads the new posterior off the returned state's parameters.
 
-No global parameter store: the objective is Pyro's `ELBOModule` (`Trace_ELBO()(model, guide)`,
-built under `pyro.settings` `module_local_params=True`), so parameters live in the guide's
-`PyroModule`s / `nn.Module`s and the optimiser is Pyro's `ClippedAdam` used as the plain torch
+No global parameter store: the objective is Pyro's `ELBOModule` (`Trace_ELBO()(model, guide)`),
+parameters live in the guide's `PyroModule`s / `nn.Module`s, and each update runs in a fresh,
+scoped Pyro parameter store (a `PyroModule` puts its own parameters there, and the user's store
+is restored afterwards), so no process-wide Pyro setting is changed. The optimiser is Pyro's `ClippedAdam` used as the plain torch
 optimiser it is. The state (`SVIState`: parameter values, Adam moments, step counts, learning
 rate) is a set of tensors that an update reads and never writes, so a failed or non-finite
 update simply returns the state it was given (NumPyro's `SVIState`/BlackJAX's init/step shape).
@@ -27,11 +28,6 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from torch import Tensor, nn
-
-# Parameters of every PyroModule live in the module, never in Pyro's global store. PyroModules
-# read this when constructed, so it is set process-wide, once, by importing the engine.
-pyro.settings.set(module_local_params=True)
-
 
 @dataclasses.dataclass(frozen=True)
 class SVIState:
@@ -118,7 +114,10 @@ class StreamingSVI:
                                   "exp_avg_sq": state.exp_avg_sq[name].clone()}
         losses: list[float] = []
         try:
-            with torch.random.fork_rng(devices=[]):
+            # A fresh parameter store for this update only: PyroModule parameters enter it as
+            # themselves (so the optimiser's tensors are the ones the program reads) and names
+            # from other programs or the user's store cannot collide.
+            with pyro.get_param_store().scope(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 for _ in range(self.steps):
                     optimiser.zero_grad(set_to_none=True)

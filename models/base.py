@@ -265,8 +265,10 @@ class RiskPredictor(abc.ABC):
                 dtype = value.dtype if isinstance(value, Tensor) else ""
                 raise ValueError(f"{self.name} state[{key!r}] has shape {shape} and dtype {dtype}, "
                                  f"expected {tuple(current.shape)} and {current.dtype}")
-            if value.is_floating_point() and bool(torch.isnan(value).any()):
-                raise ValueError(f"{self.name} state[{key!r}] contains NaN values")
+            # NaN never; an infinity only where this predictor's own state holds the same one (a
+            # fixed bound such as a GP constraint's upper_bound), never in a learned value
+            if value.is_floating_point() and bool((torch.isnan(value) | (torch.isinf(value) & (value != current))).any()):
+                raise ValueError(f"{self.name} state[{key!r}] contains NaN or infinite values")
         if "options" in state and state["options"] != self.options.model_dump():
             raise ValueError(f"state was saved with options {state['options']}, "
                              f"this predictor has {self.options.model_dump()}")

@@ -6,7 +6,8 @@ Generative model for one step's batch (prior = last posterior, decayed toward th
     s_i ~ Binomial(k_i, p_i)
 
 The posterior is Beta(alpha' + s, beta' + k - s): `_observe` applies it in closed form with
-Pyro's `Beta.conjugate_update`. `program()` declares `model` and a `Guide` for the same batch;
+Pyro's `Beta.conjugate_update`. `predict` returns the decayed prior p_i ~ Beta(alpha', beta') that
+the prompt's next update starts from (`mopps_exact: true`: the undecayed posterior, as MoPPS). `program()` declares `model` and a `Guide` for the same batch;
 tests/test_programs.py checks SVI on it agrees with the closed form.
 
 With `decay_unobserved`, prompts not rolled out also decay toward the prior every step. That is
@@ -36,6 +37,11 @@ class BetaBernoulliOptions(PredictorOptions):
     prior_alpha: float = Field(1.0, gt=0.0)
     prior_beta: float = Field(1.0, gt=0.0)
     decay_unobserved: bool = Field(False, description="also decay prompts that were not rolled out")
+    mopps_exact: bool = Field(
+        False, description="predict the undecayed posterior, as MoPPS does (for reproducing it). By default "
+                           "a prediction is the decayed prior the prompt's next update starts from, so what is "
+                           "predicted is what the model then conditions on; MoPPS predicts Beta(a + s, b + k - s) "
+                           "but updates from lam times it, which is overconfident")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +102,9 @@ class BetaBernoulli(RiskPredictor):
         return alpha, beta
 
     def _predict(self, ids: Tensor, step: int) -> BetaPosterior:
-        return BetaPosterior(*self._current(ids, step))
+        if self.options.mopps_exact:
+            return BetaPosterior(*self._current(ids, step))
+        return BetaPosterior(*self.decayed_prior(ids, step))
 
     def decayed_prior(self, ids: Tensor, step: int) -> tuple[Tensor, Tensor]:
         """The prior for this step's update: the posterior, tempered toward the base prior."""
@@ -117,5 +125,15 @@ class BetaBernoulli(RiskPredictor):
 
     def program(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> Program:
         prior_alpha, prior_beta = self.decayed_prior(self.check_ids(ids), int(step))
+        o = self.options
+
+        def next_prediction(guide: Guide) -> BetaPosterior:
+            """The prediction at step + 1: the fitted posterior, decayed once as the next update's prior."""
+            alpha, beta = guide.q_alpha.detach(), guide.q_beta.detach()
+            if o.mopps_exact:
+                return BetaPosterior(alpha, beta)
+            return BetaPosterior(decay_concentration(alpha, o.prior_alpha, o.decay),
+                                 decay_concentration(beta, o.prior_beta, o.decay))
+
         return Program(model, Guide(prior_alpha, prior_beta), (prior_alpha, prior_beta, successes, trials),
-                       "conjugate", lambda guide: BetaPosterior(guide.q_alpha.detach(), guide.q_beta.detach()))
+                       "conjugate", next_prediction)

@@ -2,8 +2,8 @@
 
 - Beta-Binomial: Pyro's own `dist.BetaBinomial` (closed form).
 - `BinomialLogitNormal`: S ~ Binomial(n, sigmoid(f)), f ~ Normal(loc, scale) integrated out.
-- `ThreeStateCount`: a belief over the states unsolved (S = 0) / partial / solved (S = n), with
-  a Beta-Binomial spread over 1..n-1 inside the partial state (the HMM predictor's predictive).
+- `ThreeStateCount`: a belief over the states unsolved (p = 0) / partial (p ~ Beta) / solved
+  (p = 1), S ~ Binomial(n, p) (the HMM predictor's predictive).
 
 Each is a `TorchDistribution`: usable as a likelihood in a Pyro model (`pyro.sample(...,
 obs=s)`) and as a posterior predictive (`log_prob`, `sample`). `binomial_logit_normal` is the
@@ -127,7 +127,23 @@ class BinomialLogitNormal(dist.TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape)
-        return BinomialLogitNormal(self.total_count.expand(shape), self.loc.expand(shape), self.scale.expand(shape))
+        return BinomialLogitNormal(self.total_count.expand(shape), self.loc.expand(shape), self.scale.expand(shape),
+                                   validate_args=self._validate_args)
+
+    def _rate_moment(self, power: int) -> Tensor:
+        """E[p**power] = P(S = power | power trials): the same quadrature as `log_prob`."""
+        count = torch.full_like(self.loc, float(power))
+        return binomial_logit_normal(self.loc, self.scale, count, count)[0].exp()
+
+    @property
+    def mean(self) -> Tensor:
+        return self.total_count * self._rate_moment(1)
+
+    @property
+    def variance(self) -> Tensor:
+        """Var S = n E[p] + n (n - 1) E[p^2] - (n E[p])^2 (binomial factorial moments)."""
+        n, first = self.total_count, self._rate_moment(1)
+        return (n * first + n * (n - 1) * self._rate_moment(2) - (n * first).square()).clamp_min(0.0)
 
     def sample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
@@ -142,9 +158,10 @@ class BinomialLogitNormal(dist.TorchDistribution):
 
 
 class ThreeStateCount(dist.TorchDistribution):
-    """S from a belief over three states: P(S = 0) = w0, P(S = n) = w2, and w1 spread over
-    1..n-1 as a Beta-Binomial(n, a, b) truncated to that range (for n = 1 there is no partial
-    state and w1 follows the untruncated Beta-Binomial).
+    """S ~ Binomial(n, p) with p from a belief over three states: unsolved (p = 0, probability w0),
+    partial (p ~ Beta(a, b), w1) and solved (p = 1, w2). So P(S = s) = w0 [s = 0] + w2 [s = n]
+    + w1 BetaBinomial(s; n, a, b): a binomial mixture, whose mixing distribution of p is what
+    `ThreeStateMixturePosterior` summarises and samples.
 
     state_probs [..., 3]; a, b and total_count broadcast against its batch shape.
     """
@@ -167,23 +184,36 @@ class ThreeStateCount(dist.TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         shape = torch.Size(batch_shape)
         return ThreeStateCount(self.state_probs.expand(shape + (3,)), self.a.expand(shape), self.b.expand(shape),
-                               self.total_count.expand(shape))
+                               self.total_count.expand(shape), validate_args=self._validate_args)
+
+    def _pmf_table(self) -> Tensor:
+        """P(S = s) for s = 0..max(n), [max(n) + 1, *batch] (zero beyond each n): `log_prob` itself."""
+        top = int(self.total_count.max()) if self.total_count.numel() else 0
+        counts = torch.arange(top + 1, dtype=self.state_probs.dtype).reshape((-1,) + (1,) * len(self.batch_shape))
+        return self.log_prob(counts.expand((top + 1,) + self.batch_shape)).exp()  # -inf beyond n: zero
+
+    @property
+    def mean(self) -> Tensor:
+        pmf = self._pmf_table()
+        counts = torch.arange(pmf.shape[0], dtype=pmf.dtype).reshape((-1,) + (1,) * len(self.batch_shape))
+        return (pmf * counts).sum(0)
+
+    @property
+    def variance(self) -> Tensor:
+        pmf = self._pmf_table()
+        counts = torch.arange(pmf.shape[0], dtype=pmf.dtype).reshape((-1,) + (1,) * len(self.batch_shape))
+        mean = (pmf * counts).sum(0)
+        return (pmf * (counts - mean).square()).sum(0)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """Exact; broadcasts value [..., batch] against the batch shape."""
         if self._validate_args:
             self._validate_sample(value)
-        s = value.double()
-        n, a, b = (x.double().expand_as(s) for x in (self.total_count, self.a, self.b))
+        s, n, a, b = torch.broadcast_tensors(value.double(), *(x.double() for x in (self.total_count, self.a, self.b)))
         log_w = self.state_probs.double().log().expand(s.shape + (3,))
-        log_bb = beta_binomial_log_prob(a, b, s, n)
-        log_end0 = log_beta(a, b + n) - log_beta(a, b)  # BetaBinomial(0; n)
-        log_endn = log_beta(a + n, b) - log_beta(a, b)  # BetaBinomial(n; n)
-        log_middle = torch.log1p(-(log_end0.exp() + log_endn.exp()).clamp_max(1.0 - 1e-15))
-        partial = log_w[..., 1] + log_bb - log_middle
-        out = torch.where(s == n, log_w[..., 2], torch.where(s == 0, log_w[..., 0], partial))
-        single = torch.logaddexp(torch.where(s == 0, log_w[..., 0], log_w[..., 2]), log_w[..., 1] + log_bb)
-        out = torch.where(n == 1, single, out)
+        partial = log_w[..., 1] + beta_binomial_log_prob(a, b, s, n)
+        out = torch.logaddexp(partial, torch.where(s == 0, log_w[..., 0], -math.inf))
+        out = torch.logaddexp(out, torch.where(s == n, log_w[..., 2], -math.inf))
         outside = (s < 0) | (s > n) | (s != s.round())
         return out.masked_fill(outside, -math.inf).to(self.state_probs.dtype)
 
@@ -191,9 +221,7 @@ class ThreeStateCount(dist.TorchDistribution):
         """Inverse-CDF draw over the support 0..max(n)."""
         shape = self._extended_shape(sample_shape)
         with torch.no_grad():
-            top = int(self.total_count.max()) if self.total_count.numel() else 0
-            counts = torch.arange(top + 1, dtype=self.state_probs.dtype).reshape((-1,) + (1,) * len(self.batch_shape))
-            pmf = self.log_prob(counts.expand((top + 1,) + self.batch_shape)).exp()  # -inf beyond n: zero
-            cdf = pmf.cumsum(0).reshape((top + 1,) + (1,) * len(sample_shape) + self.batch_shape)
+            pmf = self._pmf_table()
+            cdf = pmf.cumsum(0).reshape((pmf.shape[0],) + (1,) * len(sample_shape) + self.batch_shape)
             u = torch.rand(shape, dtype=cdf.dtype) * cdf[-1]
             return (u.unsqueeze(0) > cdf).sum(0).clamp_max(self.total_count).to(self.state_probs.dtype)

@@ -31,11 +31,13 @@ it (decayed at `decay` rate "pool"). A prompt rolled out once already predicts w
 dynamics; its own counts then pull it away from them. Waiting steps use the shared matrix as it
 stands now (the best current estimate of the cluster's dynamics).
 
-The predictive `ThreeStateMixturePosterior` turns the state belief w into a predictive for the
-success count and rate: P(S = 0) = w0, P(S = n) = w2, and within the partial bucket a Beta-Binomial
-truncated to 1..n-1, with the Beta fitted online to every observed s/n (moment matching with the
-binomial-noise correction). So `p_informative(k)` is exactly P(partial) = w1, as in DPS, and
-`log_prob`, `pit`, `mean`, `interval` and `sample` come from one joint distribution.
+The predictive `ThreeStateMixturePosterior` turns the state belief w into one distribution of the
+success rate: p = 0 (unsolved) with probability w0, p ~ Beta(a, b) (partial) with w1, p = 1
+(solved) with w2, and S ~ Binomial(n, p). The Beta is fitted online to s/n of the partially
+solved groups only (moment matching with the binomial-noise correction). `log_prob`, `pit`,
+`p_informative`, `mean`, `variance`, `interval` and `sample` are all of this one mixture. The
+filter reads the state off the observed bucket of s, as DPS does (a partial prompt that happens
+to land on 0 or k is taken for unsolved or solved).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from torch import Tensor
 from mpts.inference.forgetting import decay_option, decay_rates, factor
 
 from .base import PredictorOptions, Program, PromptPool, RiskPredictor, Rows, SuccessPosterior
-from .distributions import ThreeStateCount, beta_binomial_log_prob
+from .distributions import ThreeStateCount, log_beta
 
 NUM_STATES = 3
 UNSEEN = 3  # state code of a prompt never rolled out
@@ -246,63 +248,45 @@ def states_of(successes: Tensor, trials: Tensor) -> Tensor:
 # -- the predictive ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ThreeStateMixturePosterior(SuccessPosterior):
-    """Success count and rate from a belief over the three states.
+    """Success rate and count from a belief w over the three states.
 
-    Base model: p ~ Beta(a, b), S | p ~ Binomial(n, p), state = bucket of S. The HMM re-weights
-    the buckets to `state_probs` and keeps the base model within each bucket, so
-    P(S = s) = w_{bucket(s)} * BetaBinomial(s; n, a, b) / P_base(bucket(s)), that is: all of w0 at
-    s = 0, all of w2 at s = n, w1 spread over 1..n-1 (for n = 1 there is no partial bucket and w1
-    follows the untruncated Beta-Binomial). The rate p given S = s is Beta(a + s, b + n - s); for
-    the rate summaries, which take no trial count, n is `trials_ref` (the usual k). The p
-    distribution is therefore the finite Beta mixture sum_s pi_s Beta(a + s, b + K - s).
-    Its mean is E[S]/K shrunk toward a / (a + b) by (a + b) / (a + b + K): what one future group
-    of K rollouts says about p.
+    The rate p is unsolved (p = 0) with probability w0, partial (p ~ Beta(a, b)) with w1, solved
+    (p = 1) with w2, and S ~ Binomial(n, p): `predictive(n)` is that count distribution
+    (`ThreeStateCount`). Mean, variance, interval and samples are of this one mixing
+    distribution of p, so E[p] = E[S] / n, Binomial(n, sample()) follows `log_prob`, and
+    `p_informative(k)` = 1 - P(S = 0) - P(S = k) of the same pmf (w1 times the Beta-Binomial's
+    mass on 1..k-1).
     """
 
     state_probs: Tensor  # [n, 3]: unsolved, partial, solved
     a: float
     b: float
-    trials_ref: int
 
-    def _count_weights(self) -> Tensor:
-        """pi [n, K + 1] (float64): P(S = s) for s = 0..K with K = trials_ref."""
-        k = self.trials_ref
-        w = self.state_probs.double()
-        s = torch.arange(k + 1, dtype=torch.float64)
-        a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
-        within = beta_binomial_log_prob(a, b, s, torch.full_like(s, k)).exp()
-        within[0] = within[-1] = 0.0
-        within = within / within.sum()
-        pi = w[:, 1:2] * within
-        pi[:, 0] += w[:, 0]
-        pi[:, k] += w[:, 2]
-        return pi
-
-    def _component_params(self) -> tuple[Tensor, Tensor]:
-        s = torch.arange(self.trials_ref + 1, dtype=torch.float64)
-        return self.a + s, self.b + self.trials_ref - s
+    def _partial_moments(self) -> tuple[float, float]:
+        """E[p] and E[p^2] under Beta(a, b)."""
+        total = self.a + self.b
+        return self.a / total, self.a * (self.a + 1) / (total * (total + 1))
 
     @property
     def mean(self) -> Tensor:
-        a, b = self._component_params()
-        return (self._count_weights() * (a / (a + b))).sum(-1).to(self.state_probs.dtype)
+        first, _ = self._partial_moments()
+        return self.state_probs[:, 1] * first + self.state_probs[:, 2]
 
     @property
     def variance(self) -> Tensor:
-        a, b = self._component_params()
-        pi, total = self._count_weights(), a + b
-        first = (pi * (a / total)).sum(-1)
-        second = (pi * (a * (a + 1) / (total * (total + 1)))).sum(-1)
-        return (second - first.square()).clamp_min(0.0).to(self.state_probs.dtype)
+        first, second = self._partial_moments()
+        mean = self.state_probs[:, 1] * first + self.state_probs[:, 2]
+        return (self.state_probs[:, 1] * second + self.state_probs[:, 2] - mean.square()).clamp_min(0.0)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        cdf = self._count_weights().cumsum(-1)  # inverse-CDF draw of the count: cheaper than multinomial
-        u = torch.rand((num_samples, cdf.shape[0], 1), generator=generator, dtype=torch.float64)
-        counts = (u > cdf).sum(-1).clamp_max(self.trials_ref)
-        a, b = self._component_params()
+        """A state per draw (inverse CDF of w), then p = 0, a Beta(a, b) draw, or 1."""
+        w = self.state_probs.double()
+        u = torch.rand((num_samples, w.shape[0]), generator=generator, dtype=torch.float64)
         # NumPy's Beta sampler seeded from the torch generator: reproducible and fast
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        return torch.from_numpy(rng.beta(a[counts].numpy(), b[counts].numpy())).to(self.state_probs.dtype)
+        partial = torch.from_numpy(rng.beta(self.a, self.b, size=(num_samples, w.shape[0])))
+        draws = torch.where(u < w[:, 0], 0.0, torch.where(u < w[:, 0] + w[:, 1], partial, 1.0))
+        return draws.to(self.state_probs.dtype)
 
     def predictive(self, trials: Tensor) -> ThreeStateCount:
         """The success count of a group of `trials` rollouts, as a Pyro distribution."""
@@ -316,23 +300,38 @@ class ThreeStateMixturePosterior(SuccessPosterior):
         return self.log_prob(successes, trials)
 
     def p_informative(self, k) -> Tensor:
-        k = torch.as_tensor(k).expand(self.state_probs.shape[0])
-        return torch.where(k >= 2, self.state_probs[:, 1], torch.zeros((), dtype=self.state_probs.dtype))
+        """w1 (1 - BetaBinomial(0; k) - BetaBinomial(k; k)): 1 - P(0) - P(k) of `log_prob`, in closed form."""
+        k = torch.as_tensor(k, dtype=torch.float64).expand(self.state_probs.shape[0])
+        a, b = torch.tensor(self.a, dtype=torch.float64), torch.tensor(self.b, dtype=torch.float64)
+        ends = (log_beta(a, b + k) - log_beta(a, b)).exp() + (log_beta(a + k, b) - log_beta(a, b)).exp()
+        return (self.state_probs[:, 1].double() * (1.0 - ends)).clamp(0.0, 1.0).to(self.state_probs.dtype)
 
     def interval(self, level: float) -> tuple[Tensor, Tensor]:
         tail = (1.0 - level) / 2
         return self._quantile(tail), self._quantile(1.0 - tail)
 
     def _quantile(self, q: float) -> Tensor:
-        """Inverse CDF of the Beta mixture by vectorised bisection (60 halvings: below 1e-15)."""
-        pi = self._count_weights().numpy()
-        a, b = (x.numpy() for x in self._component_params())
-        lo, hi = np.zeros(pi.shape[0]), np.ones(pi.shape[0])
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            below = (pi * special.betainc(a, b, mid[:, None])).sum(-1) < q
-            lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-        return torch.from_numpy(0.5 * (lo + hi)).to(self.state_probs.dtype)
+        """Inverse CDF of the mixture: F(x) = w0 + w1 I_x(a, b) below 1, so 0 where q <= w0, 1 where
+        q > w0 + w1, and the Beta's quantile at (q - w0) / w1 between."""
+        w = self.state_probs.double().numpy()
+        inner = np.clip((q - w[:, 0]) / np.maximum(w[:, 1], 1e-300), 0.0, 1.0)
+        x = np.where(q <= w[:, 0], 0.0, np.where(q > w[:, 0] + w[:, 1], 1.0, special.betaincinv(self.a, self.b, inner)))
+        return torch.from_numpy(x).to(self.state_probs.dtype)
+
+
+_TRUNCATION_ITERATIONS = 40
+
+
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _beta_from_moments(first: float, second: float) -> tuple[float, float]:
+    """(a, b) of the Beta with E[p] = first, E[p^2] = second (variance kept inside (0, mean (1 - mean)))."""
+    spread = first * (1.0 - first)
+    variance = min(max(second - first * first, 1e-4 * spread), 0.98 * spread)
+    concentration = spread / variance - 1.0
+    return max(first * concentration, 1e-2), max((1.0 - first) * concentration, 1e-2)
 
 
 # -- the predictor --------------------------------------------------------------------------------
@@ -350,7 +349,6 @@ class ThreeStateHMMOptions(PredictorOptions):
     initial_belief: tuple[float, float, float] | None = Field(
         None, description="state distribution of a prompt never rolled out; None: fitted online to first rollouts")
     fit_prior_weight: float = Field(4.0, gt=0.0, description="pseudo-observations behind the running fits")
-    rollouts: int = Field(8, ge=2, description="k assumed for the rate summaries until outcomes are seen")
     catchup_tol: float = Field(1e-7, gt=0.0, lt=1.0,
                                description="below this change of E[P] per step, waited steps are one matrix power")
 
@@ -378,9 +376,11 @@ class ThreeStateHMMOptions(PredictorOptions):
         return value
 
 
-# Running sums behind the online fits (float64, decayed at `decay` rate "fits" per step).
-_RATE_WEIGHT, _RATE_SUM, _PAIR_WEIGHT, _PAIR_SUM, _TRIALS_SUM = range(5)
-_FIRST_STATES = slice(5, 8)
+# Running sums behind the online fits (float64, decayed at `decay` rate "fits" per step): the
+# partial state's Beta from partially solved groups only (the other two states are p = 0 and
+# p = 1), and the states of first rollouts.
+_PARTIAL_GROUPS, _RATE_SUM, _PAIR_SUM, _TRIALS_SUM = range(4)
+_FIRST_STATES = slice(4, 7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,7 +388,7 @@ class HMMState:
     excess: Tensor  # float32 [N, 3, 3]: alpha - prior as of each prompt's last update
     last_state: Tensor  # int8 [N]: state observed at the last update (UNSEEN: never rolled out)
     last_step: Tensor  # int32 [N]
-    fit_sums: Tensor  # float64 [8]: running sums of the online fits
+    fit_sums: Tensor  # float64 [7]: running sums of the online fits
     fit_step: Tensor  # int64 scalar, -1 before the first update
     pool_excess: Tensor | None  # float32 [pools, 3, 3] (pooling only)
     pool_step: Tensor | None  # int64 scalar (pooling only)
@@ -409,7 +409,7 @@ class ThreeStateHMM(RiskPredictor):
         self.state = HMMState(
             excess=torch.zeros(n, NUM_STATES, NUM_STATES, dtype=torch.float32),
             last_state=torch.full((n,), UNSEEN, dtype=torch.int8), last_step=torch.zeros(n, dtype=torch.int32),
-            fit_sums=torch.zeros(8, dtype=torch.float64), fit_step=torch.tensor(-1, dtype=torch.int64),
+            fit_sums=torch.zeros(7, dtype=torch.float64), fit_step=torch.tensor(-1, dtype=torch.int64),
             pool_excess=torch.zeros(num_pools, NUM_STATES, NUM_STATES, dtype=torch.float32) if num_pools else None,
             pool_step=torch.tensor(-1, dtype=torch.int64) if num_pools else None)
 
@@ -455,17 +455,27 @@ class ThreeStateHMM(RiskPredictor):
         first = self.state.fit_sums[_FIRST_STATES]
         return ((o.fit_prior_weight / NUM_STATES + first) / (o.fit_prior_weight + first.sum())).float()
 
-    def rate_beta(self) -> tuple[float, float, int]:
-        """(a, b, K): the base Beta of success rates, moment-matched to the observed s/n, and the usual k."""
+    def rate_beta(self) -> tuple[float, float]:
+        """(a, b): the partial state's Beta of success rates, fitted to the partially solved groups.
+
+        Those groups are Beta-Binomial counts with their ends (0 and n) cut off, so matching the
+        Beta to their s/n directly would make it too narrow. Moments are matched to the
+        truncated Beta-Binomial instead: with P0, Pn its end masses, the untruncated moments are
+        (1 - P0 - Pn) m_truncated + Pn, iterated to a fixed point (E[S(S-1)] / (n(n-1)) = E[p^2]
+        corrects for binomial noise; n is the partial groups' mean trial count)."""
         o = self.options
         sums, w0 = self.state.fit_sums.tolist(), o.fit_prior_weight
-        mean = (0.5 * w0 + sums[_RATE_SUM]) / (w0 + sums[_RATE_WEIGHT])  # prior: Beta(1, 1)
-        second = (w0 / 3.0 + sums[_PAIR_SUM]) / (w0 + sums[_PAIR_WEIGHT])  # E[S(S-1)] / (n(n-1)) = E[p^2]
-        spread = mean * (1.0 - mean)
-        variance = min(max(second - mean * mean, 1e-4 * spread), 0.98 * spread)
-        concentration = spread / variance - 1.0
-        trials = (o.rollouts * w0 + sums[_TRIALS_SUM]) / (w0 + sums[_RATE_WEIGHT])
-        return max(mean * concentration, 1e-2), max((1.0 - mean) * concentration, 1e-2), max(2, round(trials))
+        first = (0.5 * w0 + sums[_RATE_SUM]) / (w0 + sums[_PARTIAL_GROUPS])  # prior: Beta(1, 1)
+        second = (w0 / 3.0 + sums[_PAIR_SUM]) / (w0 + sums[_PARTIAL_GROUPS])
+        a, b = _beta_from_moments(first, second)
+        if sums[_PARTIAL_GROUPS] <= 0.0:
+            return a, b
+        n = sums[_TRIALS_SUM] / sums[_PARTIAL_GROUPS]
+        for _ in range(_TRUNCATION_ITERATIONS):
+            base = _log_beta(a, b)
+            p0, pn = math.exp(_log_beta(a, b + n) - base), math.exp(_log_beta(a + n, b) - base)
+            a, b = _beta_from_moments((1.0 - p0 - pn) * first + pn, (1.0 - p0 - pn) * second + pn)
+        return a, b
 
     def _history(self, ids: Tensor, step: int):
         """Per prompt: belief after its last update, row prior, excess counts, steps since, unseen."""
@@ -502,8 +512,7 @@ class ThreeStateHMM(RiskPredictor):
 
     # -- the predictor calls ----------------------------------------------------------------------
     def _predict(self, ids: Tensor, step: int) -> ThreeStateMixturePosterior:
-        a, b, k = self.rate_beta()
-        return ThreeStateMixturePosterior(self.state_belief(ids, step), a, b, k)
+        return ThreeStateMixturePosterior(self.state_belief(ids, step), *self.rate_beta())
 
     def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int):
         o, state = self.options, self.state
@@ -542,10 +551,10 @@ class ThreeStateHMM(RiskPredictor):
         state = self.state
         fade = factor(self.rates["fits"], max(step - int(state.fit_step), 0)) if int(state.fit_step) >= 0 else 1.0
         sums = state.fit_sums * fade
-        pairs = (trials >= 2).double()
-        pair_rate = successes * (successes - 1) / (trials * (trials - 1)).clamp_min(1.0)  # 0 where trials = 1
-        batch = torch.stack([torch.tensor(float(successes.numel()), dtype=torch.float64), (successes / trials).sum(),
-                             pairs.sum(), pair_rate.sum(), trials.sum()])
+        partial = states == 1  # 0 < s < n, so n >= 2
+        rate = successes[partial] / trials[partial]
+        pair_rate = successes[partial] * (successes[partial] - 1) / (trials[partial] * (trials[partial] - 1))
+        batch = torch.stack([partial.sum().double(), rate.sum(), pair_rate.sum(), trials[partial].sum()])
         sums[:_FIRST_STATES.start] += batch
         sums[_FIRST_STATES] += torch.bincount(states[unseen], minlength=NUM_STATES).double()
         return sums, torch.tensor(step, dtype=torch.int64)

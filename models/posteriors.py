@@ -86,8 +86,10 @@ class LogitNormalPosterior(SuccessPosterior):
         return (self._moment(2) - self._moment(1).square()).clamp_min(0.0)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Float64 draws: in float32 sigmoid(f) is exactly 1.0 for every f > 17, so a wide belief
+        would put a finite share of its draws on the boundary (and on `interval`'s end)."""
         eps = torch.randn((num_samples,) + tuple(self.loc.shape), generator=generator, dtype=self.loc.dtype)
-        return torch.sigmoid(self.loc + self.scale * eps)
+        return torch.sigmoid(self.loc.double() + self.scale.double() * eps.double())
 
     def log_prob(self, successes: Tensor, trials: Tensor) -> Tensor:
         return BinomialLogitNormal(trials.to(self.loc.dtype), self.loc, self.scale, validate_args=False).log_prob(
@@ -103,8 +105,11 @@ class LogitNormalPosterior(SuccessPosterior):
         return (1.0 - ends[0] - ends[1]).clamp(0.0, 1.0)
 
     def interval(self, level: float) -> tuple[Tensor, Tensor]:
+        """Quantiles of f mapped through sigmoid in float64 (as `sample`'s draws), so the ends
+        stay inside (0, 1) where float32 would round them onto 0 or 1."""
         z = float(special.ndtri(0.5 + level / 2))
-        return torch.sigmoid(self.loc - z * self.scale), torch.sigmoid(self.loc + z * self.scale)
+        loc, scale = self.loc.double(), self.scale.double()
+        return torch.sigmoid(loc - z * scale), torch.sigmoid(loc + z * scale)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Name -> class registries for every pluggable piece: predictors here; acquisition rules,
 environments and tasks in `mpts.training` use the same `Registry`.
 
-Built-ins are named as "module:Class" and imported lazily (heavy dependencies load only when
-used); users add their own with the registry's decorator (e.g. in a notebook) without touching
-library code.
+Built-ins are either named as "module:Class" and imported on first use (predictors,
+environments, tasks: heavy dependencies load only when used) or registered when their module
+is imported (the acquisition rules); users add their own with the registry's decorator (e.g. in
+a notebook) without touching library code.
 """
 
 from __future__ import annotations

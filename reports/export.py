@@ -8,7 +8,7 @@ written here holds every number the report shows, so scripts can read what peopl
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.util
 import json
 import math
 from collections.abc import Sequence
@@ -37,7 +37,8 @@ def _check_out_dir(out_dir: Path) -> None:
     """Reports are outputs: refuse to write them into the package's own source folders."""
     target = out_dir.resolve()
     for name in SOURCE_PACKAGES:
-        for folder in importlib.import_module(name).__path__:
+        # find_spec locates a package without importing it (mpts.reports never imports mpts.training)
+        for folder in importlib.util.find_spec(name).submodule_search_locations:
             package = Path(folder).resolve()
             if package.is_dir() and (target == package or package in target.parents):
                 raise ValueError(f"out_dir {out_dir} lies inside the source folder of {name} ({package}); "
@@ -195,7 +196,7 @@ def _learning(report: _Report) -> Section | None:
         return None
     table, _ = comparison_table(
         "learning", report.groups, columns,
-        "Mean over seeds with 95% bootstrap interval. Gain: mean of the last three evaluations minus the "
+        "Mean over seeds with 95% Student-t interval. Gain: mean of the last three evaluations minus the "
         "evaluation before the first step. Recently trained prompts: those trained since the previous "
         "evaluation, scored as the held-out set is (greedy for the LM). Overlap: share of a step's batch "
         "already trained in the previous 20 steps (mean over steps). Top 10%: share of all updates on the "

@@ -27,6 +27,30 @@ def test_mopps_update_by_hand():
     assert untouched.mean.item() == pytest.approx(1.0 / 3.0)
 
 
+@pytest.mark.parametrize("decay_unobserved", [False, True])
+def test_prediction_is_the_prior_the_next_update_starts_from(decay_unobserved):
+    """After 8/8 at decay 0.9: the next update starts from Beta(0.9 * 9 + 0.1, 1) = Beta(8.2, 1),
+    so that is the prediction (MoPPS predicts the undecayed Beta(9, 1))."""
+    predictor = make(decay=0.9, decay_unobserved=decay_unobserved)
+    ids = torch.tensor([2])
+    predictor.observe(ids, torch.tensor([8.0]), torch.tensor([8.0]), step=0)
+    posterior = predictor.predict(ids, step=1)
+    assert (posterior.alpha.item(), posterior.beta.item()) == pytest.approx((8.2, 1.0))
+    assert torch.equal(torch.stack(predictor.decayed_prior(ids, 1)), torch.stack([posterior.alpha, posterior.beta]))
+    program = predictor.program(ids, torch.tensor([3.0]), torch.tensor([8.0]), step=1)
+    assert torch.equal(program.args[0], posterior.alpha) and torch.equal(program.args[1], posterior.beta)
+
+
+def test_mopps_exact_predicts_the_undecayed_posterior():
+    predictor = make(decay=0.9, mopps_exact=True)
+    ids = torch.tensor([2])
+    predictor.observe(ids, torch.tensor([8.0]), torch.tensor([8.0]), step=0)
+    posterior = predictor.predict(ids, step=1)
+    assert (posterior.alpha.item(), posterior.beta.item()) == pytest.approx((9.0, 1.0))
+    predictor.observe(ids, torch.tensor([0.0]), torch.tensor([8.0]), step=1)  # the update still decays first
+    assert (predictor.state.alpha[2].item(), predictor.state.beta[2].item()) == pytest.approx((8.2, 9.0))
+
+
 def test_lazy_decay_equals_step_by_step_decay():
     lam, a0, b0 = 0.8, 1.0, 1.0
     predictor = make(4, decay=lam, decay_unobserved=True)
@@ -92,3 +116,13 @@ def test_float_ids_are_a_type_error():
 def test_unknown_option_is_an_error():
     with pytest.raises(Exception, match="decay_rate"):
         BetaBernoulliOptions(decay_rate=0.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_load_rejects_non_finite_state_and_keeps_its_own(bad):
+    predictor = make(4)
+    state = predictor.state_dict()
+    state["state"]["alpha"][1] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        predictor.load_state_dict(state)
+    assert torch.equal(predictor.state.alpha, torch.ones(4))

@@ -101,13 +101,15 @@ def _three_state(n=4):
     return ThreeStateCount(probs, 1.5, 2.5, torch.full((n,), 8.0, dtype=torch.float64))
 
 
-def test_three_state_count_is_a_normalised_pmf_with_the_state_masses():
+def test_three_state_count_is_the_binomial_mixture_of_its_three_rate_states():
     d = _three_state()
     pmf = d.log_prob(torch.arange(9, dtype=torch.float64).unsqueeze(1).expand(9, 4)).exp()
     assert torch.allclose(pmf.sum(0), torch.ones(4, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(pmf[0], d.state_probs[:, 0]) and torch.allclose(pmf[8], d.state_probs[:, 2])
-    assert torch.allclose(pmf[1:8].sum(0), d.state_probs[:, 1])
-    posterior = ThreeStateMixturePosterior(d.state_probs, 1.5, 2.5, 8)
+    bb = torch.from_numpy(stats.betabinom(8, 1.5, 2.5).pmf(np.arange(9))).unsqueeze(1)
+    w = d.state_probs
+    assert torch.allclose(pmf[0], w[:, 0] + w[:, 1] * bb[0]) and torch.allclose(pmf[8], w[:, 2] + w[:, 1] * bb[8])
+    assert torch.allclose(pmf[1:8], w[:, 1] * bb[1:8])
+    posterior = ThreeStateMixturePosterior(d.state_probs, 1.5, 2.5)
     assert torch.allclose(posterior.p_informative(8), 1 - pmf[0] - pmf[8], atol=1e-6)
     unchecked = ThreeStateCount(d.state_probs, 1.5, 2.5, d.total_count, validate_args=False)
     assert unchecked.log_prob(torch.tensor([9.0, -1.0, 2.5, 3.0], dtype=torch.float64))[:3].eq(-math.inf).all()
@@ -132,3 +134,96 @@ def test_predictive_is_a_pyro_likelihood_whose_samples_follow_its_pmf(make):
             pyro.sample("s", d, obs=observed)
     trace = pyro.poutine.trace(model).get_trace()
     assert torch.allclose(trace.log_prob_sum(), d.log_prob(observed).sum())
+
+
+# -- conformance in the style of Pyro's own distribution tests --------------------------------------
+COUNT_DISTRIBUTIONS = {
+    "binomial_logit_normal": lambda: BinomialLogitNormal(torch.tensor([8.0, 5.0, 8.0]), torch.tensor([0.5, -2.0, 6.0]),
+                                                         torch.tensor([1.0, 4.0, 8.0]), validate_args=False),
+    "three_state": lambda: ThreeStateCount(
+        torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [1.0, 0.0, 0.0]], dtype=torch.float64), 1.5, 2.5,
+        torch.tensor([8.0, 5.0, 8.0], dtype=torch.float64), validate_args=False),
+}
+
+
+def _pmf_table(d, top=8):
+    counts = torch.arange(top + 1, dtype=d.mean.dtype).unsqueeze(1).expand(top + 1, *d.batch_shape)
+    return d.log_prob(counts).exp().double()
+
+
+@pytest.mark.parametrize("name", sorted(COUNT_DISTRIBUTIONS))
+def test_pmf_sums_to_one_and_mean_variance_are_its_moments(name):
+    d = COUNT_DISTRIBUTIONS[name]()
+    pmf = _pmf_table(d)
+    assert torch.allclose(pmf.sum(0), torch.ones(3, dtype=torch.float64), atol=1e-9)
+    counts = torch.arange(9, dtype=torch.float64).unsqueeze(1)
+    mean = (pmf * counts).sum(0)
+    assert torch.allclose(d.mean.double(), mean, atol=1e-5)
+    assert torch.allclose(d.variance.double(), (pmf * (counts - mean).square()).sum(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(COUNT_DISTRIBUTIONS))
+def test_sample_frequencies_pass_a_chi_square_test_against_the_pmf(name):
+    d = COUNT_DISTRIBUTIONS[name]()
+    torch.manual_seed(1)
+    draws = d.sample((4000,))
+    assert draws.shape == (4000, 3)
+    pmf = _pmf_table(d)
+    for i in range(3):
+        observed = torch.bincount(draws[:, i].long(), minlength=9).double()
+        expected = 4000 * pmf[:, i]
+        assert observed[expected == 0].sum() == 0, "a draw outside the support"
+        keep = expected > 0
+        if int(keep.sum()) < 2:  # a point mass: the support check above is the whole test
+            continue
+        statistic = float(((observed[keep] - expected[keep]).square() / expected[keep]).sum())
+        assert stats.chi2.sf(statistic, int(keep.sum()) - 1) > 1e-3, (name, i, statistic)
+
+
+@pytest.mark.parametrize("name", sorted(COUNT_DISTRIBUTIONS))
+def test_batch_shapes_and_expand_keep_the_parameters_and_the_validation_flag(name):
+    d = COUNT_DISTRIBUTIONS[name]()
+    assert d.batch_shape == (3,) and d.event_shape == ()
+    assert d.sample((5,)).shape == (5, 3) and d.sample().shape == (3,)
+    wide = d.expand((2, 3))
+    assert wide.batch_shape == (2, 3) and wide.sample((4,)).shape == (4, 2, 3)
+    assert wide._validate_args is False
+    assert torch.allclose(wide.mean, d.mean.expand(2, 3)) and torch.allclose(wide.variance, d.variance.expand(2, 3))
+    checked = type(d).__new__(type(d))
+    checked.__dict__.update(d.__dict__)
+    checked._validate_args = True
+    assert checked.expand((2, 3))._validate_args is True
+    value = torch.tensor([3.0, 0.0, 8.0], dtype=d.mean.dtype)
+    assert torch.allclose(wide.log_prob(value), d.log_prob(value).expand(2, 3))
+
+
+@pytest.mark.parametrize("name", sorted(COUNT_DISTRIBUTIONS))
+def test_validation_rejects_values_outside_the_support(name):
+    d = COUNT_DISTRIBUTIONS[name]()
+    checked = type(d).__new__(type(d))
+    checked.__dict__.update(d.__dict__)
+    checked._validate_args = True
+    with pytest.raises(ValueError):
+        checked.log_prob(torch.tensor([9.0, 0.0, 1.0], dtype=d.mean.dtype))
+    with pytest.raises(ValueError):
+        checked.log_prob(torch.tensor([2.5, 0.0, 1.0], dtype=d.mean.dtype))
+
+
+def test_validation_rejects_bad_parameters():
+    with pytest.raises(ValueError):
+        BinomialLogitNormal(torch.tensor([8.0]), torch.tensor([0.0]), torch.tensor([-1.0]), validate_args=True)
+    with pytest.raises(ValueError):
+        ThreeStateCount(torch.tensor([[0.5, 0.6, 0.2]]), 1.0, 1.0, torch.tensor([8.0]), validate_args=True)
+
+
+def test_wide_float32_logit_normal_interval_covers_its_level_of_draws():
+    """loc 6, scale 8 in float32: sigmoid rounds every f > 17 to 1.0; the interval and the draws
+    must still agree (a "90%" interval holding 90% of the draws, not 94.9%)."""
+    posterior = LogitNormalPosterior(torch.tensor([6.0]), torch.tensor([8.0]))
+    draws = posterior.sample(100000, torch.Generator().manual_seed(0))[:, 0]
+    for level in (0.5, 0.9):
+        lo, hi = posterior.interval(level)
+        assert float(hi) < 1.0
+        inside = float(((draws >= lo) & (draws <= hi)).double().mean())
+        assert abs(inside - level) < 3 * math.sqrt(level * (1 - level) / 100000) + 1e-3, (level, inside)
+    assert float((draws == 1.0).double().mean()) < 1e-3

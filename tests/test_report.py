@@ -215,8 +215,10 @@ def test_reference_roles_are_read_from_the_runs_not_from_the_rule_registry(tmp_p
     assert groups["uniform"]["paired_differences"]["my_baseline"]["baseline"] == "beta · my_baseline"
 
 
-def test_reports_never_import_training():
-    code = ("import sys, mpts.reports.export, mpts.reports.measures; "
+def test_reports_never_import_training(tmp_path):
+    """Neither on import nor at run time (the out-dir check locates source folders unimported)."""
+    code = ("import sys, pathlib, mpts.reports.export, mpts.reports.measures; "
+            f"mpts.reports.export._check_out_dir(pathlib.Path({str(tmp_path)!r})); "
             "bad = [m for m in sys.modules if m.startswith('mpts.training')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

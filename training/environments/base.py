@@ -1,7 +1,7 @@
 """The environment seam: what the common loop needs from a learner it trains.
 
-Two implementations: the simulated learner (`training.simulator`, known truth, milliseconds a
-step) and the LM + GRPO environment (`training.lm_env`). The loop never knows which it drives.
+Two implementations: the simulated learner (`training.environments.simulator`, known truth,
+milliseconds a step) and the LM + GRPO environment (`training.environments.lm.env`). The loop never knows which it drives.
 """
 
 from __future__ import annotations
