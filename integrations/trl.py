@@ -18,13 +18,19 @@ generation: the dataloader reads ahead). The dataloader still runs; it only tick
   Rank 0's selection is broadcast, and every process observes the same gathered rewards, so the
   predictor state is identical on every rank.
 - Rewards: TRL's weighted sum over reward functions; a completion counts as a success when it is
-  >= `success_threshold` (default 1.0; rewards need not be binary). Completions no function could
-  score (all None) are not trials; a prompt with none is recorded as `failed` and not observed.
-- The run folder (default `<output_dir>/mpts`) holds config.yaml, trace.parquet, metrics.parquet
-  and summary.json in mpts's schema, rewritten after every generation (rank 0 only).
-- Checkpoints: the selector state and the rows so far are saved into each TRL checkpoint
-  (`mpts_selector.pt`, `mpts_trace.parquet`, `mpts_metrics.parquet`) and restored with
-  `trainer.train(resume_from_checkpoint=...)`.
+  >= `success_threshold` (default 1.0; rewards need not be binary). Completions without a usable
+  reward (None/NaN from every function, or +-inf from any: `training/rewards.py`) are not trials,
+  are counted in the metrics' `nonfinite_rewards` and named in a `RewardWarning`; a prompt with
+  none is recorded as `failed` and not observed; a generation with none at all stops training with
+  one line, unless `missing_rewards="skip"` records it as failed and goes on.
+- The run folder (default `<output_dir>/mpts`) is written by the mpts loop's `RunRecorder` (rank 0
+  only): config.yaml, then parts with a manifest as the run goes (at each TRL checkpoint, and every
+  few thousand rows or minute), and trace.parquet, metrics.parquet and summary.json when `train()`
+  returns, so a generation costs what it adds, not a rewrite of the run so far.
+- Checkpoints: each TRL checkpoint holds `mpts_selector.pt` (the selector state and the generation),
+  and the run folder gets the matching mpts checkpoint; `trainer.train(resume_from_checkpoint=...)`
+  restores the selector and continues the run folder, setting rows written after that checkpoint
+  aside (never deleting them).
 """
 
 from __future__ import annotations
@@ -34,21 +40,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from mpts.inference.scoring import run_summary
 from mpts.models.extras import import_extra
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import get_acquisition_class, reference_role
 from mpts.training.embeddings import text_pool
 from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, successes_of
-from mpts.training.run_dir import TRACE_SCHEMA, _write_parquet, write_json
+from mpts.training.recorder import RunRecorder, step_metrics, summary_record, trace_rows
+from mpts.training.rewards import MissingRewards, usable_rewards
+from mpts.training.run_dir import RunFolderError
 from mpts.training.selector import Selector
 
 trl = import_extra("trl", "trl")
@@ -56,8 +59,6 @@ datasets = import_extra("datasets", "trl")
 accelerate_utils = import_extra("accelerate.utils", "trl")
 
 SELECTOR_FILE = "mpts_selector.pt"
-TRACE_FILE = "mpts_trace.parquet"
-METRICS_FILE = "mpts_metrics.parquet"
 
 
 class SelectionOptions(BaseModel):
@@ -75,6 +76,8 @@ class SelectionOptions(BaseModel):
     seed: int | None = Field(None, description="seed of the selector's random streams; None: GRPOConfig.seed")
     target_accuracy: float = Field(0.5, gt=0.0, le=1.0, description="recorded for `mpts report` (rollouts to target)")
     run_dir: str | None = Field(None, description="mpts run folder; None: <output_dir>/mpts")
+    missing_rewards: MissingRewards = Field("error", description="a generation with no usable reward: 'error' "
+                                            "stops training, 'skip' records it as failed and goes on")
 
 
 class SelectiveGRPOTrainer(trl.GRPOTrainer):
@@ -99,20 +102,27 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
         rule = rule_cls(rule_cls.Options(**options.rule_options))
         self.selector = Selector(predictor, rule, k=self.num_generations, seed=seed)
         self.mpts_dir = Path(options.run_dir) if options.run_dir else Path(self.args.output_dir) / "mpts"
+        self.recorder = RunRecorder(self.mpts_dir)
         self._generation = 0  # generations completed (the trace's step of the next one)
-        self._mpts_trace: list[pd.DataFrame] = []
-        self._mpts_metrics: list[dict[str, Any]] = []
+        self._cumulative_rollouts = 0
+        self._wall_before = 0.0  # wall seconds of the run before this train() call (a resume)
         self._captured_rewards: torch.Tensor | None = None
         self._clock = time.perf_counter()
         self._last_observed = self._clock
 
     # -- training ----------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if not resume_from_checkpoint and (self.mpts_dir / "trace.parquet").exists():
-            raise FileExistsError(f"{self.mpts_dir} already holds an mpts trace; resume from a checkpoint "
-                                  "(resume_from_checkpoint=...) or choose another output_dir / run_dir")
+        if not resume_from_checkpoint:
+            try:  # every rank checks before rank 0 writes anything (that is after the first broadcast)
+                self.recorder.folder.check_new()
+            except FileExistsError:
+                raise FileExistsError(f"{self.mpts_dir} already holds an mpts run; resume from a checkpoint "
+                                      "(resume_from_checkpoint=...) or choose another output_dir / run_dir") from None
         self._clock = self._last_observed = time.perf_counter()
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.accelerator.is_main_process and self._generation > 0:
+            self._finish()
+        return result
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -142,9 +152,13 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
         output = super()._generate_and_score_completions(chosen)
         rolled = time.perf_counter()
 
-        per_func = self._captured_rewards.detach().cpu()
-        rewards = (per_func * self.reward_weights.cpu().unsqueeze(0)).nansum(dim=1).view(batch_size, k)
-        scored = ~torch.isnan(per_func).all(dim=1).view(batch_size, k)
+        per_func = self._captured_rewards.detach().cpu().double()  # [B x k, functions], NaN where None
+        usable = torch.from_numpy(usable_rewards(per_func.numpy(), self.reward_func_names, step,
+                                                 self.selection.missing_rewards,
+                                                 "selection={'missing_rewards': 'skip'}"))
+        weighted = torch.where(per_func.isfinite(), per_func, 0.0) * self.reward_weights.cpu().double().unsqueeze(0)
+        rewards = weighted.sum(dim=1).view(batch_size, k)
+        scored = usable.view(batch_size, k)
         successes = successes_of(rewards, self.selection.success_threshold, scored).float()
         trials = scored.sum(dim=1).float()
         failed = trials == 0
@@ -153,91 +167,93 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
         if bool((~failed).any()):
             diagnostics = self.selector.observe(rows[~failed], successes[~failed], trials[~failed], step)
         observed = time.perf_counter()
-        self._record(step, rows, successes, trials, failed, columns, selection.seconds, diagnostics,
-                     rollout=rolled - started, observe=observed - rolled, train=started - self._last_observed)
-        self._last_observed = observed
+        self._cumulative_rollouts += batch_size * k  # unusable rollouts were generated all the same
+        metrics = step_metrics(
+            step, successes, trials, failed, rollouts=batch_size * k, cumulative_rollouts=self._cumulative_rollouts,
+            wall_seconds=self._wall_before + observed - self._clock,
+            seconds={**selection.seconds, "rollout": rolled - started, "observe": observed - rolled,
+                     "train": started - self._last_observed},
+            diagnostics=diagnostics, nonfinite_rewards=int((~usable).sum()),
+            extra={"global_step": int(self.state.global_step)})
+        if self.accelerator.is_main_process:
+            if not (self.mpts_dir / "config.yaml").exists():
+                self.recorder.folder.create(self._config_yaml(batch_size))
+            self.recorder.add_step(step, trace_rows(step, rows, successes, trials, columns, self.selection.rule,
+                                                    failed=failed), metrics)
+        self._last_observed = time.perf_counter()  # the run folder's write is not training time
         self._generation += 1
         return output
 
     # -- the run folder ----------------------------------------------------------------------------
-    def _record(self, step, rows, successes, trials, failed, columns, seconds, diagnostics, *, rollout, observe, train):
-        trace = pd.DataFrame({"step": step, "prompt_id": rows.numpy(), "successes": successes.long().numpy(),
-                              "trials": trials.long().numpy(), **columns, "selected_by": self.selection.rule,
-                              "kept": (~failed).numpy(), "failed": failed.numpy(), "true_p": np.nan})
-        good = ~failed
-        informative = ((successes > 0) & (successes < trials))[good]
-        previous = self._mpts_metrics[-1]["cumulative_rollouts"] if self._mpts_metrics else 0
-        rollouts = int(rows.shape[0] * self.num_generations)
-        elbo = diagnostics.get("elbo")
-        self._mpts_trace.append(trace)
-        self._mpts_metrics.append({
-            "step": step, "rollouts": rollouts, "cumulative_rollouts": previous + rollouts,
-            "prompts_rolled_out": int(rows.shape[0]),
-            "effective_ratio": float(informative.float().mean()) if bool(good.any()) else float("nan"),
-            "train_accuracy": float(successes[good].sum() / trials[good].sum()) if bool(good.any()) else float("nan"),
-            "eval_accuracy": float("nan"), "wall_seconds": time.perf_counter() - self._clock,
-            "predict_seconds": seconds.get("predict", float("nan")), "select_seconds": seconds.get("select", float("nan")),
-            "rollout_seconds": rollout, "observe_seconds": observe, "train_seconds": train,
-            "elbo": float(np.mean(elbo)) if elbo is not None and len(np.atleast_1d(elbo)) else float("nan"),
-            "global_step": int(self.state.global_step),
-        })
-        if self.accelerator.is_main_process:
-            self._write_run_folder()
-
-    def _write_run_folder(self) -> None:
-        self.mpts_dir.mkdir(parents=True, exist_ok=True)
+    def _config_yaml(self, batch_size: int) -> str:
         o = self.selection
-        config = {"name": "trl", "source": "trl", "seed": self.selector.streams.seed, "k": self.num_generations,
-                  "batch_size": int(self._mpts_metrics[0]["prompts_rolled_out"]), "candidate_ratio": o.candidate_ratio,
-                  "success_threshold": o.success_threshold, "target_accuracy": o.target_accuracy,
-                  "predictor": {"name": o.predictor, **o.predictor_options},
-                  "acquisition": {"name": o.rule, **o.rule_options}}
-        (self.mpts_dir / "config.yaml.tmp").write_text(yaml.safe_dump(config, sort_keys=False))
-        (self.mpts_dir / "config.yaml.tmp").replace(self.mpts_dir / "config.yaml")
-        trace, metrics = self._tables()
-        _write_parquet(trace, self.mpts_dir / "trace.parquet")
-        _write_parquet(metrics, self.mpts_dir / "metrics.parquet")
-        # the same per-run numbers as the mpts loop writes (one summary path: scoring.run_summary)
-        write_json(self.mpts_dir / "summary.json", {
-            "predictor": o.predictor, "acquisition": o.rule, "seed": self.selector.streams.seed,
-            "reference": reference_role(self.selector.rule), "initial_eval_accuracy": float("nan"),
-            **run_summary(trace.to_pandas(), metrics.to_pandas(), o.target_accuracy)})
+        return yaml.safe_dump({
+            "name": "trl", "source": "trl", "seed": self.selector.streams.seed, "k": self.num_generations,
+            "batch_size": batch_size, "candidate_ratio": o.candidate_ratio,
+            "success_threshold": o.success_threshold, "target_accuracy": o.target_accuracy,
+            "predictor": {"name": o.predictor, **o.predictor_options},
+            "acquisition": {"name": o.rule, **o.rule_options}}, sort_keys=False)
 
-    def _tables(self) -> tuple[pa.Table, pa.Table]:
-        trace = pd.concat(self._mpts_trace, ignore_index=True) if self._mpts_trace else pd.DataFrame(columns=TRACE_SCHEMA.names)
-        return (pa.Table.from_pandas(trace, schema=TRACE_SCHEMA, preserve_index=False),
-                pa.Table.from_pandas(pd.DataFrame(self._mpts_metrics), preserve_index=False))
+    def _generations_total(self) -> int:
+        """Generations in this training run (progress.json): optimiser steps x accumulation / generate_every."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return max(self._generation, math.ceil(self.state.max_steps * self.args.gradient_accumulation_steps
+                                               / generate_every))
+
+    def _finish(self) -> None:
+        o = self.selection
+        self.recorder.finish(
+            lambda trace, metrics: summary_record(
+                config_name="trl", predictor=o.predictor, acquisition=o.rule, environment="trl",
+                seed=self.selector.streams.seed, target_accuracy=o.target_accuracy,
+                reference=reference_role(self.selector.rule), trace=trace, metrics=metrics),
+            self.selector.predictor.state_dict(), None, self._generation, self._generations_total())
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
+        if not self.args.should_save or self._generation == 0:
             return
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        trace, metrics = self._tables()
-        _write_parquet(trace, folder / TRACE_FILE)
-        _write_parquet(metrics, folder / METRICS_FILE)
-        torch.save({"selector": self.selector.state_dict(), "generation": self._generation}, folder / SELECTOR_FILE)
+        state = {"selector": self.selector.state_dict(), "generation": self._generation,
+                 "cumulative_rollouts": self._cumulative_rollouts,
+                 "wall_seconds": self._wall_before + time.perf_counter() - self._clock}
+        # the run folder's parts and checkpoint first, then the file a resume starts from
+        self.recorder.checkpoint(self._generation - 1, {"selector": state["selector"]}, self._generations_total())
+        tmp = folder / (SELECTOR_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(folder / SELECTOR_FILE)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
         folder = Path(checkpoint)
-        missing = [name for name in (SELECTOR_FILE, TRACE_FILE, METRICS_FILE) if not (folder / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"checkpoint {folder} has no {', '.join(missing)}: it was not written by "
+        if not (folder / SELECTOR_FILE).is_file():
+            raise FileNotFoundError(f"checkpoint {folder} has no {SELECTOR_FILE}: it was not written by "
                                     "SelectiveGRPOTrainer, so the selector cannot resume from it")
         try:
             state = torch.load(folder / SELECTOR_FILE, weights_only=True)
-            trace = pq.read_table(folder / TRACE_FILE).to_pandas()
-            metrics = pq.read_table(folder / METRICS_FILE).to_pandas()
+            generation = int(state["generation"])
         except Exception as error:  # a truncated or foreign file
-            raise ValueError(f"checkpoint {folder}: the mpts selector files are unreadable ({error})") from None
+            raise ValueError(f"checkpoint {folder}: {SELECTOR_FILE} is unreadable ({error})") from None
+        plan = None
+        if self.accelerator.is_main_process:  # only rank 0 writes the run folder; check it before any change
+            try:
+                plan = self.recorder.folder.plan_resume(rollback_to=generation)
+            except RunFolderError as error:
+                raise ValueError(f"checkpoint {folder} continues the mpts run folder {self.mpts_dir}, which cannot "
+                                 f"resume: {error}") from None
+            if plan.step != generation - 1:
+                raise ValueError(f"checkpoint {folder} is after generation {generation - 1}, but the mpts run folder "
+                                 f"{self.mpts_dir} has its last checkpoint at generation {plan.step}; resume from the "
+                                 "TRL checkpoint written with it, or set selection={'run_dir': ...} to that run's folder")
         self.selector.load_state_dict(state["selector"])
-        self._generation = int(state["generation"])
-        self._mpts_trace = [trace] if len(trace) else []
-        self._mpts_metrics = metrics.to_dict("records")
+        if plan is not None:
+            self.recorder.folder.apply(plan)
+        self._generation = generation
+        self._cumulative_rollouts = int(state.get("cumulative_rollouts", 0))
+        self._wall_before = float(state.get("wall_seconds", 0.0))
 
 
 def _prompt_text(prompt: Any) -> str:

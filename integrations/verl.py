@@ -18,9 +18,9 @@ The sampler selects lazily, when the dataloader asks for a batch's first index, 
 the dataloader chooses several batches ahead, so selection would run blind). The v1 trainer builds
 its own sampler and has no prompt hook, hence the legacy trainer.
 
-The run is written as an mpts run folder (`mpts.out`, default `<trainer.default_local_dir>/mpts`):
-config.yaml, trace.parquet, metrics.parquet, summary.json, so `mpts report` and `mpts replay` read
-it as they read `mpts run`'s; its steps count from 0 (verl's global step minus one). The selector's
+The run is written as an mpts run folder (`mpts.out`, default `<trainer.default_local_dir>/mpts`) by
+the loop's `RunRecorder`: parts with a manifest as the run goes, then trace.parquet, metrics.parquet
+and summary.json, so `mpts report` and `mpts replay` read it as they read `mpts run`'s; its steps count from 0 (verl's global step minus one). The selector's
 state is saved next to verl's checkpoint (`global_step_N/mpts_selector.pt`) and restored with it;
 verl's validation metrics stay in verl's own logger (eval_accuracy is empty in the mpts metrics).
 """

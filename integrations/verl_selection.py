@@ -3,8 +3,11 @@ observe verl's scored batch, write the mpts run folder.
 
 verl keys a prompt by `extra_info["index"]`; so does mpts (the Selector's ids are those labels, in
 dataset order, so a selector row is a dataset position). A rollout succeeds when its reward is
->= `success_threshold`; a prompt's k rollouts give (successes, trials). Steps are mpts's, from 0:
-verl's global step minus one.
+>= `success_threshold`; a prompt's k rollouts give (successes, trials). A rollout whose reward is
+None, NaN or infinite is not a trial (`training/rewards.py`: counted in `nonfinite_rewards`,
+warned about; a step with none usable is an error unless `mpts.missing_rewards=skip`). Steps are
+mpts's, from 0: verl's global step minus one. The run folder is written by the loop's
+`RunRecorder`.
 """
 
 from __future__ import annotations
@@ -20,16 +23,15 @@ import torch
 import yaml
 from pydantic import Field, ValidationError
 
-from mpts.inference.scoring import run_summary
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import get_acquisition_class, reference_role
 from mpts.models.options import StrictOptions
 from mpts.training.config import ComponentConfig, _check_component, format_errors
 from mpts.training.embeddings import text_pool
-from mpts.training.environments.base import Outcomes
-from mpts.training.loop import trace_rows
-from mpts.training.run_dir import RunFolder, RunFolderError
+from mpts.training.recorder import RunRecorder, step_metrics, summary_record, trace_rows
+from mpts.training.rewards import MissingRewards, NoUsableRewardError, usable_rewards
+from mpts.training.run_dir import RunFolderError
 from mpts.training.selector import Selection, Selector
 from mpts.training.state_file import load_state, save_state
 
@@ -62,6 +64,8 @@ class SelectionConfig(StrictOptions):
     seed: int = 0
     out: str | None = Field(None, description="the mpts run folder; default <trainer.default_local_dir>/mpts")
     target_accuracy: float = Field(0.6, gt=0.0, le=1.0, description="recorded for `mpts report`")
+    missing_rewards: MissingRewards = Field("error", description="a step with no usable (finite) reward: 'error' "
+                                            "stops training, 'skip' records it as failed and goes on")
 
 
 def read_selection_config(raw: dict[str, Any]) -> SelectionConfig:
@@ -129,7 +133,8 @@ class PromptSelection:
         predictor = predictor_cls(pool, options.predictor.with_options(predictor_cls.Options), seed=options.seed)
         rule = rule_cls(options.acquisition.with_options(rule_cls.Options))
         self.selector = Selector(predictor, rule, k=self.k, seed=options.seed, ids=labels)
-        self.folder = RunFolder(Path(run_dir))
+        self.recorder = RunRecorder(Path(run_dir))
+        self.folder = self.recorder.folder
         self.pending: tuple[int, Selection, float] | None = None
         self.steps_done = 0  # steps observed; the next step is this one
         self.cumulative_rollouts = 0
@@ -168,7 +173,7 @@ class PromptSelection:
         """Record and flush the rows so far; returns the state to save with verl's checkpoint."""
         self.record()
         state = self.state_dict()
-        self.folder.checkpoint(self.steps_done - 1, {"selector": state["selector"]}, total_steps)
+        self.recorder.checkpoint(self.steps_done - 1, {"selector": state["selector"]}, total_steps)
         return state
 
     def resume(self, state: dict[str, Any], steps_done: int) -> None:
@@ -195,18 +200,13 @@ class PromptSelection:
     def finish(self, total_steps: int) -> dict[str, Any]:
         """Write trace.parquet, metrics.parquet, summary.json and the final predictor."""
         self.record()
-        self.folder.flush(self.steps_done - 1)
-        trace, metrics = self.folder.read_parts("trace"), self.folder.read_parts("metrics")
         options = self.options
-        summary = {
-            "config_name": "verl", "predictor": options.predictor.name, "acquisition": options.acquisition.name,
-            "environment": "verl", "seed": options.seed, "target_accuracy": options.target_accuracy,
-            "reference": reference_role(self.selector.rule), "initial_eval_accuracy": math.nan,
-            **run_summary(trace, metrics, options.target_accuracy),
-        }
-        self.folder.finalize(summary, self.selector.predictor.state_dict(), None)
-        self.folder.write_progress(self.steps_done, total_steps, "done")
-        return summary
+        return self.recorder.finish(
+            lambda trace, metrics: summary_record(
+                config_name="verl", predictor=options.predictor.name, acquisition=options.acquisition.name,
+                environment="verl", seed=options.seed, target_accuracy=options.target_accuracy,
+                reference=reference_role(self.selector.rule), trace=trace, metrics=metrics),
+            self.selector.predictor.state_dict(), None, self.steps_done, total_steps)
 
     # -- one step ------------------------------------------------------------------------------
     def choose(self) -> list[int]:
@@ -234,36 +234,38 @@ class PromptSelection:
         _, selection, started = self.pending
         observed_at = time.perf_counter()
         labels = batch_labels(infos, "verl's batch")
-        rewards = np.asarray(rewards, dtype=np.float64)
+        try:
+            rewards = np.asarray(rewards, dtype=np.float64)  # None -> NaN
+        except (TypeError, ValueError) as error:
+            raise VerlSelectionError(f"reward {self.options.reward!r} holds a value that is not a number ({error})") from None
         if rewards.shape != labels.shape:
             raise VerlSelectionError(f"verl's batch has {len(labels)} rollouts but {rewards.size} rewards")
-        bad = ~np.isfinite(rewards)
-        if bad.any():
-            raise VerlSelectionError(f"reward {self.options.reward!r} is {rewards[bad][0]} for prompt "
-                                     f"{labels[bad][0].item()!r}; rewards must be finite")
         position = self.positions_in(selection, labels)
-        wins = torch.from_numpy((rewards >= self.options.success_threshold).astype(np.float32))
+        try:
+            usable = usable_rewards(rewards[:, None], [self.options.reward], step, self.options.missing_rewards,
+                                    "mpts.missing_rewards=skip")
+        except NoUsableRewardError as error:
+            raise VerlSelectionError(str(error)) from None
+        wins = torch.from_numpy(((rewards >= self.options.success_threshold) & usable).astype(np.float32))
         successes = torch.zeros(self.batch_size).index_add_(0, position, wins)
-        trials = torch.bincount(position, minlength=self.batch_size).float()
-        columns = self.selector.prediction_columns(selection.posterior, successes, trials, step)
-        diagnostics = self.selector.observe(selection.ids, successes, trials, step)
+        trials = torch.zeros(self.batch_size).index_add_(0, position, torch.from_numpy(usable.astype(np.float32)))
+        failed = trials == 0
+        columns = self.selector.prediction_columns(selection.posterior, successes, trials, step, failed)
+        diagnostics = {}
+        if bool((~failed).any()):
+            diagnostics = self.selector.observe(np.asarray(selection.ids)[~failed.numpy()], successes[~failed],
+                                                trials[~failed], step)
         observe_seconds = time.perf_counter() - observed_at
         # the trace's prompt_id is the label where labels are integers, else the dataset row
         ids = torch.as_tensor(selection.ids) if np.asarray(selection.ids).dtype.kind in "iu" else selection.rows
-        outcomes = Outcomes(ids.long(), successes, trials)
-        trace = trace_rows(step, outcomes, columns, torch.ones(self.batch_size, dtype=torch.bool),
-                           self.selector.rule.name)
-        self.cumulative_rollouts += int(trials.sum())
-        metrics = {
-            "step": step, "rollouts": int(trials.sum()), "cumulative_rollouts": self.cumulative_rollouts,
-            "prompts_rolled_out": self.batch_size, "effective_ratio": float(outcomes.informative.float().mean()),
-            "train_accuracy": float((successes / trials).mean()), "eval_accuracy": math.nan,
-            **{f"{phase}_seconds": seconds for phase, seconds in selection.seconds.items()},
-            "rollout_seconds": observed_at - started - sum(selection.seconds.values()),
-            "observe_seconds": observe_seconds, "train_seconds": 0.0,
-            "elbo": float(np.mean(diagnostics["elbo"])) if diagnostics.get("elbo") else math.nan,
-            "failed_prompts": 0,
-        }
+        trace = trace_rows(step, ids.long(), successes, trials, columns, self.selector.rule.name, failed=failed)
+        self.cumulative_rollouts += len(rewards)  # unusable rollouts were generated all the same
+        metrics = step_metrics(
+            step, successes, trials, failed, rollouts=len(rewards), cumulative_rollouts=self.cumulative_rollouts,
+            wall_seconds=math.nan,  # set by `record`, when the step's training has ended
+            seconds={**selection.seconds, "rollout": observed_at - started - sum(selection.seconds.values()),
+                     "observe": observe_seconds, "train": 0.0},
+            diagnostics=diagnostics, nonfinite_rewards=int((~usable).sum()))
         self.pending, self.steps_done = None, step + 1
         self.row = (step, trace, metrics, started)
 
@@ -277,7 +279,7 @@ class PromptSelection:
             return
         step, trace, metrics, started = self.row
         self.wall_seconds += time.perf_counter() - started
-        self.folder.add_step(step, trace, {**metrics, "wall_seconds": self.wall_seconds})
+        self.recorder.add_step(step, trace, {**metrics, "wall_seconds": self.wall_seconds})
         self.row = None
 
     def positions_in(self, selection: Selection, labels: np.ndarray) -> torch.Tensor:

@@ -155,3 +155,56 @@ def test_resume_and_rollback_from_the_command_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "--rollback-to 4" in err
     assert main(["run", "--resume", str(folder), "--rollback-to", "4"]) == 0
     assert main(["run", "quickstart", "--rollback-to", "4"]) == 2
+
+
+def recorded_step(step, rows=3):
+    """A step's rows as every way in builds them (recorder.trace_rows / step_metrics)."""
+    import numpy as np
+    import torch
+
+    from mpts.inference.schema import PREDICTION_COLUMNS
+    from mpts.training.recorder import step_metrics, trace_rows
+
+    successes, trials = torch.tensor([1.0, 0.0, 4.0][:rows]), torch.full((rows,), 4.0)
+    failed = torch.zeros(rows, dtype=torch.bool)
+    columns = {name: np.full(rows, 0.5) for name in PREDICTION_COLUMNS}
+    trace = trace_rows(step, torch.arange(rows) + 10 * step, successes, trials, columns, "uniform", failed=failed)
+    metrics = step_metrics(step, successes, trials, failed, rollouts=4 * rows, cumulative_rollouts=4 * rows * (step + 1),
+                           wall_seconds=float(step), seconds={"predict": 0.0}, diagnostics={})
+    return trace, metrics
+
+
+def test_the_recorder_writes_each_step_once_in_parts_of_bounded_size(tmp_path):
+    from mpts.training.recorder import RunRecorder
+
+    recorder = RunRecorder(tmp_path / "r", flush_rows=6, flush_seconds=float("inf"))
+    recorder.folder.create("name: t\n")
+    for step in range(5):
+        recorder.add_step(step, *recorded_step(step))
+    spans = [(p.kind, p.first, p.last, p.rows) for p in recorder.folder.manifest()]
+    # a part as soon as 6 rows are buffered; step 4 waits in memory
+    assert spans == [("metrics", 0, 1, 2), ("trace", 0, 1, 6), ("metrics", 2, 3, 2), ("trace", 2, 3, 6)]
+    first = snapshot(tmp_path / "r" / "parts")["trace-0000000-0000001.parquet"]
+    recorder.checkpoint(5 - 1, {"selector": {}}, 6)  # a checkpoint writes what is buffered, then the state
+    recorder.add_step(5, *recorded_step(5))
+    assert [p.last for p in recorder.folder.manifest()][-1] == 4 and recorder.folder.checkpoint_steps() == [4]
+    summary = recorder.finish(lambda trace, metrics: {"rows": len(trace), "steps": len(metrics)}, {}, None, 6, 6)
+    assert summary == {"rows": 18, "steps": 6}
+    assert snapshot(tmp_path / "r" / "parts")["trace-0000000-0000001.parquet"] == first  # never rewritten
+    trace = pd.read_parquet(tmp_path / "r" / "trace.parquet")
+    assert trace["step"].tolist() == [s for s in range(6) for _ in range(3)] and trace["kept"].all()
+    metrics = pd.read_parquet(tmp_path / "r" / "metrics.parquet")
+    assert metrics["nonfinite_rewards"].tolist() == [0] * 6 and metrics["effective_ratio"].tolist() == pytest.approx([1 / 3] * 6)
+    # and a resume from the checkpoint at step 4 keeps exactly the parts up to it
+    plan = RunRecorder(tmp_path / "r").folder.plan_resume()
+    assert plan.step == 4 and [p.last for p in plan.keep] == [1, 1, 3, 3, 4, 4]
+
+
+def test_the_recorder_writes_a_part_when_time_has_passed(tmp_path):
+    from mpts.training.recorder import RunRecorder
+
+    recorder = RunRecorder(tmp_path / "r", flush_rows=10**6, flush_seconds=0.0)
+    recorder.folder.create("name: t\n")
+    for step in range(3):
+        recorder.add_step(step, *recorded_step(step))
+    assert [(p.first, p.last) for p in recorder.folder.manifest() if p.kind == "trace"] == [(0, 0), (1, 1), (2, 2)]

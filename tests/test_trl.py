@@ -8,6 +8,7 @@ and a 2-process run (torchrun, gloo) are checked as well.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from mpts.inference.scoring import run_summary  # noqa: E402
 from mpts.models.registry import get_predictor_class  # noqa: E402
 from mpts.training.acquisition import get_acquisition_class  # noqa: E402
 from mpts.training.cli import main  # noqa: E402
+from mpts.training.rewards import NoUsableRewardError, RewardWarning  # noqa: E402
 from mpts.training.selector import Selector  # noqa: E402
 
 K, THRESHOLD = 4, 1.0
@@ -101,25 +103,34 @@ def test_mpts_report_and_replay_read_the_run_folder(run, tmp_path):
         assert recorded == pytest.approx(value, nan_ok=True), key
 
 
-def test_resume_from_a_checkpoint_restores_the_selector_and_the_rows(run, tmp_path):
+def test_resume_from_a_checkpoint_restores_the_selector_and_continues_the_run_folder(run, tmp_path):
     out, trainer, _ = run
     copy = tmp_path / "run"
     shutil.copytree(out / "checkpoint-2", copy / "checkpoint-2")  # stopped after optimiser step 2 (1 generation)
     saved = torch.load(copy / "checkpoint-2" / "mpts_selector.pt", weights_only=True)
-    assert saved["generation"] == 1
+    assert saved["generation"] == 1 and saved["cumulative_rollouts"] == 16
 
-    resumed = trl_harness.make_trainer(copy)
     with pytest.raises(FileNotFoundError, match="no mpts_selector.pt"):
         empty = tmp_path / "foreign" / "checkpoint-2"
         shutil.copytree(out / "checkpoint-2", empty)
         (empty / "mpts_selector.pt").unlink()
         trl_harness.make_trainer(tmp_path / "foreign").train(resume_from_checkpoint=str(empty))
+    # the rows before the checkpoint live in the run folder: without it the resume is refused, naming it
+    with pytest.raises(ValueError, match="mpts run folder .* cannot resume: .*no such folder"):
+        trl_harness.make_trainer(copy).train(resume_from_checkpoint=str(copy / "checkpoint-2"))
+    shutil.copytree(out / "mpts", copy / "mpts")  # the finished run's folder: steps 1-2 will be redone
+    resumed = trl_harness.make_trainer(copy)
     resumed.train(resume_from_checkpoint=str(copy / "checkpoint-2"))
     trace = pd.read_parquet(copy / "mpts" / "trace.parquet")
     original = pd.read_parquet(out / "mpts" / "trace.parquet")
     # no lost or repeated generation; the rows before the checkpoint are the original's
-    assert sorted(trace["step"].unique()) == [0, 1, 2]
+    assert sorted(trace["step"].unique()) == [0, 1, 2] and len(trace) == len(original)
     pd.testing.assert_frame_equal(trace[trace.step == 0], original[original.step == 0])
+    assert pd.read_parquet(copy / "mpts" / "metrics.parquet")["cumulative_rollouts"].tolist() == [16, 32, 48]
+    # the rows the first run wrote after the checkpoint are set aside, not deleted
+    orphaned = sorted(p.name for p in (copy / "mpts" / "parts" / ".orphaned").rglob("*.parquet"))
+    assert orphaned == ["metrics-0000001-0000001.parquet", "metrics-0000002-0000002.parquet", "metrics.parquet",
+                        "trace-0000001-0000001.parquet", "trace-0000002-0000002.parquet", "trace.parquet"]
     # the resumed predictor is exactly the outcomes of its trace fed in order
     reference = reference_selector(resumed)
     for step, rows in trace.groupby("step"):
@@ -128,8 +139,24 @@ def test_resume_from_a_checkpoint_restores_the_selector_and_the_rows(run, tmp_pa
     for key, value in reference.state_dict()["predictor"]["state"].items():
         torch.testing.assert_close(resumed.selector.state_dict()["predictor"]["state"][key], value)
 
-    with pytest.raises(FileExistsError, match="already holds an mpts trace"):
+    with pytest.raises(FileExistsError, match="already holds an mpts run"):
         trl_harness.make_trainer(copy).train()
+
+
+def test_the_run_folder_is_written_in_parts_with_a_manifest(run):
+    out, _, _ = run
+    folder = out / "mpts"
+    manifest = json.loads((folder / "parts" / "manifest.json").read_text())["parts"]
+    # one part per TRL checkpoint (save_steps=2: after each generation), each with its checksum
+    assert [(p["kind"], p["first"], p["last"], p["rows"]) for p in manifest] == [
+        ("metrics", 0, 0, 1), ("trace", 0, 0, 4), ("metrics", 1, 1, 1), ("trace", 1, 1, 4),
+        ("metrics", 2, 2, 1), ("trace", 2, 2, 4)]
+    assert sorted(p.name for p in (folder / "checkpoints").glob("step-*.pt")) == [
+        "step-0000000.pt", "step-0000001.pt", "step-0000002.pt"]
+    assert json.loads((folder / "progress.json").read_text()) == {"step": 3, "steps": 3, "status": "done"}
+    parts = pd.concat([pd.read_parquet(folder / "parts" / p["file"]) for p in manifest if p["kind"] == "trace"],
+                      ignore_index=True)
+    pd.testing.assert_frame_equal(parts, pd.read_parquet(folder / "trace.parquet"))
 
 
 def test_bad_selection_options_are_refused_before_training(tmp_path):
@@ -175,12 +202,14 @@ def test_num_iterations_reuses_each_generation(tmp_path):
         assert len(rows) == 2 and call["idx"] == np.repeat(rows["prompt_id"].to_numpy(), K).tolist()
 
 
-def test_prompts_no_reward_function_scores_are_failed_and_not_observed(tmp_path):
+def test_prompts_no_reward_function_scores_are_failed_counted_warned_and_not_observed(tmp_path):
     trl_harness.CALLS.clear()
     trl_harness.UNSCORED.update(range(0, 24, 2))  # every even prompt id
     try:
         trainer = trl_harness.make_trainer(tmp_path, max_steps=4, save_steps=10)
-        trainer.train()
+        with pytest.warns(RewardWarning, match=r"rollouts have no usable reward \(reward function 'parity' gave "
+                                               r"\d+ None/NaN; 'bonus' gave \d+ None/NaN\)"):
+            trainer.train()
     finally:
         trl_harness.UNSCORED.clear()
     trace = pd.read_parquet(tmp_path / "mpts" / "trace.parquet")
@@ -188,9 +217,43 @@ def test_prompts_no_reward_function_scores_are_failed_and_not_observed(tmp_path)
     assert even.any() and (~even).any()
     assert trace.loc[even, "failed"].all() and (trace.loc[even, "trials"] == 0).all() and not trace.loc[even, "kept"].any()
     assert trace.loc[even, "pred_log_prob"].isna().all() and not trace.loc[~even, "failed"].any()
+    # each step's metrics count the rollouts without a usable reward (K per even prompt)
+    metrics = pd.read_parquet(tmp_path / "mpts" / "metrics.parquet")
+    assert metrics["nonfinite_rewards"].tolist() == (trace[even].groupby("step").size() * K).reindex(
+        metrics["step"], fill_value=0).tolist()
+    assert metrics["failed_prompts"].tolist() == trace.groupby("step")["failed"].sum().tolist()
     reference = reference_selector(trainer)
     for step, rows in trace[~even].groupby("step"):
         reference.observe(torch.tensor(rows["prompt_id"].to_numpy()), torch.tensor(rows["successes"].to_numpy()),
                           torch.tensor(rows["trials"].to_numpy()), step)
     for key, value in reference.state_dict()["predictor"]["state"].items():
+        torch.testing.assert_close(trainer.selector.state_dict()["predictor"]["state"][key], value)
+
+
+def test_an_infinite_reward_is_not_a_success(tmp_path):
+    trl_harness.INFINITE.update(range(24))  # parity pays +inf: the weighted sum would pass any threshold
+    try:
+        trainer = trl_harness.make_trainer(tmp_path, max_steps=2, save_steps=10, selection={"missing_rewards": "skip"})
+        with pytest.warns(RewardWarning, match=r"16 of 16 rollouts .*'parity' gave 16 inf"):
+            trainer.train()
+    finally:
+        trl_harness.INFINITE.clear()
+    trace = pd.read_parquet(tmp_path / "mpts" / "trace.parquet")
+    assert (trace["successes"] == 0).all() and (trace["trials"] == 0).all() and trace["failed"].all()
+    assert pd.read_parquet(tmp_path / "mpts" / "metrics.parquet")["nonfinite_rewards"].tolist() == [16]
+
+
+def test_a_generation_without_any_usable_reward_stops_training_with_one_line(tmp_path):
+    trl_harness.UNSCORED.update(range(24))
+    try:
+        trainer = trl_harness.make_trainer(tmp_path / "run", max_steps=2, save_steps=10)
+        before = copy.deepcopy(trainer.selector.state_dict())
+        with pytest.raises(NoUsableRewardError) as refused:
+            trainer.train()
+    finally:
+        trl_harness.UNSCORED.clear()
+    message = str(refused.value)
+    assert "\n" not in message and "step 0: 16 of 16 rollouts have no usable reward" in message
+    assert "'parity' gave 16 None/NaN; 'bonus' gave 16 None/NaN" in message and "'missing_rewards': 'skip'" in message
+    for key, value in before["predictor"]["state"].items():  # nothing was observed
         torch.testing.assert_close(trainer.selector.state_dict()["predictor"]["state"][key], value)

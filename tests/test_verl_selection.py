@@ -8,12 +8,14 @@ import copy
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from mpts.integrations.verl_selection import (PromptSelection, VerlSelectionError, checked_labels,
                                               read_selection_config)
 from mpts.training.cli import main as mpts_main
+from mpts.training.rewards import RewardWarning
 
 B, K, RATIO, N = 3, 4, 2, 20
 
@@ -67,7 +69,11 @@ def test_the_run_folder_is_read_by_mpts_report_and_mpts_replay(tmp_path):
     (lambda infos, rewards: (np.array([{}] * len(infos)), rewards), "missing or None at row 0"),
     (lambda infos, rewards: (np.array([{"index": 100}] * len(infos)), rewards), "every row has extra_info"),
     (lambda infos, rewards: (None, rewards), "has no extra_info"),
-    (lambda infos, rewards: (infos, np.where(np.arange(len(rewards)) == 2, np.nan, rewards)), "must be finite"),
+    (lambda infos, rewards: (infos, np.full(len(rewards), np.nan)),
+     r"step 1: 12 of 12 rollouts have no usable reward \(reward function 'score' gave 12 None/NaN\).*"
+     r"mpts.missing_rewards=skip"),
+    (lambda infos, rewards: (infos, np.where(np.arange(len(rewards)) == 2, "high", rewards.astype(object))),
+     "reward 'score' holds a value that is not a number"),
     (lambda infos, rewards: (np.concatenate([infos[:-1], [{"index": 999}]]), rewards), "unknown prompt id 999"),
     (lambda infos, rewards: (infos[np.array([i["index"] != infos[0]["index"] for i in infos])],
                              rewards[np.array([i["index"] != infos[0]["index"] for i in infos])]),
@@ -167,3 +173,43 @@ def test_a_bad_mpts_section_is_refused_naming_the_field(raw, message):
 def test_labels_verl_would_collapse_are_refused(labels, message):
     with pytest.raises(VerlSelectionError, match=message):
         checked_labels(labels, "training data")
+
+
+def test_rollouts_without_a_usable_reward_are_counted_warned_and_not_trials(tmp_path):
+    selection, generator = make_selection(tmp_path), np.random.default_rng(7)
+    rows = selection.choose()
+    infos, rewards = rollouts(selection, rows, generator)
+    labels = np.array([info["index"] for info in infos])
+    broken = selection.labels[rows[0]]  # every rollout of the first prompt: None, NaN or inf
+    spoiled = rewards.astype(object)
+    spoiled[np.flatnonzero(labels == broken)] = [None, np.nan, np.inf, -np.inf]
+    spoiled[np.flatnonzero(labels != broken)[0]] = np.nan  # and one rollout of another prompt
+    reference = copy.deepcopy(selection.selector)
+    with pytest.warns(RewardWarning, match=r"step 0: 5 of 12 rollouts have no usable reward \(reward function "
+                                           r"'score' gave 3 None/NaN, 2 inf\)"):
+        selection.observe(infos, spoiled, 0)
+    trace, metrics = selection.row[1], selection.row[2]
+    assert metrics["nonfinite_rewards"] == 5 and metrics["failed_prompts"] == 1 and metrics["rollouts"] == B * K
+    first = trace["prompt_id"] == broken
+    assert trace.loc[first, "failed"].all() and (trace.loc[first, "trials"] == 0).all()
+    assert trace.loc[~first, "trials"].sum() == 2 * K - 1 and not trace.loc[~first, "failed"].any()
+    # only the usable rollouts of the other prompts were observed
+    usable = ~first.to_numpy()
+    reference.observe(selection.labels[np.asarray(rows)[usable]], torch.tensor(trace.loc[usable, "successes"].to_numpy()),
+                      torch.tensor(trace.loc[usable, "trials"].to_numpy()), 0)
+    torch.testing.assert_close(selection.selector.predictor.state_dict()["state"],
+                               reference.predictor.state_dict()["state"], rtol=0, atol=0)
+
+
+def test_a_step_without_usable_rewards_is_recorded_as_failed_when_asked(tmp_path):
+    selection, generator = make_selection(tmp_path, missing_rewards="skip"), np.random.default_rng(8)
+    before = copy.deepcopy(selection.selector.predictor.state_dict())
+    infos, rewards = rollouts(selection, selection.choose(), generator)
+    with pytest.warns(RewardWarning, match="12 of 12 rollouts"):
+        selection.observe(infos, np.full(len(rewards), np.nan), 0)
+    torch.testing.assert_close(selection.selector.predictor.state_dict()["state"], before["state"], rtol=0, atol=0)
+    selection.observe(*rollouts(selection, selection.choose(), generator), 1)
+    selection.finish(total_steps=2)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    recorded = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert recorded["nonfinite_rewards"].tolist() == [B * K, 0] and recorded["failed_prompts"].tolist() == [B, 0]

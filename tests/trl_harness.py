@@ -19,10 +19,12 @@ import torch
 
 CALLS: list[dict] = []
 UNSCORED: set[int] = set()  # prompt ids no reward function can score (both return None)
+INFINITE: set[int] = set()  # prompt ids `parity` scores +inf (a broken reward function)
 
 
 def parity(prompts, completions, idx, **_):
-    rewards = [None if i in UNSCORED else float(len(c) > 0 and ord(c[0]) % 2 == 0) for c, i in zip(completions, idx)]
+    rewards = [None if i in UNSCORED else float("inf") if i in INFINITE else float(len(c) > 0 and ord(c[0]) % 2 == 0)
+               for c, i in zip(completions, idx)]
     CALLS.append({"idx": list(map(int, idx)), "parity": rewards})
     return rewards
 

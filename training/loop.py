@@ -25,7 +25,6 @@ import pyro
 import torch
 import yaml
 
-from mpts.inference.scoring import run_summary
 from mpts.models.base import RiskPredictor
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import Acquisition, get_acquisition_class, reference_role, sample_candidates
@@ -33,7 +32,8 @@ from mpts.training.config import RunConfig, config_to_yaml, validate_config
 from mpts.training.diagnostics import TrainingHistory, eligible_candidates, trained_accuracy
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
 from mpts.training.memory import check_fits, run_need
-from mpts.training.run_dir import RunFolder
+from mpts.training.recorder import RunRecorder, step_metrics, summary_record, trace_rows
+from mpts.training.run_dir import RunFolder  # noqa: F401  (tests patch loop.RunFolder)
 from mpts.training.selector import Selector
 from mpts.training.threads import intra_op_threads
 
@@ -74,24 +74,6 @@ class StepTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def trace_rows(step: int, outcomes: Outcomes, columns: dict[str, np.ndarray], kept: torch.Tensor,
-               rule: str) -> pd.DataFrame:
-    n = outcomes.ids.shape[0]
-    frame = {
-        "step": np.full(n, step, dtype=np.int64),
-        "prompt_id": outcomes.ids.numpy().astype(np.int64),
-        "successes": outcomes.successes.numpy().astype(np.int64),
-        "trials": outcomes.trials.numpy().astype(np.int64),
-        **columns,
-        "selected_by": np.full(n, rule, dtype=object),
-        "kept": kept.numpy(),
-        "failed": outcomes.failed.numpy(),
-        "true_p": (outcomes.true_p.double().numpy() if outcomes.true_p is not None
-                   else np.full(n, np.nan)),
-    }
-    return pd.DataFrame(frame)
-
-
 def rollout_in_chunks(env: Environment, ids: torch.Tensor, batch_size: int, k: int) -> tuple[Outcomes, torch.Tensor]:
     """DAPO dynamic sampling: roll out chunks of B until B informative groups are kept.
 
@@ -130,15 +112,11 @@ def posterior_draws(selector: Selector, env: Environment, step: int, num_prompts
 
 def summarize(config: RunConfig, rule: Acquisition, trace: pd.DataFrame, metrics: pd.DataFrame,
               initial_evals: dict[str, float]) -> dict[str, Any]:
-    """summary.json: what the run was (and whether its rule is a reference arm), the evaluations
-    before the first step (`initial_eval_accuracy`, and the LM's greedy and sampled ones), then run_summary."""
-    initial = {f"initial_{key}": float(value) for key, value in initial_evals.items()}
-    return {
-        "config_name": config.name, "predictor": config.predictor.name, "acquisition": config.acquisition.name,
-        "environment": config.env.name, "seed": config.seed, "target_accuracy": config.target_accuracy,
-        "reference": reference_role(rule), **initial,
-        **run_summary(trace, metrics, config.target_accuracy, initial),
-    }
+    """summary.json of a loop run (`recorder.summary_record`: the same fields for every way in)."""
+    return summary_record(config_name=config.name, predictor=config.predictor.name,
+                          acquisition=config.acquisition.name, environment=config.env.name, seed=config.seed,
+                          target_accuracy=config.target_accuracy, reference=reference_role(rule),
+                          trace=trace, metrics=metrics, initial_evals=initial_evals)
 
 
 @contextmanager
@@ -194,16 +172,17 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
     A resumed folder's `config.yaml` is data: the plugin modules it names are imported only when
     the caller trusts them (`trusted_plugins`, or the plugins of the `config` passed in).
     """
-    folder = RunFolder(Path(out_dir))
+    recorder = RunRecorder(Path(out_dir))
     try:
-        return _run_in(folder, config, resume=resume, rollback_to=rollback_to, progress=progress,
+        return _run_in(recorder, config, resume=resume, rollback_to=rollback_to, progress=progress,
                        trusted_plugins=tuple(config.plugins) if config is not None else tuple(trusted_plugins))
     finally:
-        folder.unlock()
+        recorder.folder.unlock()
 
 
-def _run_in(folder: RunFolder, config: RunConfig | None, *, resume: bool, rollback_to: int | None,
+def _run_in(recorder: RunRecorder, config: RunConfig | None, *, resume: bool, rollback_to: int | None,
             progress: ProgressCallback | None, trusted_plugins: tuple[str, ...]) -> dict[str, Any]:
+    folder = recorder.folder
     if resume:
         config_yaml = folder.config_yaml()  # first: a folder that is not a run is named as such
         folder.lock()  # a second writer is refused before it reads anything a writer may change
@@ -281,7 +260,8 @@ def _run_in(folder: RunFolder, config: RunConfig | None, *, resume: bool, rollba
             with intra_op_threads(config.predictor_threads):
                 columns = selector.prediction_columns(selection.posterior.take(rolled), outcomes.successes,
                                                       outcomes.trials, step, outcomes.failed)
-            trace = trace_rows(step, outcomes, columns, kept, rule.name)
+            trace = trace_rows(step, outcomes.ids, outcomes.successes, outcomes.trials, columns, rule.name,
+                               kept=kept, failed=outcomes.failed, true_p=outcomes.true_p)
 
             ok = ~outcomes.failed
             with timer("observe"), intra_op_threads(config.predictor_threads), predictor_failures(config, step):
@@ -302,21 +282,16 @@ def _run_in(folder: RunFolder, config: RunConfig | None, *, resume: bool, rollba
             spent = int(outcomes.trials.sum())  # failed prompts still cost their rollouts
             cumulative += spent
             wall += time.perf_counter() - step_start
-            rate = (outcomes.successes[ok] / outcomes.trials[ok]).mean() if bool(ok.any()) else torch.tensor(float("nan"))
-            metrics = {
-                "step": step, "rollouts": spent, "cumulative_rollouts": cumulative,
-                "prompts_rolled_out": int(outcomes.ids.shape[0]),
-                "effective_ratio": float(outcomes.informative[ok].float().mean()) if bool(ok.any()) else float("nan"),
-                "train_accuracy": float(rate), **evals, **spread, "wall_seconds": wall,
-                **{f"{phase}_seconds": seconds for phase, seconds in timer.seconds.items()},
-                **{key: float(value) for key, value in outcomes.info.items() if key.endswith("_seconds")},
-                "elbo": float(np.mean(diagnostics["elbo"])) if diagnostics.get("elbo") else float("nan"),
-                "failed_prompts": int(outcomes.failed.sum()),
-                **{f"train_{key}": float(value) for key, value in train_info.items()},
-            }
-            folder.add_step(step, trace, metrics)
+            metrics = step_metrics(
+                step, outcomes.successes, outcomes.trials, outcomes.failed, rollouts=spent,
+                cumulative_rollouts=cumulative, wall_seconds=wall,
+                seconds={**timer.seconds, **{key[:-len("_seconds")]: float(value) for key, value
+                                             in outcomes.info.items() if key.endswith("_seconds")}},
+                diagnostics=diagnostics,
+                extra={**evals, **spread, **{f"train_{key}": float(value) for key, value in train_info.items()}})
+            recorder.add_step(step, trace, metrics)
             if (step + 1) % config.checkpoint_every == 0 or step == config.steps - 1:
-                folder.checkpoint(step, {
+                recorder.checkpoint(step, {
                     "selector": selector.state_dict(), "env": env.state_dict(),
                     "torch_rng": torch.get_rng_state(),  # environments (e.g. the LM) may draw from it
                     "cumulative_rollouts": cumulative, "wall_seconds": wall,
@@ -326,11 +301,9 @@ def _run_in(folder: RunFolder, config: RunConfig | None, *, resume: bool, rollba
             if progress is not None:
                 progress(step + 1, config.steps, metrics)
 
-        trace, metrics_frame = folder.read_parts("trace"), folder.read_parts("metrics")
-        summary = summarize(config, rule, trace, metrics_frame, initial_evals)
         draws = posterior_draws(selector, env, config.steps, config.posterior_draws_prompts)
-        folder.finalize(summary, selector.predictor.state_dict(), draws)
-        folder.write_progress(config.steps, config.steps, "done")
+        summary = recorder.finish(lambda trace, metrics: summarize(config, rule, trace, metrics, initial_evals),
+                                  selector.predictor.state_dict(), draws, config.steps, config.steps)
         return summary
     finally:
         env.close()
