@@ -92,11 +92,12 @@ def test_replay_command_prints_and_writes_json(tmp_path, capsys):
 
 def test_beta_replay_reproduces_the_log_predictive_density_from_before_issue_9():
     """A fixed trace and the density the closed-form Beta update gave at commit 2aec53d
-    (tests/fixtures/replay_beta_reference.json); a change of update maths moves it."""
+    (tests/fixtures/replay_beta_reference.json); a change of update maths moves it. That beta
+    predicted the undecayed posterior, as MoPPS does: `mopps_exact` must reproduce it exactly."""
     from pathlib import Path
     fixtures = Path(__file__).parent / "fixtures"
     reference = json.loads((fixtures / "replay_beta_reference.json").read_text())["beta"]
     trace = read_trace(fixtures / "replay_trace.csv")
     for case in reference.values():
-        scores, _ = replay(trace, "beta", case["options"])
+        scores, _ = replay(trace, "beta", {**case["options"], "mopps_exact": True})
         assert abs(scores["log_predictive_density"] - case["log_predictive_density"]) < 1e-9, case
