@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from mpts.inference.scoring import run_summary
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import get_acquisition_class, reference_role
 from mpts.models.options import StrictOptions
-from mpts.training.config import ComponentConfig, _check_component, format_errors
+from mpts.training.config import ComponentConfig, OneLineErrors, _check_component
 from mpts.training.embeddings import text_pool
 from mpts.training.environments.base import Outcomes
 from mpts.training.loop import trace_rows
@@ -37,8 +37,10 @@ class VerlSelectionError(ValueError):
     """A verl setup or batch the adapter cannot select from; the message names what is wrong."""
 
 
-class SelectionConfig(StrictOptions):
-    """The `mpts:` section of the verl config."""
+class SelectionConfig(OneLineErrors, StrictOptions):
+    """The `mpts:` section of the verl config; a bad value is a one-line ValueError, also from Python."""
+
+    error_prefix = "mpts"
 
     predictor: ComponentConfig = ComponentConfig(name="beta")
     acquisition: ComponentConfig = ComponentConfig(name="thompson_target")
@@ -54,10 +56,11 @@ def read_selection_config(raw: dict[str, Any]) -> SelectionConfig:
     """Validate the `mpts:` section, component options included; one line naming each bad field."""
     try:
         options = SelectionConfig(**raw)
+    except ValueError as error:  # already one line, "mpts: <field>: ..."
+        raise VerlSelectionError(str(error)) from None
+    try:
         _check_component("predictor", options.predictor, get_predictor_class)
         _check_component("acquisition", options.acquisition, get_acquisition_class)
-    except ValidationError as error:
-        raise VerlSelectionError("mpts: " + format_errors(error)) from None
     except ValueError as error:
         raise VerlSelectionError(f"mpts.{error}") from None
     return options
