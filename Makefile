@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-OUT    ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 # This machine's exact versions (the CPU torch wheel first of all); the package declares ranges.
 PIN    := -c constraints/cpu.txt
 
@@ -27,7 +27,7 @@ system-deps:
 	  else echo "chromium not found and cannot be installed here: the browser test will be skipped"; fi; }
 
 demo: setup
-	$(BIN)/mpts ablate quickstart --out $(OUT)
+	$(BIN)/mpts ablate demo --out $(OUT)
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
