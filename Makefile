@@ -8,7 +8,7 @@ OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 # This machine's exact versions (the CPU torch wheel first of all); the package declares ranges.
 PIN    := -c constraints/cpu.txt
 
-.PHONY: setup demo test test-core test-vllm test-verl check-resolve bench gpu-check system-deps clean
+.PHONY: setup demo test test-core test-vllm test-verl check-resolve resolve-verl resolve-trl resolve-torch-low bench gpu-check system-deps clean
 
 setup: $(STAMP)
 
@@ -81,13 +81,18 @@ check-resolve:
 	rm -rf $(RESOLVE_VENV)
 	$(PYTHON) -m venv $(RESOLVE_VENV)
 	$(RESOLVE_VENV)/bin/python -m pip install -q --upgrade 'pip>=24'
-	# verl 0.9.1's GPU extra: torch 2.11.0, transformers 5.9.0, vllm 0.24.0
-	$(RESOLVE) '.[verl,lm]' 'verl[vllm]==0.9.1'
-	# TRL 1.16 with vLLM on a GPU machine's own torch 2.11.0
-	$(RESOLVE) '.[trl]' 'trl[vllm]==1.16.0' 'torch==2.11.0'
-	# the lower end of the core's torch range
-	$(RESOLVE) . 'torch==2.4.0'
+	$(MAKE) --no-print-directory -j3 resolve-verl resolve-trl resolve-torch-low  # network-bound: side by side
 	rm -rf $(RESOLVE_VENV)
+
+# verl 0.9.1's GPU extra: torch 2.11.0, transformers 5.9.0, vllm 0.24.0
+resolve-verl:
+	$(RESOLVE) '.[verl,lm]' 'verl[vllm]==0.9.1'
+# TRL 1.16 with vLLM on a GPU machine's own torch 2.11.0
+resolve-trl:
+	$(RESOLVE) '.[trl]' 'trl[vllm]==1.16.0' 'torch==2.11.0'
+# the lower end of the core's torch range
+resolve-torch-low:
+	$(RESOLVE) . 'torch==2.4.0'
 
 bench: setup
 	$(BIN)/mpts bench --predictor beta --pool 1000000 --candidates 4096 --batch 256 --k 8 --steps 50 --json
