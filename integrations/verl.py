@@ -43,6 +43,7 @@ from mpts.training.config import ConfigError, apply_overrides
 try:
     import ray
     from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
     from omegaconf import DictConfig, OmegaConf, open_dict
     from verl.trainer import main_ppo, main_ppo_v0
     from verl.trainer.ppo.ray_trainer import RayPPOTrainer
@@ -262,8 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         config_name = flag.split("=", 1)[1] if "=" in flag else argv.pop(0)
     try:
         config = compose_config(argv, config_name)
-    except VerlSelectionError as error:
-        sys.exit(f"error: {error}")
+    except (VerlSelectionError, HydraException) as error:  # the user's overrides: one line, exit 2 like `mpts`
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
     main_ppo.auto_set_device(config)
     main_ppo.run_ppo(config, task_runner_class=SelectingTaskRunner)
 

@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import get_acquisition_class, reference_role
 from mpts.models.options import StrictOptions
-from mpts.training.config import ComponentConfig, _check_component, format_errors
+from mpts.training.config import ComponentConfig, OneLineErrors, _check_component
 from mpts.training.embeddings import text_pool
 from mpts.training.recorder import RunRecorder, step_metrics, summary_record, trace_rows
 from mpts.training.rewards import MissingRewards, NoUsableRewardError, usable_rewards
@@ -53,8 +53,10 @@ def read_selector_state(path: Path) -> dict[str, Any]:
         raise VerlSelectionError(str(error)) from None
 
 
-class SelectionConfig(StrictOptions):
-    """The `mpts:` section of the verl config."""
+class SelectionConfig(OneLineErrors, StrictOptions):
+    """The `mpts:` section of the verl config; a bad value is a one-line ValueError, also from Python."""
+
+    error_prefix = "mpts"
 
     predictor: ComponentConfig = ComponentConfig(name="beta")
     acquisition: ComponentConfig = ComponentConfig(name="thompson_target")
@@ -72,10 +74,11 @@ def read_selection_config(raw: dict[str, Any]) -> SelectionConfig:
     """Validate the `mpts:` section, component options included; one line naming each bad field."""
     try:
         options = SelectionConfig(**raw)
+    except ValueError as error:  # already one line, "mpts: <field>: ..."
+        raise VerlSelectionError(str(error)) from None
+    try:
         _check_component("predictor", options.predictor, get_predictor_class)
         _check_component("acquisition", options.acquisition, get_acquisition_class)
-    except ValidationError as error:
-        raise VerlSelectionError("mpts: " + format_errors(error)) from None
     except ValueError as error:
         raise VerlSelectionError(f"mpts.{error}") from None
     return options

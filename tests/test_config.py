@@ -104,3 +104,18 @@ def test_grpo_section_refuses_booleans_and_non_finite_numbers():
                        ("env.grpo.micro_batch_size=-1", "micro_batch_size")):
         with pytest.raises(ConfigError, match=field):
             load_config("lm_tiny", [bad])
+
+
+def test_make_demo_runs_the_small_demo_ablation_which_still_compares_against_baselines():
+    from pathlib import Path
+
+    from mpts.training.sweep import expand_grid
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    assert "$(BIN)/mpts ablate demo " in makefile
+    demo, full = load_config("demo"), load_config("quickstart")
+    runs = expand_grid(demo)
+    rules = {arm.acquisition if isinstance(arm.acquisition, str) else arm.acquisition["name"] for arm in demo.ablation.arms}
+    assert {"uniform", "dynamic_sampling", "oracle"} <= rules and len(rules) >= 4  # baselines and predictive rules
+    # a fraction of the full ablation's work (runs x steps), so it finishes while a newcomer watches
+    assert len(runs) * demo.steps <= len(expand_grid(full)) * full.steps / 4

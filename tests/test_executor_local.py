@@ -173,3 +173,14 @@ def test_killing_the_ablation_driver_takes_its_workers_with_it(tmp_path):
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_an_ablation_prints_a_line_per_finished_run_where_no_live_bar_shows(tmp_path, capsys):
+    # under pytest stdout is not a terminal, as in a log file or a pipe (`make demo | tee`)
+    config = validate_config(tiny_grid(arms=[{"predictor": "beta", "acquisition": "uniform"}],
+                                       grid={"candidate_ratio": [2, 3]}, seeds=[0]))
+    ablate(config, tmp_path / "abl", workers=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line.split()[:3] for line in lines] == [
+        ["[1/2]", "beta__uniform__candidate_ratio=2__seed0", "done"],
+        ["[2/2]", "beta__uniform__candidate_ratio=3__seed0", "done"]], lines

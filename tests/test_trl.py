@@ -159,13 +159,20 @@ def test_the_run_folder_is_written_in_parts_with_a_manifest(run):
     pd.testing.assert_frame_equal(parts, pd.read_parquet(folder / "trace.parquet"))
 
 
-def test_bad_selection_options_are_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match="predictor_option"):
-        trl_harness.make_trainer(tmp_path, selection={"predictor_option": {}})
-    with pytest.raises(ValueError, match="cannot drive TRL"):
-        trl_harness.make_trainer(tmp_path, selection={"rule": "dynamic_sampling"})
-    with pytest.raises(KeyError, match="unknown predictor 'nope'"):
-        trl_harness.make_trainer(tmp_path, selection={"predictor": "nope"})
+@pytest.mark.parametrize("selection, message", [
+    ({"candidate_ratio": 0}, "selection: candidate_ratio: Input should be greater than or equal to 1 (got 0)"),
+    ({"predictor_option": {}}, "selection: predictor_option: unknown key (known: predictor, predictor_options, "),
+    ({"predictor_options": {"decy": 0.5}}, "selection.predictor_options (beta): decy: unknown key (known: decay, "),
+    ({"rule": "thompson_target", "rule_options": {"target": 2}}, "selection.rule_options (thompson_target): target: "),
+    ({"rule": "dynamic_sampling"}, "selection.rule: acquisition 'dynamic_sampling' cannot drive TRL"),
+    ({"predictor": "nope"}, "selection.predictor: unknown predictor 'nope'; known: "),
+])
+def test_bad_selection_options_are_refused_before_training_in_one_line(tmp_path, selection, message):
+    with pytest.raises(ValueError) as refused:
+        trl_harness.make_trainer(tmp_path, selection=selection)
+    text = str(refused.value)
+    assert text.startswith(message) and "\n" not in text and "http" not in text, text
+    assert not (tmp_path / "mpts").exists()
 
 
 def test_two_processes_select_identically(tmp_path):

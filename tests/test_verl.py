@@ -308,7 +308,7 @@ def test_a_batch_with_foreign_prompts_is_refused_before_the_update(tmp_path, mod
 
 
 def test_one_command_launch_composes_verls_config_and_runs_the_mpts_task_runner(tmp_path, model_dir, data_files,
-                                                                                fake_verl, monkeypatch):
+                                                                                fake_verl, monkeypatch, capsys):
     launched = {}
     monkeypatch.setattr(adapter.main_ppo, "run_ppo",
                         lambda config, task_runner_class: launched.update(config=config, runner=task_runner_class))
@@ -320,10 +320,16 @@ def test_one_command_launch_composes_verls_config_and_runs_the_mpts_task_runner(
     assert config.trainer.use_v1 is False and config.data.dataloader_num_workers == 0
     assert (config.mpts.predictor, config.mpts.acquisition) == ({"name": "hmm3"}, {"name": "top_informative"})
     assert config.mpts.candidate_ratio == 4 and config.mpts.success_threshold == 1.0
-    with pytest.raises(SystemExit, match="data.dataloader_num_workers must be 0 \\(got 4\\)"):
-        adapter.main([f"data.train_files={train}", "data.dataloader_num_workers=4"])
-    with pytest.raises(SystemExit, match="mpts.predictor: decai: unknown key"):
-        adapter.main(["mpts.predictor.decai=0.5"])  # the default predictor, beta, has no such option
+    # every refusal: exit 2 and one line on stderr, as `mpts` (a bad verl override from Hydra included)
+    for argv, message in ([[f"data.train_files={train}", "data.dataloader_num_workers=4"],
+                           "data.dataloader_num_workers must be 0 (got 4)"],
+                          [["mpts.predictor.decai=0.5"], "mpts.predictor: decai: unknown key (known: decay"],
+                          [["mpts.candidate_ratio=0"], "mpts: candidate_ratio: Input should be greater than or equal to 1"],
+                          [["data.no_such_key=3"], "no_such_key"]):
+        with pytest.raises(SystemExit) as exited:
+            adapter.main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_the_task_runner_runs_as_a_ray_actor(tmp_path, model_dir):

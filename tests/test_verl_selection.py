@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from mpts.integrations.verl_selection import (PromptSelection, VerlSelectionError, checked_labels,
+from mpts.integrations.verl_selection import (PromptSelection, SelectionConfig, VerlSelectionError, checked_labels,
                                               read_selection_config)
 from mpts.training.cli import main as mpts_main
 from mpts.training.rewards import RewardWarning
@@ -162,8 +163,19 @@ def test_resume_checks_the_run_folder_and_sets_later_rows_aside(tmp_path):
     ({"batch": 4}, "batch: unknown key"),
 ])
 def test_a_bad_mpts_section_is_refused_naming_the_field(raw, message):
-    with pytest.raises(VerlSelectionError, match=message):
+    with pytest.raises(VerlSelectionError, match=message) as refused:
         read_selection_config(raw)
+    assert "\n" not in str(refused.value) and "http" not in str(refused.value)  # one line, no pydantic URL
+
+
+def test_the_selection_config_built_in_python_refuses_in_one_line_saying_what_to_write():
+    with pytest.raises(ValueError) as refused:
+        SelectionConfig(candidate_ratio=0, predictr={})
+    assert str(refused.value) == ("mpts: candidate_ratio: Input should be greater than or equal to 1 (got 0); "
+                                  "predictr: unknown key (known: predictor, acquisition, candidate_ratio, "
+                                  "success_threshold, reward, seed, out, target_accuracy)")
+    with pytest.raises(VerlSelectionError, match=r"^mpts.predictor: decai: unknown key \(known: decay, ") as refused:
+        read_selection_config({"predictor": {"name": "beta", "decai": 0.5}})
 
 
 @pytest.mark.parametrize("labels, message", [
@@ -213,3 +225,16 @@ def test_a_step_without_usable_rewards_is_recorded_as_failed_when_asked(tmp_path
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
     recorded = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert recorded["nonfinite_rewards"].tolist() == [B * K, 0] and recorded["failed_prompts"].tolist() == [B, 0]
+
+
+@pytest.mark.parametrize("missing", ["MODEL", "DATA"])
+def test_the_example_launch_script_refuses_a_missing_setting_with_exit_2(tmp_path, missing):
+    import os
+    import subprocess
+
+    script = Path(__file__).parents[1] / "examples" / "verl" / "run.sh"
+    env = {key: value for key, value in os.environ.items() if key not in ("MODEL", "DATA")}
+    env.update({"MODEL": "/models/qwen", "DATA": "/data/gsm8k"})
+    del env[missing]
+    done = subprocess.run([str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: set {missing} ") and done.stderr.count("\n") == 1

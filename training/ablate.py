@@ -13,6 +13,7 @@ interrupted one resumed, so re-running the same command completes an ablation.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +60,21 @@ def ablate(config: RunConfig, out_dir: Path | str, *, workers: int | None = None
     todo = [run for run in runs if summaries[run.name] is None]  # finished runs are not redone
     failures: dict[str, BaseException] = {}
     progress = _progress(show_progress)
+    # a log file or a pipe gets no live bar: one line per finished run instead
+    lines = show_progress and not progress.console.is_terminal
+    started, done = time.perf_counter(), len(runs) - len(todo)
     with progress:
-        task = progress.add_task(f"ablation {config.name} ({executor})", total=len(runs), completed=len(runs) - len(todo))
+        task = progress.add_task(f"ablation {config.name} ({executor})", total=len(runs), completed=done)
         for name, outcome in runner.execute(todo, out / "runs"):
             if isinstance(outcome, BaseException):
                 failures[name] = outcome
             else:
                 summaries[name] = outcome.summary
+            done += 1
             progress.update(task, advance=1, description=f"ablation {config.name} ({executor}): {name}")
+            if lines:
+                progress.console.print(f"[{done}/{len(runs)}] {name} {'FAILED' if name in failures else 'done'} "
+                                       f"({time.perf_counter() - started:.0f} s)", highlight=False, markup=False)
     if failures:
         first = next(iter(failures.values()))
         raise RunsFailed(f"{len(failures)} of {len(runs)} runs failed (the others are saved; re-run to retry): "

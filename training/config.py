@@ -19,7 +19,7 @@ import copy
 import importlib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -59,7 +59,7 @@ def _check_component(section: str, component: ComponentConfig, lookup) -> None:
     try:
         cls.Options(**component.options)
     except ValidationError as error:
-        raise ValueError(f"{section}: " + format_errors(error)) from None
+        raise ValueError(f"{section}: " + format_errors(error, cls.Options)) from None
 
 
 class AblationArm(StrictOptions):
@@ -160,17 +160,47 @@ class RunConfig(StrictOptions):
         return self.candidate_ratio * self.batch_size
 
 
-def format_errors(error: ValidationError) -> str:
+def format_errors(error: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """A ValidationError as one line; with `model`, an unknown top-level key lists the known ones."""
     parts = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            parts.append(f"{where}: unknown key")
+            known = f" (known: {', '.join(model.model_fields)})" if model is not None and len(item["loc"]) == 1 else ""
+            parts.append(f"{where}: unknown key{known}")
         elif item["type"] == "value_error":
             parts.append(item["msg"].removeprefix("Value error, "))
         else:
             parts.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
     return "; ".join(parts)
+
+
+class OneLineErrors(BaseModel):
+    """Base of the option models a user builds in Python (the TRL and verl adapters'): a refused
+    value raises a ValueError of one line naming each bad field, as the CLI prints, instead of
+    pydantic's several-line ValidationError. `error_prefix` names the model as the user wrote it."""
+
+    error_prefix: ClassVar[str] = ""
+
+    def __init__(self, **values: Any):
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ValueError(f"{self.error_prefix or type(self).__name__}: {format_errors(error, type(self))}") from None
+
+
+def build_options(model: type[BaseModel], values: Any, where: str) -> Any:
+    """`model(**values)` for options a user handed to the Python API, or a ValueError of one line
+    naming `where`, each bad field and the known keys (pydantic's own message is several lines
+    and a URL)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping of option names to values, got {type(values).__name__}")
+    try:
+        return model(**values)
+    except ValidationError as error:
+        raise ValueError(f"{where}: {format_errors(error, model)}") from None
 
 
 def cli_number(kind: type, **bounds: Any):

@@ -5,7 +5,10 @@
 # Needs verl's GPU environment with mpts installed into it (README.md next to this script).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-: "${MODEL:?set MODEL to a local model directory}" "${DATA:?set DATA to the folder of train.parquet and test.parquet}"
+# a user error is one line and exit status 2, as everywhere in mpts
+refuse() { echo "error: $1" >&2; exit 2; }
+[[ -n "${MODEL:-}" ]] || refuse "set MODEL to a local model directory"
+[[ -n "${DATA:-}" ]] || refuse "set DATA to the folder of train.parquet and test.parquet"
 export MODEL DATA OUT="${OUT:-runs/verl-gsm8k}"
 selection="$here/overrides/mpts_beta.txt"
 if [[ $# -gt 0 && -f "$1" ]]; then selection="$1"; shift; fi
