@@ -3,8 +3,19 @@
 Generative model (Hensman et al. 2015, whitened inducing values, logit link):
 
     u ~ Normal(0, I_M)                                   inducing values at Z (M prompts)
-    f(x) = m + K_xZ K_ZZ^{-1/2} u  (+ the residual GP)    logit of the success rate
-    s_j ~ Binomial(k_j, sigmoid(f(x_j)))  ** w_j          w_j = lam ** (step - step_j)
+    f(x) = m + K_xZ K_ZZ^{-1/2} u (+ what Z misses)     smooth logit over the embedding
+    e_j ~ Normal(0, sigma^2)                              what the embedding does not explain
+    s_j ~ Binomial(k_j, sigmoid(f(x_j) + e_j))  ** w_j    w_j = lam ** (step - step_j)
+
+The residual e: prompts that sit close together in embedding space can still differ a lot in
+difficulty (on the simulator's features a linear fit on features and true cluster leaves a
+logit residual of sd ~1.3-1.5). Without it the model explains every outcome by the smooth f,
+whose posterior is rightly sure of the *local average*, so its intervals for one prompt's p
+were ~6x too narrow (90% predictive intervals covered ~0.55). e is integrated out in the
+likelihood (`BinomialLogitNormal`, an over-dispersed Binomial) and sigma is fitted by the same
+ELBO; the predictive for a prompt is then LogitNormal(mean_f, var_f + sigma^2). Each visit gets
+its own e (a prompt's earlier outcomes inform it only through f), which keeps the model
+stateless per prompt and its predictive calibrated; `residual_scale_init=0` drops the term.
 
 Pyro integration: GPyTorch's own `ApproximateGP.pyro_model` / `pyro_guide`. The inducing values
 are then an ordinary Pyro sample site ("gp.u", KL to the prior analytic under
@@ -55,6 +66,7 @@ from mpts.inference.forgetting import factor
 from mpts.inference.streaming import StreamingSVI, SVIState, WithModule
 
 from .base import PredictorOptions, Program, PromptPool, RiskPredictor, TensorDict
+from .distributions import BinomialLogitNormal
 from .extras import import_extra
 from .posteriors import LogitNormalPosterior
 
@@ -71,6 +83,9 @@ class EmbeddingGPOptions(PredictorOptions):
     kernel: Literal["rbf", "matern52", "matern32"] = "rbf"
     lengthscale_init: float | None = Field(None, gt=0.0, description="None: median distance between inducing points")
     outputscale_init: float = Field(1.0, gt=0.0, description="prior variance of the logit")
+    residual_scale_init: float = Field(1.0, ge=0.0, description=(
+        "sigma: sd of each prompt's logit around the smooth GP (what the embedding does not explain), "
+        "fitted with the kernel; 0: no residual term"))
     ard: bool = Field(False, description="one lengthscale per input dimension")
     learn_inducing_locations: bool = False
     learn_hyperparameters: bool = Field(True, description="fit kernel and mean by the ELBO; False: keep their initial values")
@@ -88,7 +103,7 @@ class LogitGP(gpytorch.models.ApproximateGP):
     """The latent logit f: constant mean, scaled stationary kernel, whitened inducing values."""
 
     def __init__(self, inducing_points: Tensor, kernel: str, lengthscale: float, outputscale: float,
-                 ard: bool, learn_inducing_locations: bool, learn_hyperparameters: bool):
+                 residual_scale: float, ard: bool, learn_inducing_locations: bool, learn_hyperparameters: bool):
         variational = gpytorch.variational.CholeskyVariationalDistribution(inducing_points.shape[0])
         strategy = gpytorch.variational.VariationalStrategy(
             self, inducing_points, variational, learn_inducing_locations=learn_inducing_locations)
@@ -102,9 +117,20 @@ class LogitGP(gpytorch.models.ApproximateGP):
         self.mean_module = gpytorch.means.ConstantMean()
         self.covar_module = gpytorch.kernels.ScaleKernel(base)
         self.covar_module.outputscale = outputscale
+        # sigma = softplus(raw), as GPyTorch constrains its own scales; absent when 0 (no residual term)
+        self.has_residual = residual_scale > 0
+        if self.has_residual:
+            self.raw_residual_scale = torch.nn.Parameter(
+                torch.tensor(residual_scale).expm1().log() if residual_scale < 20 else torch.tensor(residual_scale),
+                requires_grad=learn_hyperparameters)
         if not learn_hyperparameters:  # frozen: SVI fits only q(u) (and inducing locations if asked)
             for module in (self.mean_module, self.covar_module):
                 module.requires_grad_(False)
+
+    @property
+    def residual_scale(self) -> Tensor | None:
+        """sigma, the sd of a prompt's logit around f; None without the residual term."""
+        return torch.nn.functional.softplus(self.raw_residual_scale) if self.has_residual else None
 
     def forward(self, x: Tensor) -> gpytorch.distributions.MultivariateNormal:
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
@@ -117,7 +143,15 @@ def model(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, weights: Te
     f_prior = gp.pyro_model(x[idx], name_prefix=_MODULE_NAME)  # samples "gp.u" ~ p(u)
     with observations, pyro.poutine.scale(scale=weights[idx]):
         f = pyro.sample(f"{_MODULE_NAME}.f", f_prior)  # masked: q(f) is implied by q(u)
-        pyro.sample(f"{_MODULE_NAME}.s", dist.Binomial(trials[idx], logits=f), obs=successes[idx])
+        pyro.sample(f"{_MODULE_NAME}.s", likelihood(gp, trials[idx], f), obs=successes[idx])
+
+
+def likelihood(gp: LogitGP, trials: Tensor, f: Tensor) -> dist.TorchDistribution:
+    """p(s | f): Binomial(k, sigmoid(f + e)) with the residual e ~ Normal(0, sigma^2) integrated out."""
+    sigma = gp.residual_scale
+    if sigma is None:
+        return dist.Binomial(trials, logits=f)
+    return BinomialLogitNormal(trials, f, sigma.expand_as(f), validate_args=False)
 
 
 def guide(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, weights: Tensor,
@@ -174,8 +208,8 @@ class EmbeddingGP(RiskPredictor):
         lengthscale = o.lengthscale_init if o.lengthscale_init is not None else _median_distance(inducing_points)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.gp = LogitGP(inducing_points, o.kernel, lengthscale, o.outputscale_init, o.ard,
-                              o.learn_inducing_locations, o.learn_hyperparameters)
+            self.gp = LogitGP(inducing_points, o.kernel, lengthscale, o.outputscale_init, o.residual_scale_init,
+                              o.ard, o.learn_inducing_locations, o.learn_hyperparameters)
             with torch.no_grad():  # initialise q(u) to the prior now, so every parameter exists from the start
                 self.gp.train()
                 self.gp(inducing_points[:1])
@@ -200,11 +234,15 @@ class EmbeddingGP(RiskPredictor):
 
     # -- predict ----------------------------------------------------------------------------
     def _predict(self, ids: Tensor, step: int) -> LogitNormalPosterior:
+        """p = sigmoid(f + e): the GP's posterior of f plus the residual's variance."""
         loc, scale = self.latent(ids)
+        sigma = self.gp.residual_scale
+        if sigma is not None:
+            scale = (scale.square() + float(sigma.detach()) ** 2).sqrt()
         return LogitNormalPosterior(loc=loc, scale=scale)
 
     def latent(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior mean and standard deviation of the logit f for these prompts.
+        """Posterior mean and standard deviation of the smooth logit f (no residual) for these prompts.
 
         Same numbers as GPyTorch's eval-mode `gp(x)` (a test checks), with everything that does
         not depend on x folded once per update into `self._predictive` (float64):

@@ -166,20 +166,20 @@ def test_failed_update_rolls_back_everything(monkeypatch):
 
     # The likelihood breaks on the 4th SVI step: three steps have already moved the parameters.
     calls = {"n": 0}
-    binomial = gp_embed.dist.Binomial
+    likelihood = gp_embed.likelihood
 
-    def flaky_binomial(*args, **kwargs):
+    def flaky_likelihood(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:
             raise RuntimeError("simulated failure inside the likelihood")
-        return binomial(*args, **kwargs)
+        return likelihood(*args, **kwargs)
 
-    monkeypatch.setattr(gp_embed.dist, "Binomial", flaky_binomial)
+    monkeypatch.setattr(gp_embed, "likelihood", flaky_likelihood)
     batch, trials = ids[:128], torch.full((128,), float(K))
     successes = torch.binomial(trials, p[batch], generator=torch.Generator().manual_seed(9))
     with pytest.raises(RuntimeError, match="simulated failure"):
         predictor.observe(batch, successes, trials, 2)
-    monkeypatch.setattr(gp_embed.dist, "Binomial", binomial)
+    monkeypatch.setattr(gp_embed, "likelihood", likelihood)
 
     after = predictor.predict(ids, 2)
     assert torch.equal(after.loc, before.loc) and torch.equal(after.scale, before.scale)
@@ -216,11 +216,13 @@ def test_fast_predictive_matches_gpytorch():
     torch.testing.assert_close(scale, reference.variance.sqrt(), atol=1e-4, rtol=1e-4)
 
 
-def test_latent_intervals_cover_draws_from_the_gp_prior():
-    """SBC-style: f ~ GP prior, s ~ Binomial(k, sigmoid(f)); central intervals of f cover at nominal rate.
+@pytest.mark.parametrize("residual", [0.0, 0.7])
+def test_latent_intervals_cover_draws_from_the_gp_prior(residual):
+    """SBC-style: f ~ GP prior, e ~ Normal(0, residual^2), s ~ Binomial(k, sigmoid(f + e)); central
+    intervals of f cover at nominal rate (residual 0: the model without the residual term).
 
-    The kernel and mean are held at the values the data were drawn with, so this checks the
-    variational posterior itself (point-estimated hyperparameters add their own error).
+    The kernel, mean and residual scale are held at the values the data were drawn with, so this
+    checks the variational posterior itself (point-estimated hyperparameters add their own error).
     """
     levels = torch.tensor([0.5, 0.8, 0.95])
     n, replicates = 200, 4
@@ -232,9 +234,10 @@ def test_latent_intervals_cover_draws_from_the_gp_prior():
         chol = torch.linalg.cholesky(kernel + 1e-6 * torch.eye(n, dtype=torch.float64))
         f = (chol @ torch.randn(n, generator=g, dtype=torch.float64)).float()  # mean 0
         trials = torch.full((n,), 10.0)
-        successes = torch.binomial(trials, torch.sigmoid(f), generator=g)
+        successes = torch.binomial(trials, torch.sigmoid(f + residual * torch.randn(n, generator=g)), generator=g)
         options = EmbeddingGPOptions(num_inducing=48, lengthscale_init=1.0, outputscale_init=1.0,
-                                     learn_hyperparameters=False, svi_steps=100, minibatch_size=n)
+                                     residual_scale_init=residual, learn_hyperparameters=False, svi_steps=100,
+                                     minibatch_size=n)
         predictor = EmbeddingGP(PromptPool(size=n, features=x), options, seed=replicate)
         predictor.observe(torch.arange(n), successes, trials, 0)
         loc, scale = predictor.latent(torch.arange(n))
@@ -245,3 +248,34 @@ def test_latent_intervals_cover_draws_from_the_gp_prior():
     tolerance = 3 * (levels * (1 - levels) / 200).sqrt()
     assert torch.all((coverage - levels).abs() < tolerance), \
         f"coverage {coverage.tolist()} at levels {levels.tolist()} (tolerance {tolerance.tolist()})"
+
+
+def test_predictive_intervals_are_calibrated_on_a_clustered_drifting_learner():
+    """Prequential check on the simulated learner (clusters, prompts that differ within a cluster,
+    competence that grows and then jumps), choosing prompts as the target rules do (predicted
+    p nearest 1/2 among random candidates); each step's prediction is made before its outcomes.
+    The 90% predictive interval of the count must hold ~90% of them and the 90% interval for p
+    the true p ~90% of the time. Without the residual term (today's model before it) they were 0.70 / 0.33."""
+    env = SimulatedLearner(SimulatorOptions(num_prompts=600, num_clusters=4, jump_step=12, jump_size=-1.5), seed=5)
+    predictor = EmbeddingGP(env.pool, EmbeddingGPOptions(**FAST), seed=0)
+    g = torch.Generator().manual_seed(11)
+    pits, inside = [], []
+    for step in range(30):
+        candidates = torch.randperm(600, generator=g)[:192]
+        chosen = (predictor.predict(candidates, step).mean - 0.5).abs().argsort()[:48]
+        ids = candidates[chosen]
+        outcomes = env.rollout(ids, K)
+        posterior = predictor.predict(ids, step)
+        if step >= 3:  # the first steps fit the kernel from almost nothing
+            pits.append(posterior.predictive_pit(outcomes.successes, outcomes.trials, generator=g))
+            lo, hi = posterior.interval(0.9)
+            inside.append((lo <= outcomes.true_p) & (outcomes.true_p <= hi))
+        predictor.observe(ids, outcomes.successes, outcomes.trials, step)
+        env.train_on(outcomes)
+    pit = torch.cat(pits)
+    coverage = float(((pit >= 0.05) & (pit <= 0.95)).float().mean())
+    coverage_true = float(torch.cat(inside).float().mean())
+    # 27 x 48 = 1296 rows: a binomial standard error of 0.008 at 0.9; rows of one step share the
+    # GP's error, so allow 0.05 (about 6 naive standard errors, ~3 after that correlation).
+    assert abs(coverage - 0.9) < 0.05, f"90% predictive intervals hold {coverage:.3f} of the outcomes"
+    assert abs(coverage_true - 0.9) < 0.08, f"90% intervals for p hold the true p {coverage_true:.3f} of the time"
