@@ -19,13 +19,12 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-import yaml
 
 from mpts.inference.scoring import run_summary
 from mpts.models.base import RiskPredictor
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import Acquisition, get_acquisition_class, reference_role, sample_candidates
-from mpts.training.config import RunConfig, config_to_yaml, validate_config
+from mpts.training.config import ConfigError, RunConfig, config_to_yaml, parse_config_text, validate_config
 from mpts.training.diagnostics import TrainingHistory, eligible_candidates, trained_accuracy
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
 from mpts.training.memory import check_fits, run_need
@@ -163,6 +162,16 @@ def check_checkpoint_fits(saved: dict[str, Any], config: RunConfig, path: Path |
                          f"{current[key]!r} in config.yaml); nothing was changed")
 
 
+def _saved_config(folder: RunFolder) -> RunConfig:
+    """The config a resumed run was started with; a damaged config.yaml is one line naming it."""
+    source = f"{folder.root / 'config.yaml'}"
+    try:
+        text = folder.config_yaml()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{source} is not UTF-8 text (byte offset {error.start})") from None
+    return validate_config(parse_config_text(text, source, empty_ok=False))
+
+
 def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, rollback_to: int | None = None,
         progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Run (or resume) one configuration into `out_dir`; returns the summary.
@@ -173,7 +182,7 @@ def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, 
     """
     folder = RunFolder(Path(out_dir))
     if resume:
-        config = validate_config(yaml.safe_load(folder.config_yaml()))
+        config = _saved_config(folder)
         plan = folder.plan_resume(rollback_to)
         saved = plan.state
         if saved is not None:
