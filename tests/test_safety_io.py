@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -193,3 +194,28 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
 def test_errno_only_os_errors_say_what_happened():
     assert "No space left on device" in _one_line(OSError(28))
     assert "codec can't decode" in _one_line(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
+
+
+# -- issue 21.7: replay streams its input --------------------------------------------------
+
+def test_streamed_replay_gives_the_same_scores_in_any_chunk_size(tmp_path):
+    from mpts.training.replay import replay
+    from mpts.training.replay_stream import replay_file
+
+    generator = np.random.default_rng(0)
+    trials = generator.integers(1, 5, 400)
+    log = pd.DataFrame({"step": np.sort(generator.integers(0, 12, 400)),  # per-rollout rows, steps span chunks
+                        "prompt_id": generator.choice(["a", "b", "007", "7", "x y"] + list(range(40)), 400),
+                        "successes": generator.binomial(trials, 0.4), "trials": trials})
+    path = tmp_path / "log.csv"
+    log.to_csv(path, index=False)
+    whole, _ = replay(read_trace(path), "beta", {"decay": 0.9})
+    for chunk_rows in (1, 7, 64, 10**6):
+        assert same(replay_file(path, "beta", {"decay": 0.9}, chunk_rows=chunk_rows), whole), chunk_rows
+    shuffled = tmp_path / "shuffled.csv"  # steps out of order: read whole, same scores
+    log.sample(frac=1.0, random_state=1).to_csv(shuffled, index=False)
+    assert same(replay_file(shuffled, "beta", {"decay": 0.9}, chunk_rows=7), whole)
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)

@@ -170,18 +170,22 @@ def cmd_ablate(args) -> int:
 
 def cmd_replay(args) -> int:
     from mpts.training.config import apply_overrides
-    from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, read_log, replay_pool
+    from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, is_plain_trace, read_log, replay_pool
     from mpts.reports.output_paths import REPLAY_MARKER, check_scores_file
     from mpts.training.replay import replay
+    from mpts.training.replay_stream import replay_file
     from mpts.training.run_dir import to_json, write_json
 
     options = apply_overrides({}, [o.removeprefix("predictor.") for o in args.overrides])
     if args.out is not None:  # before reading anything: the scores never replace an input or a run's file
         check_scores_file(args.out, [args.trace] + ([args.prompt_info] if args.prompt_info else []))
     threshold = DEFAULT_SUCCESS_THRESHOLD if args.success_threshold is None else args.success_threshold
-    trace, texts = read_log(args.trace, success_threshold=threshold, reward_column=args.reward_column)
-    pool = replay_pool(trace, texts, args.prompt_info)
-    scores, _ = replay(trace, args.predictor, options, seed=args.seed, pool=pool)
+    if args.prompt_info is None and is_plain_trace(args.trace):  # streamed: memory grows with prompts, not rows
+        scores = replay_file(args.trace, args.predictor, options, seed=args.seed)
+    else:
+        trace, texts = read_log(args.trace, success_threshold=threshold, reward_column=args.reward_column)
+        pool = replay_pool(trace, texts, args.prompt_info)
+        scores, _ = replay(trace, args.predictor, options, seed=args.seed, pool=pool)
     scores = {**REPLAY_MARKER, **scores}  # marks the file as ours, so a later replay may replace it
     print(to_json(scores, indent=2))
     if args.out is not None:

@@ -29,7 +29,7 @@ from torch import Tensor
 from mpts.models.base import PromptPool
 from mpts.training.embeddings import text_pool
 from mpts.training.replay import TraceError, is_run_folder, read_trace, validate_trace
-from mpts.training.trace_files import TableError, as_labels, read_table
+from mpts.training.trace_files import TableError, as_labels, read_table, table_columns
 
 DEFAULT_SUCCESS_THRESHOLD = 1.0
 REWARD_COLUMNS = ("score", "reward", "acc", "correct", "success")  # looked for in this order
@@ -63,6 +63,20 @@ def read_log(path: Path | str, *, success_threshold: float = DEFAULT_SUCCESS_THR
         return rollouts_to_trace(frame, str(path), success_threshold=success_threshold,
                                  reward_column=reward_column)
     return validate_trace(frame, str(path)), None
+
+
+def is_plain_trace(path: Path | str) -> bool:
+    """A trace in the mpts schema with no prompt texts (a run folder, or a table without a
+    `prompt` column): `replay_stream.replay_file` can stream it."""
+    path = Path(path)
+    if is_run_folder(path):
+        return True
+    if not path.is_file():
+        return False
+    try:
+        return "prompt" not in table_columns(path)
+    except TableError as error:
+        raise TraceError(str(error)) from None
 
 
 def read_verl_dump(folder: Path | str, *, success_threshold: float = DEFAULT_SUCCESS_THRESHOLD,

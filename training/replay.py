@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from pydantic import ValidationError
 
-from mpts.inference.schema import OUTCOME_COLUMNS
+from mpts.inference.schema import OUTCOME_COLUMNS, SCORED_COLUMNS
 from mpts.inference.scoring import score_trace
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
@@ -145,13 +145,9 @@ def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None =
     """Score `predictor` prequentially on a validated trace; returns (scores, scored rows).
 
     `pool` carries what is known about the prompts (texts, embeddings, clusters; see
-    `mpts.training.logs.replay_pool`); without it the pool is bare ids.
+    `mpts.training.logs.replay_pool`); without it the pool is bare ids. (`replay_stream.replay_file`
+    scores a trace file in bounded memory through the same `replay_steps`.)
     """
-    cls = get_predictor_class(predictor)
-    try:
-        predictor_options = cls.Options(**(options or {}))
-    except ValidationError as error:
-        raise TraceError(f"predictor {predictor}: {format_errors(error)}") from None
     if pool is None:
         rows_of_labels, labels = pd.factorize(trace["prompt_id"], sort=False)
         size = len(labels) if num_prompts is None else num_prompts
@@ -161,21 +157,61 @@ def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None =
         rows_of_labels, size = trace["prompt_id"].to_numpy(np.int64), pool.size
         if int(rows_of_labels.max()) >= size or int(rows_of_labels.min()) < 0:
             raise TraceError(f"trace has prompt id {int(rows_of_labels.max())} but the prompt pool has {size} prompts")
+    selector, _ = replay_selector(predictor, options, size, seed, pool)
+    trace = trace.assign(_row=rows_of_labels)
+    steps = ((int(step), rows["_row"].to_numpy(), rows["successes"].to_numpy(), rows["trials"].to_numpy())
+             for step, rows in trace.groupby("step", sort=True))
+    scores, scored = replay_steps(selector, steps, predictor, keep_table=True)
+    labels_by_row = trace.drop_duplicates("_row").set_index("_row")["prompt_id"]
+    scored.insert(1, "prompt_id", labels_by_row.reindex(scored.pop("_row")).to_numpy())
+    return scores, scored
+
+
+def replay_selector(predictor: str, options: dict[str, Any] | None, size: int, seed: int,
+                    pool: PromptPool | None = None) -> tuple[Selector, Any]:
+    """A selector over `size` prompts for `predictor` with `options`, refused up front if its state
+    would not fit in memory; returns it and the checked options."""
+    cls = get_predictor_class(predictor)
+    try:
+        predictor_options = cls.Options(**(options or {}))
+    except ValidationError as error:
+        raise TraceError(f"predictor {predictor}: {format_errors(error)}") from None
     feature_dim = pool.feature_dim if pool is not None else 0
     check_fits(MemoryNeed({"distinct prompt ids": predictor_state_bytes(cls, predictor_options, size, feature_dim)}),
                f"replaying {size} prompts with {predictor}")
     pool = pool if pool is not None else PromptPool(size=size)
-    selector = Selector(cls(pool, predictor_options, seed=seed), seed=seed)
-    scored = []
-    trace = trace.assign(_row=rows_of_labels)
-    for step, rows in trace.groupby("step", sort=True):
-        ids = torch.tensor(rows["_row"].to_numpy(), dtype=torch.long)
-        successes = torch.tensor(rows["successes"].to_numpy(), dtype=torch.float32)
-        trials = torch.tensor(rows["trials"].to_numpy(), dtype=torch.float32)
-        posterior = selector.predict(ids, int(step))
-        columns = selector.prediction_columns(posterior, successes, trials, int(step))
-        scored.append(rows.drop(columns="_row").assign(**columns))
-        selector.observe(ids, successes, trials, int(step))
-    table = pd.concat(scored, ignore_index=True)
+    return Selector(cls(pool, predictor_options, seed=seed), seed=seed), predictor_options
+
+
+def replay_steps(selector: Selector, steps, predictor: str, *, keep_table: bool
+                 ) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """Feed (step, rows, successes, trials) in step order: predict, score, then observe.
+
+    Keeps the scored columns as float32 (what the predictors compute in) unless `keep_table`
+    asks for the whole scored table (with a `_row` column)."""
+    kept: dict[str, list[np.ndarray]] = {}
+    tables, count = [], 0
+    for step, rows, successes, trials in steps:
+        ids = torch.as_tensor(np.array(rows, dtype=np.int64))
+        s = torch.tensor(np.asarray(successes), dtype=torch.float32)
+        k = torch.tensor(np.asarray(trials), dtype=torch.float32)
+        posterior = selector.predict(ids, step)
+        columns = selector.prediction_columns(posterior, s, k, step)
+        selector.observe(ids, s, k, step)
+        count += 1
+        if keep_table:
+            tables.append(pd.DataFrame({"step": step, "_row": np.asarray(rows), "successes": np.asarray(successes),
+                                        "trials": np.asarray(trials), **columns}))
+        else:
+            for name in SCORED_COLUMNS:
+                value = np.asarray(successes if name == "successes" else trials if name == "trials" else columns[name])
+                kept.setdefault(name, []).append(value.astype(np.float32))
+    if count == 0:
+        raise TraceError("the trace has no rows")
+    if keep_table:
+        table = pd.concat(tables, ignore_index=True)
+    else:
+        table = pd.DataFrame({name: np.concatenate(parts) for name, parts in kept.items()})
+        kept.clear()
     table["failed"] = False
-    return {"predictor": predictor, "steps": int(trace["step"].nunique()), **score_trace(table)}, table
+    return {"predictor": predictor, "steps": count, **score_trace(table)}, (table if keep_table else None)

@@ -3,8 +3,8 @@
 Prompt ids are labels, not numbers: `7`, `007`, `7.0` and `1e2` are four prompts, and `NA`,
 `nan` or `NULL` are ids like any other. So the id and text columns are read as the text that
 was written (CSV as strings, JSON numbers with their spelling), and `as_labels` turns a column
-into int64 only when every id is an integer written plainly (`7`, never `007`), which loses
-nothing. Tables are read in chunks of `chunk_rows`, so a reader never holds the whole file.
+an id into an int only when it is an integer written plainly (`7`, never `007`), which loses
+nothing; the column is int64 when every id is. Tables are read in chunks of `chunk_rows`, so a reader never holds the whole file.
 """
 
 from __future__ import annotations
@@ -50,6 +50,18 @@ def iter_table(path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.
 def read_table(path: Path) -> pd.DataFrame:
     chunks = list(iter_table(path))
     return pd.concat(chunks) if len(chunks) > 1 else chunks[0] if chunks else pd.DataFrame()
+
+
+def table_columns(path: Path) -> list[str]:
+    """The column names of a table, read from its header (its first chunk for JSONL)."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        except Exception as error:
+            raise TableError(f"{path} could not be read as parquet: {' '.join(str(error).split())}") from None
+    return list(next(iter_table(path, chunk_rows=1000), pd.DataFrame()).columns)
 
 
 def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -106,9 +118,13 @@ def as_labels(values: pd.Series, source: str, column: str = "prompt_id") -> pd.S
     if empty.any():
         row = values.index[int(np.flatnonzero(empty)[0])]
         raise TableError(f"{source}: column {column!r} is empty at row {row}")
-    if values.str.fullmatch(_PLAIN_INTEGER.pattern).all():
+    plain = values.str.fullmatch(_PLAIN_INTEGER.pattern).to_numpy(dtype=bool)
+    if plain.all():
         return values.astype(np.int64)
-    return values.astype(object)
+    out = values.astype(object)
+    if plain.any():  # each label on its own (not per column), so a chunked read labels alike
+        out[plain] = [int(v) for v in values[plain]]
+    return out
 
 
 def _one_label(value, source: str, column: str, values: pd.Series) -> str:
