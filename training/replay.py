@@ -24,7 +24,7 @@ import torch
 from pydantic import ValidationError
 
 from mpts.inference.schema import OUTCOME_COLUMNS, SCORED_COLUMNS
-from mpts.inference.scoring import score_trace
+from mpts.inference.scoring import TRUTH_ONLY_COLUMNS, score_columns, score_trace
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.config import format_errors
@@ -202,16 +202,17 @@ def replay_steps(selector: Selector, steps, predictor: str, *, keep_table: bool
         if keep_table:
             tables.append(pd.DataFrame({"step": step, "_row": np.asarray(rows), "successes": np.asarray(successes),
                                         "trials": np.asarray(trials), **columns}))
-        else:
+        else:  # a replay knows no true p: the interval columns would never be scored
             for name in SCORED_COLUMNS:
-                value = np.asarray(successes if name == "successes" else trials if name == "trials" else columns[name])
-                kept.setdefault(name, []).append(value.astype(np.float32))
+                if name not in TRUTH_ONLY_COLUMNS:
+                    value = successes if name == "successes" else trials if name == "trials" else columns[name]
+                    kept.setdefault(name, []).append(np.asarray(value).astype(np.float32))
     if count == 0:
         raise TraceError("the trace has no rows")
-    if keep_table:
-        table = pd.concat(tables, ignore_index=True)
-    else:
-        table = pd.DataFrame({name: np.concatenate(parts) for name, parts in kept.items()})
-        kept.clear()
+    if not keep_table:
+        for name in list(kept):  # one column at a time, so the pieces and the whole never all coexist
+            kept[name] = np.concatenate(kept.pop(name))
+        return {"predictor": predictor, "steps": count, **score_columns(kept)}, None
+    table = pd.concat(tables, ignore_index=True)
     table["failed"] = False
-    return {"predictor": predictor, "steps": count, **score_trace(table)}, (table if keep_table else None)
+    return {"predictor": predictor, "steps": count, **score_trace(table)}, table
