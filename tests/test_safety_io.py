@@ -219,3 +219,16 @@ def test_streamed_replay_gives_the_same_scores_in_any_chunk_size(tmp_path):
 
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)
+
+
+def test_a_replay_that_would_not_fit_is_refused_up_front_saying_how_much(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from mpts.training import memory
+
+    path = tmp_path / "log.csv"
+    TRACE.to_csv(path, index=False)
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=100))  # state fits, rows not
+    assert main(["replay", str(path), "--predictor", "beta", "--out", str(tmp_path / "s.json")]) == 2
+    one_line_error(capsys, "would need about", "trace rows", "available")
+    assert not (tmp_path / "s.json").exists()
