@@ -302,12 +302,13 @@ def score_columns(col: Mapping[str, np.ndarray], truth: np.ndarray | None = None
     for name in SCORED_COLUMNS[2:]:  # check here so an error names the trace column
         if name in col or truth is not None:
             _floats(name, col[name], unit=name != "pred_log_prob", allow_neg_inf=name == "pred_log_prob")
-    s, k = _counts(col["successes"], col["trials"])
-    pred = _floats("pred_mean", col["pred_mean"])
+    # the columns are passed on as given: each score makes (and drops) the float64 copies it needs
+    s, k, pred = col["successes"], col["trials"], col["pred_mean"]
+    _counts(s, k)
     result["log_predictive_density"] = log_predictive_density(col["pred_log_prob"])
     result["brier"] = brier_score(pred, s, k)
     result["ece"] = expected_calibration_error(pred, s, k)
-    result["spearman_empirical"] = spearman(pred, s / k)
+    result["spearman_empirical"] = spearman(pred, np.divide(s, k, dtype=np.float64))
     result["auroc_informative"] = auroc(col["pred_p_informative"], (s > 0) & (s < k))
     result["coverage50"] = pit_coverage(col["pred_pit"], 0.5)
     result["coverage90"] = pit_coverage(col["pred_pit"], 0.9)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 TEXT_COLUMNS = ("prompt_id", "prompt")  # labels and prompt texts: never parsed as numbers
-DEFAULT_CHUNK_ROWS = 1 << 20
+DEFAULT_CHUNK_ROWS = 1 << 18  # rows per chunk: a few tens of MB whatever the file's size
 FORMATS = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
 _PLAIN_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,17})")  # spelled as str(int(x)) would spell it; fits int64
 
