@@ -73,6 +73,8 @@ def iter_trace_chunks(path: Path | str, chunk_rows: int = DEFAULT_CHUNK_ROWS) ->
 
 def read_trace(path: Path | str) -> pd.DataFrame:
     chunks = list(iter_trace_chunks(path))
+    if not chunks:
+        raise TraceError(f"{path}: the trace has no rows")
     return validate_trace(pd.concat(chunks) if len(chunks) > 1 else chunks[0], str(path))
 
 
