@@ -13,7 +13,7 @@ scores) that the loop writes to summary.json and ablate, report and replay reuse
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -283,25 +283,37 @@ def score_trace(trace: pd.DataFrame) -> dict[str, float]:
     otherwise they are nan. Zero usable rows gives rows = 0 and nan everywhere else.
     """
     rows = _usable_rows(trace, SCORED_COLUMNS)
-    result: dict[str, float] = {key: math.nan for key in SCORE_KEYS}
-    result["rows"] = int(len(rows))
     if len(rows) == 0:
+        return score_columns({name: np.zeros(0) for name in SCORED_COLUMNS})
+    return score_columns({name: _column(rows, name) for name in SCORED_COLUMNS}, _true_p(rows))
+
+
+TRUTH_ONLY_COLUMNS = ("pred_q05", "pred_q25", "pred_q75", "pred_q95")  # scored only against a known true p
+
+
+def score_columns(col: Mapping[str, np.ndarray], truth: np.ndarray | None = None) -> dict[str, float]:
+    """score_trace on usable rows given as columns (any float dtype; the interval columns may be
+    left out when `truth` is None). Each score converts only the columns it needs, so a replay of
+    millions of rows need not hold every column as float64 at once."""
+    result: dict[str, float] = {key: math.nan for key in SCORE_KEYS}
+    result["rows"] = int(len(col["successes"]))
+    if result["rows"] == 0:
         return result
-    col = {name: _column(rows, name) for name in SCORED_COLUMNS}
     for name in SCORED_COLUMNS[2:]:  # check here so an error names the trace column
-        _floats(name, col[name], unit=name != "pred_log_prob", allow_neg_inf=name == "pred_log_prob")
-    s, k = _counts(col["successes"], col["trials"])
-    pred = col["pred_mean"]
+        if name in col or truth is not None:
+            _floats(name, col[name], unit=name != "pred_log_prob", allow_neg_inf=name == "pred_log_prob")
+    # the columns are passed on as given: each score makes (and drops) the float64 copies it needs
+    s, k, pred = col["successes"], col["trials"], col["pred_mean"]
+    _counts(s, k)
     result["log_predictive_density"] = log_predictive_density(col["pred_log_prob"])
     result["brier"] = brier_score(pred, s, k)
     result["ece"] = expected_calibration_error(pred, s, k)
-    result["spearman_empirical"] = spearman(pred, s / k)
+    result["spearman_empirical"] = spearman(pred, np.divide(s, k, dtype=np.float64))
     result["auroc_informative"] = auroc(col["pred_p_informative"], (s > 0) & (s < k))
     result["coverage50"] = pit_coverage(col["pred_pit"], 0.5)
     result["coverage90"] = pit_coverage(col["pred_pit"], 0.9)
     confusion = state_confusion(col["pred_p_unsolved"], col["pred_p_informative"], col["pred_p_solved"], s, k)
-    result["state_accuracy"] = float(np.trace(confusion.to_numpy()) / len(rows))
-    truth = _true_p(rows)
+    result["state_accuracy"] = float(np.trace(confusion.to_numpy()) / result["rows"])
     if truth is not None:
         result["spearman_true"] = spearman(pred, truth)
         result["coverage50_true"] = truth_coverage(col["pred_q25"], col["pred_q75"], truth)

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from mpts.inference.scoring import scores_by_window, seconds_columns
+from mpts.reports.output_paths import check_report_folder, mark_report_folder
 
 from . import plots
 from .measures import json_ready, pool_groups, recorded_mismatches, reference_role, run_numbers
@@ -264,8 +265,10 @@ def export_report(run_dirs: Sequence[Path], out_dir: Path, *, target_accuracy: f
     _check_options(target_accuracy, window_steps)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
+    check_report_folder(out_dir, [Path(p) for p in run_dirs])  # never into a run or over someone's files
     runs, skipped = load_runs(run_dirs)
     (out_dir / FIGURES).mkdir(parents=True, exist_ok=True)
+    mark_report_folder(out_dir)
 
     longest = max(len(r.metrics) for r in runs)
     window = int(window_steps) if window_steps is not None else max(1, math.ceil(longest / 10))

@@ -176,8 +176,9 @@ def test_replay_bad_option_and_folder_as_trace_are_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, "decay", "finite")
     assert main(["replay", str(path), "--predictor", "beta", "--set", "decay=true"]) == 2
     assert_one_line_error(capsys, "decay", "boolean")
-    assert main(["replay", str(tmp_path), "--predictor", "beta"]) == 2  # a folder is read as a verl dump
-    assert_one_line_error(capsys, str(tmp_path), "no verl rollout dump files")
+    (tmp_path / "empty").mkdir()  # a folder without a trace is read as a verl dump
+    assert main(["replay", str(tmp_path / "empty"), "--predictor", "beta"]) == 2
+    assert_one_line_error(capsys, str(tmp_path / "empty"), "no verl rollout dump files")
     assert main(["replay", str(path), "--predictor", "beta", "--out", str(tmp_path)]) == 2
     assert_one_line_error(capsys, "is a folder")
 

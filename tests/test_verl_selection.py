@@ -61,9 +61,12 @@ def test_the_run_folder_is_read_by_mpts_report_and_mpts_replay(tmp_path):
     assert mpts_main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     report = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert [group["group"] for group in report["groups"]] == ["beta · thompson_target"]
+    assert mpts_main(["report", str(run), "--out", str(tmp_path / "report")]) == 0  # its own folder: rewritten
     assert mpts_main(["replay", str(run / "trace.parquet"), "--predictor", "hmm3",
                       "--out", str(tmp_path / "replay.json")]) == 0
     assert json.loads((tmp_path / "replay.json").read_text())["steps"] == 4
+    assert mpts_main(["replay", str(run), "--predictor", "hmm3", "--out", str(tmp_path / "replay.json")]) == 0
+    assert json.loads((tmp_path / "replay.json").read_text())["steps"] == 4  # the run folder itself replays
 
 
 @pytest.mark.parametrize("spoil, message", [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -190,17 +191,23 @@ def cmd_ablate(args) -> int:
 
 def cmd_replay(args) -> int:
     from mpts.training.config import apply_overrides
-    from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, read_log, replay_pool
+    from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, is_plain_trace, read_log, replay_pool
+    from mpts.reports.output_paths import REPLAY_MARKER, check_scores_file
     from mpts.training.replay import replay
+    from mpts.training.replay_stream import replay_file
     from mpts.training.run_dir import to_json, write_json
 
     options = apply_overrides({}, [o.removeprefix("predictor.") for o in args.overrides])
-    if args.out is not None and args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a folder; name the JSON file to write (e.g. {args.out / 'scores.json'})")
+    if args.out is not None:  # before reading anything: the scores never replace an input or a run's file
+        check_scores_file(args.out, [args.trace] + ([args.prompt_info] if args.prompt_info else []))
     threshold = DEFAULT_SUCCESS_THRESHOLD if args.success_threshold is None else args.success_threshold
-    trace, texts = read_log(args.trace, success_threshold=threshold, reward_column=args.reward_column)
-    pool = replay_pool(trace, texts, args.prompt_info)
-    scores, _ = replay(trace, args.predictor, options, seed=args.seed, pool=pool)
+    if args.prompt_info is None and is_plain_trace(args.trace):  # streamed: memory grows with prompts, not rows
+        scores = replay_file(args.trace, args.predictor, options, seed=args.seed)
+    else:
+        trace, texts = read_log(args.trace, success_threshold=threshold, reward_column=args.reward_column)
+        pool = replay_pool(trace, texts, args.prompt_info)
+        scores, _ = replay(trace, args.predictor, options, seed=args.seed, pool=pool)
+    scores = {**REPLAY_MARKER, **scores}  # marks the file as ours, so a later replay may replace it
     print(to_json(scores, indent=2))
     if args.out is not None:
         write_json(args.out, scores)
@@ -294,10 +301,17 @@ def _one_line(error: BaseException) -> str:
 
     if isinstance(error, ValidationError):
         message = format_errors(error)
-    elif isinstance(error, OSError) and error.filename is not None:
-        message = f"{error.filename}: {error.strerror or error}"
-    else:
+    elif isinstance(error, OSError):  # args[0] of an OSError is its errno: say what it means
+        where = error.filename if error.filename is not None else "a file operation"
+        number = error.errno if error.errno is not None else (error.args[0] if error.args else None)
+        meaning = error.strerror or (os.strerror(number) if isinstance(number, int) else str(error))
+        message = f"{where}: {meaning}"
+    elif isinstance(error, UnicodeError):  # args[0] is only the codec's name ('utf-8')
+        message = f"input is not valid text ({error})"
+    elif isinstance(error, KeyError):  # str() of a KeyError adds quotes
         message = str(error.args[0]) if error.args else repr(error)
+    else:
+        message = str(error) or repr(error)
     return " ".join(message.split())
 
 

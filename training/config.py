@@ -133,7 +133,10 @@ class RunConfig(StrictOptions):
     @model_validator(mode="before")
     @classmethod
     def _import_plugins(cls, raw: Any) -> Any:
-        for module in (raw.get("plugins") or []) if isinstance(raw, dict) else []:
+        plugins = raw.get("plugins") if isinstance(raw, dict) else None
+        if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+            return raw  # not a list of module names: the field's own check says so
+        for module in plugins:  # importing runs the module's code: plugins are trusted like the config
             try:
                 importlib.import_module(module)
             except ImportError as error:
@@ -229,19 +232,60 @@ def read_config_source(name_or_path: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
+        data = path.read_bytes()
     else:
         resource = resources.files(CONFIG_PACKAGE) / f"{name_or_path}.yaml"
         if not resource.is_file():
             raise ConfigError(f"no config named {name_or_path!r}; named configs: {', '.join(named_configs())}")
-        text = resource.read_text()
+        data = resource.read_bytes()
+    return parse_config_text(data, f"config {name_or_path}", empty_ok=True)
+
+
+MAX_YAML_DEPTH = 64  # far deeper than any config; deeper (or cyclic) values are refused, not recursed into
+
+
+def parse_config_text(data: bytes | str, source: str, *, empty_ok: bool) -> dict[str, Any]:
+    """A config's text -> its mapping; every way it can be wrong is one ConfigError naming `source`."""
+    value = safe_yaml(data, source)
+    if value is None:
+        if not empty_ok:
+            raise ConfigError(f"{source} is empty; it should hold the run's config mapping")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source} must be a mapping at the top level, not {type(value).__name__}")
+    return value
+
+
+def safe_yaml(data: bytes | str, source: str) -> Any:
+    """yaml.safe_load (plain data only), refusing non-UTF-8 bytes, YAML errors and cyclic or
+    absurdly deep values (a self-referencing alias such as `&a [*a]`) in one line each."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{source} is not UTF-8 text (byte {data[error.start]:#04x} at offset "
+                              f"{error.start})") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        value = yaml.safe_load(data)
     except yaml.YAMLError as error:
-        raise ConfigError(f"config {name_or_path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {name_or_path} must be a mapping at the top level")
-    return raw
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply") from None
+    _check_plain(value, source, depth=0, open_ids=set())
+    return value
+
+
+def _check_plain(value: Any, source: str, *, depth: int, open_ids: set[int]) -> None:
+    if not isinstance(value, (dict, list)):
+        return
+    if id(value) in open_ids:
+        raise ConfigError(f"{source}: a YAML alias refers to itself (a cyclic value cannot be a config value)")
+    if depth > MAX_YAML_DEPTH:
+        raise ConfigError(f"{source} is nested more than {MAX_YAML_DEPTH} levels deep")
+    open_ids.add(id(value))
+    for item in (list(value.keys()) + list(value.values())) if isinstance(value, dict) else value:
+        _check_plain(item, source, depth=depth + 1, open_ids=open_ids)
+    open_ids.discard(id(value))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -288,13 +332,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {item!r} has an empty key part")
-    try:
-        return parts, yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({' '.join(str(error).split())})") from None
+    return parts, safe_yaml(value, f"override {key.strip()}") if value.strip() else None
 
 
 def validate_config(raw: dict[str, Any]) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, not {type(raw).__name__}")
     try:
         return RunConfig(**raw)
     except ValidationError as error:

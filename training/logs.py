@@ -28,14 +28,11 @@ from torch import Tensor
 
 from mpts.models.base import PromptPool
 from mpts.training.embeddings import text_pool
-from mpts.training.replay import TraceError, validate_trace
+from mpts.training.replay import TraceError, is_run_folder, read_trace, validate_trace
+from mpts.training.trace_files import TableError, as_labels, read_table, table_columns
 
 DEFAULT_SUCCESS_THRESHOLD = 1.0
 REWARD_COLUMNS = ("score", "reward", "acc", "correct", "success")  # looked for in this order
-TABLE_READERS = {".parquet": pd.read_parquet, ".csv": pd.read_csv,  # as replay.read_trace reads them
-                 ".jsonl": lambda path: pd.read_json(path, lines=True, dtype=False),
-                 ".ndjson": lambda path: pd.read_json(path, lines=True, dtype=False),
-                 ".json": lambda path: pd.read_json(path, lines=True, dtype=False)}
 
 
 def successes_of(rewards: Tensor | np.ndarray, threshold: float = DEFAULT_SUCCESS_THRESHOLD,
@@ -55,15 +52,31 @@ def read_log(path: Path | str, *, success_threshold: float = DEFAULT_SUCCESS_THR
              reward_column: str | None = None) -> tuple[pd.DataFrame, tuple[str, ...] | None]:
     """(validated trace, prompt texts by prompt id or None) from any supported log shape."""
     path = Path(path)
+    if is_run_folder(path):  # written by the mpts loop, the TRL or the verl adapter
+        return read_trace(path), None
     if path.is_dir():
         return read_verl_dump(path, success_threshold=success_threshold, reward_column=reward_column)
     if not path.is_file():
         raise TraceError(f"trace {path} does not exist")
     frame = _read_table(path)
-    if "prompt" in frame.columns and "prompt_id" not in frame.columns:
+    if "prompt" in frame.columns:  # texts are kept whatever other columns the table has
         return rollouts_to_trace(frame, str(path), success_threshold=success_threshold,
                                  reward_column=reward_column)
     return validate_trace(frame, str(path)), None
+
+
+def is_plain_trace(path: Path | str) -> bool:
+    """A trace in the mpts schema with no prompt texts (a run folder, or a table without a
+    `prompt` column): `replay_stream.replay_file` can stream it."""
+    path = Path(path)
+    if is_run_folder(path):
+        return True
+    if not path.is_file():
+        return False
+    try:
+        return "prompt" not in table_columns(path)
+    except TableError as error:
+        raise TraceError(str(error)) from None
 
 
 def read_verl_dump(folder: Path | str, *, success_threshold: float = DEFAULT_SUCCESS_THRESHOLD,
@@ -72,8 +85,9 @@ def read_verl_dump(folder: Path | str, *, success_threshold: float = DEFAULT_SUC
     folder = Path(folder)
     files = sorted((f for f in folder.glob("*.jsonl") if f.stem.isdigit()), key=lambda f: int(f.stem))
     if not files:
-        raise TraceError(f"trace {folder} is a folder with no verl rollout dump files ({{step}}.jsonl); give a trace "
-                         f"file (e.g. {folder / 'trace.parquet'}) or a verl trainer.rollout_data_dir")
+        raise TraceError(f"trace {folder} is a folder with no verl rollout dump files ({{step}}.jsonl) and is not a "
+                         f"run folder (no trace.parquet or parts/); give a trace file, a run folder or a verl "
+                         f"trainer.rollout_data_dir")
     rows = []
     for file in files:
         for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
@@ -102,25 +116,50 @@ def rollouts_to_trace(frame: pd.DataFrame, source: str, *, success_threshold: fl
             raise TraceError(f"{source}: missing column {column!r}; a per-rollout log needs step, prompt and a reward")
     if frame.empty:
         raise TraceError(f"{source}: the log has no rows")
-    column = reward_column or next((c for c in REWARD_COLUMNS if c in frame.columns), None)
-    if column is None or column not in frame.columns:
-        wanted = repr(reward_column) if reward_column else f"one of {', '.join(REWARD_COLUMNS)}"
-        raise TraceError(f"{source}: no reward column ({wanted}); name it with --reward-column")
     texts = frame["prompt"]
     bad = texts.map(lambda t: not isinstance(t, str))
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise TraceError(f"{source}: column 'prompt' has a missing or non-text value at row {row}")
+    if "prompt_id" in frame.columns:  # the log's own ids key the prompts; texts follow them
+        try:
+            keys = as_labels(frame["prompt_id"], source)
+        except TableError as error:
+            raise TraceError(str(error)) from None
+        _check_one_text_per_id(keys, texts, source)
+    else:
+        keys = texts
+    counted = all(c in frame.columns for c in ("successes", "trials")) and reward_column is None
+    if counted:  # a table of counts that also carries texts
+        successes, trials = frame["successes"], frame["trials"]
+    else:
+        successes, trials = _successes_from_rewards(frame, source, threshold, reward_column), 1
+    ids, unique_keys = pd.factorize(keys)
+    first_text = pd.Series(texts.to_numpy()).groupby(ids).first()
+    trace = pd.DataFrame({"step": frame["step"].to_numpy(), "prompt_id": ids.astype(np.int64),
+                          "successes": np.asarray(successes), "trials": trials})
+    return validate_trace(trace, source), tuple(str(t) for t in first_text.to_numpy())
+
+
+def _check_one_text_per_id(keys: pd.Series, texts: pd.Series, source: str) -> None:
+    pairs = pd.DataFrame({"id": keys.to_numpy(), "text": texts.to_numpy()}).drop_duplicates()
+    clash = pairs["id"].duplicated(keep=False)
+    if clash.any():
+        raise TraceError(f"{source}: prompt_id {pairs['id'][clash].iloc[0]!r} has more than one prompt text")
+
+
+def _successes_from_rewards(frame: pd.DataFrame, source: str, threshold: float, reward_column: str | None):
+    column = reward_column or next((c for c in REWARD_COLUMNS if c in frame.columns), None)
+    if column is None or column not in frame.columns:
+        wanted = repr(reward_column) if reward_column else f"one of {', '.join(REWARD_COLUMNS)}"
+        raise TraceError(f"{source}: no reward column ({wanted}); name it with --reward-column")
     rewards = pd.to_numeric(frame[column].map(_as_number), errors="coerce").astype(float)
     bad = ~np.isfinite(rewards.to_numpy())
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise TraceError(f"{source}: column {column!r} has a missing or non-numeric reward "
                          f"({frame[column].iloc[row]!r}) at row {row}")
-    ids, unique_texts = pd.factorize(texts)
-    trace = pd.DataFrame({"step": frame["step"], "prompt_id": ids.astype(np.int64),
-                          "successes": (rewards >= threshold).astype(np.int64), "trials": 1})
-    return validate_trace(trace, source), tuple(str(t) for t in unique_texts)
+    return (rewards >= threshold).astype(np.int64).to_numpy()
 
 
 def read_prompt_info(path: Path | str, size: int, texts: tuple[str, ...] | None) -> dict[str, Tensor]:
@@ -194,13 +233,10 @@ def replay_pool(trace: pd.DataFrame, texts: tuple[str, ...] | None,
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    reader = TABLE_READERS.get(path.suffix.lower())
-    if reader is None:
-        raise TraceError(f"{path}: unknown format {path.suffix!r}; use .parquet, .csv or .jsonl")
     try:
-        return reader(path)
-    except Exception as error:
-        raise TraceError(f"{path} could not be read as {path.suffix[1:]}: {error}") from None
+        return read_table(path)
+    except TableError as error:
+        raise TraceError(str(error)) from None
 
 
 def _as_number(value):

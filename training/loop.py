@@ -23,12 +23,11 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
-import yaml
 
 from mpts.models.base import RiskPredictor
 from mpts.models.registry import get_predictor_class
 from mpts.training.acquisition import Acquisition, get_acquisition_class, reference_role, sample_candidates
-from mpts.training.config import RunConfig, config_to_yaml, validate_config
+from mpts.training.config import ConfigError, RunConfig, config_to_yaml, parse_config_text, validate_config
 from mpts.training.diagnostics import TrainingHistory, eligible_candidates, trained_accuracy
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
 from mpts.training.memory import check_fits, run_need
@@ -160,6 +159,21 @@ def _check_plugins_trusted(raw: Any, where: Path, trusted: tuple[str, ...]) -> N
                          f"its code; a run folder is data, so resume it with {flags} if you trust them")
 
 
+def _saved_config(folder: RunFolder, trusted_plugins: tuple[str, ...]) -> RunConfig:
+    """The config a resumed run was started with; a damaged config.yaml is one line naming it.
+    Takes the folder's write lock first: a second writer is refused before it reads anything a
+    writer may change."""
+    source = folder.root / "config.yaml"
+    try:
+        text = folder.config_yaml()  # first: a folder that is not a run is named as such
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{source} is not UTF-8 text (byte offset {error.start})") from None
+    folder.lock()
+    raw = parse_config_text(text, str(source), empty_ok=False)
+    _check_plugins_trusted(raw, source, trusted_plugins)
+    return validate_config(raw)
+
+
 def run(config: RunConfig | None, out_dir: Path | str, *, resume: bool = False, rollback_to: int | None = None,
         progress: ProgressCallback | None = None, trusted_plugins: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) one configuration into `out_dir`; returns the summary.
@@ -184,11 +198,7 @@ def _run_in(recorder: RunRecorder, config: RunConfig | None, *, resume: bool, ro
             progress: ProgressCallback | None, trusted_plugins: tuple[str, ...]) -> dict[str, Any]:
     folder = recorder.folder
     if resume:
-        config_yaml = folder.config_yaml()  # first: a folder that is not a run is named as such
-        folder.lock()  # a second writer is refused before it reads anything a writer may change
-        raw = yaml.safe_load(config_yaml)
-        _check_plugins_trusted(raw, folder.root / "config.yaml", trusted_plugins)
-        config = validate_config(raw)
+        config = _saved_config(folder, trusted_plugins)
         plan = folder.plan_resume(rollback_to)
         saved = plan.state
         if saved is not None:

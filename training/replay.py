@@ -14,6 +14,7 @@ Errors name the file, the column and the row.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,14 @@ import pandas as pd
 import torch
 from pydantic import ValidationError
 
-from mpts.inference.schema import OUTCOME_COLUMNS
-from mpts.inference.scoring import score_trace
+from mpts.inference.schema import OUTCOME_COLUMNS, SCORED_COLUMNS
+from mpts.inference.scoring import TRUTH_ONLY_COLUMNS, score_columns, score_trace
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.config import format_errors
 from mpts.training.memory import MemoryNeed, check_fits, predictor_state_bytes
 from mpts.training.selector import Selector
+from mpts.training.trace_files import DEFAULT_CHUNK_ROWS, TableError, as_labels, iter_table
 
 MAX_COUNT = 2**24  # successes and trials of one (step, prompt): exact in float32
 MAX_STEP = 2**31 - 1  # predictors keep steps as int32
@@ -38,36 +40,50 @@ class TraceError(ValueError):
     """A trace file that cannot be replayed; the message names the file and the column."""
 
 
-def read_trace(path: Path | str) -> pd.DataFrame:
+def trace_files(path: Path | str) -> list[Path]:
+    """The files holding a trace: the file itself, or a run folder's trace (any way in: the
+    mpts loop, TRL, verl) -- its trace.parquet, else the trace parts of an unfinished run."""
     path = Path(path)
-    if path.is_dir():
-        raise TraceError(f"trace {path} is a folder; give a trace file (e.g. {path / 'trace.parquet'})")
-    if not path.is_file():
-        raise TraceError(f"trace file {path} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        elif suffix == ".csv":
-            frame = pd.read_csv(path)
-        elif suffix in (".jsonl", ".ndjson", ".json"):
-            frame = pd.read_json(path, lines=True, dtype=False)  # keep `true` a bool, not a silent 1
-        else:
-            raise TraceError(f"trace file {path}: unknown format {suffix!r}; use .parquet, .csv or .jsonl")
-    except TraceError:
-        raise
-    except Exception as error:
-        raise TraceError(f"trace file {path} could not be read as {suffix[1:]}: {error}") from None
-    return validate_trace(frame, str(path))
+    if not path.is_dir():
+        if not path.is_file():
+            raise TraceError(f"trace file {path} does not exist")
+        return [path]
+    if (path / "trace.parquet").is_file():
+        return [path / "trace.parquet"]
+    parts = sorted((path / "parts").glob("trace-*.parquet")) if (path / "parts").is_dir() else []
+    if parts:
+        return parts
+    raise TraceError(f"trace {path} is a folder with neither trace.parquet nor parts/trace-*.parquet; "
+                     f"give a run folder or a trace file")
 
 
-def validate_trace(frame: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
-    """Check columns and values; returns one row per (step, prompt id label), counts as int64."""
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "trace.parquet").is_file() or (path / "parts").is_dir())
+
+
+def iter_trace_chunks(path: Path | str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Checked chunks of a trace (file or run folder): labels and int64 counts, not yet summed."""
+    for file in trace_files(path):
+        try:
+            for chunk in iter_table(file, chunk_rows):
+                yield checked_rows(chunk, str(file))
+        except TableError as error:
+            raise TraceError(str(error)) from None
+
+
+def read_trace(path: Path | str) -> pd.DataFrame:
+    chunks = list(iter_trace_chunks(path))
+    if not chunks:
+        raise TraceError(f"{path}: the trace has no rows")
+    return validate_trace(pd.concat(chunks) if len(chunks) > 1 else chunks[0], str(path))
+
+
+def checked_rows(frame: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
+    """The outcome columns of `frame`, every value checked; prompt ids as labels (see
+    `trace_files.as_labels`), counts as int64. Rows are not summed (see `validate_trace`)."""
     missing = [c for c in OUTCOME_COLUMNS if c not in frame.columns]
     if missing:
         raise TraceError(f"{source}: missing column(s) {', '.join(missing)}; a trace needs {', '.join(OUTCOME_COLUMNS)}")
-    if frame.empty:
-        raise TraceError(f"{source}: the trace has no rows")
     out = frame[list(OUTCOME_COLUMNS)].copy()
     limits = {"step": MAX_STEP, "successes": MAX_COUNT, "trials": MAX_COUNT}
     for column, limit in limits.items():
@@ -81,11 +97,30 @@ def validate_trace(frame: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
         _refuse(values != values.round(), f"{source}: column {column!r} must hold whole numbers; it has", values)
         _refuse(values > limit, f"{source}: column {column!r} is larger than {limit}", values)
         out[column] = values.astype(np.int64)
-    if out["prompt_id"].isna().any():
-        raise TraceError(f"{source}: column 'prompt_id' has missing values")
-    if not pd.api.types.is_integer_dtype(out["prompt_id"]):
-        out["prompt_id"] = out["prompt_id"].astype(str)
-    out = out.groupby(["step", "prompt_id"], as_index=False, sort=True)[["successes", "trials"]].sum()
+    try:
+        out["prompt_id"] = as_labels(out["prompt_id"], source)
+    except TableError as error:
+        raise TraceError(str(error)) from None
+    return out
+
+
+def validate_trace(frame: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
+    """Check columns and values; returns one row per (step, prompt id label), counts as int64."""
+    if frame.empty and all(c in frame.columns for c in OUTCOME_COLUMNS):
+        raise TraceError(f"{source}: the trace has no rows")
+    out = checked_rows(frame, source)
+    if out.empty:
+        raise TraceError(f"{source}: the trace has no rows")
+    return pd.concat([_summed(rows, source) for _, rows in out.groupby("step", sort=True)], ignore_index=True)
+
+
+def _summed(rows: pd.DataFrame, source: str) -> pd.DataFrame:
+    """One step's rows summed per prompt, plain-integer labels first (by value), then text labels."""
+    labels = rows["prompt_id"]
+    text = labels.map(type).eq(str).to_numpy() if labels.dtype == object else np.zeros(len(rows), bool)
+    parts = [part.groupby(["step", "prompt_id"], as_index=False, sort=True)[["successes", "trials"]].sum()
+             for part in (rows[~text], rows[text]) if len(part)]
+    out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
     if (out["trials"] < 1).any():
         row = out[out["trials"] < 1].iloc[0]
         raise TraceError(f"{source}: trials must be >= 1 (step {row.step}, prompt {row.prompt_id} has 0)")
@@ -102,8 +137,8 @@ def validate_trace(frame: pd.DataFrame, source: str = "trace") -> pd.DataFrame:
 
 def _refuse(bad: pd.Series, message: str, shown: pd.Series) -> None:
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise TraceError(f"{message} ({shown.iloc[row]!r}) at row {row}")
+        position = int(np.flatnonzero(bad.to_numpy())[0])
+        raise TraceError(f"{message} ({shown.iloc[position]!r}) at row {shown.index[position]}")
 
 
 def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None = None, *,
@@ -112,13 +147,9 @@ def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None =
     """Score `predictor` prequentially on a validated trace; returns (scores, scored rows).
 
     `pool` carries what is known about the prompts (texts, embeddings, clusters; see
-    `mpts.training.logs.replay_pool`); without it the pool is bare ids.
+    `mpts.training.logs.replay_pool`); without it the pool is bare ids. (`replay_stream.replay_file`
+    scores a trace file in bounded memory through the same `replay_steps`.)
     """
-    cls = get_predictor_class(predictor)
-    try:
-        predictor_options = cls.Options(**(options or {}))
-    except ValidationError as error:
-        raise TraceError(f"predictor {predictor}: {format_errors(error)}") from None
     if pool is None:
         rows_of_labels, labels = pd.factorize(trace["prompt_id"], sort=False)
         size = len(labels) if num_prompts is None else num_prompts
@@ -128,21 +159,62 @@ def replay(trace: pd.DataFrame, predictor: str, options: dict[str, Any] | None =
         rows_of_labels, size = trace["prompt_id"].to_numpy(np.int64), pool.size
         if int(rows_of_labels.max()) >= size or int(rows_of_labels.min()) < 0:
             raise TraceError(f"trace has prompt id {int(rows_of_labels.max())} but the prompt pool has {size} prompts")
+    selector, _ = replay_selector(predictor, options, size, seed, pool)
+    trace = trace.assign(_row=rows_of_labels)
+    steps = ((int(step), rows["_row"].to_numpy(), rows["successes"].to_numpy(), rows["trials"].to_numpy())
+             for step, rows in trace.groupby("step", sort=True))
+    scores, scored = replay_steps(selector, steps, predictor, keep_table=True)
+    labels_by_row = trace.drop_duplicates("_row").set_index("_row")["prompt_id"]
+    scored.insert(1, "prompt_id", labels_by_row.reindex(scored.pop("_row")).to_numpy())
+    return scores, scored
+
+
+def replay_selector(predictor: str, options: dict[str, Any] | None, size: int, seed: int,
+                    pool: PromptPool | None = None) -> tuple[Selector, Any]:
+    """A selector over `size` prompts for `predictor` with `options`, refused up front if its state
+    would not fit in memory; returns it and the checked options."""
+    cls = get_predictor_class(predictor)
+    try:
+        predictor_options = cls.Options(**(options or {}))
+    except ValidationError as error:
+        raise TraceError(f"predictor {predictor}: {format_errors(error)}") from None
     feature_dim = pool.feature_dim if pool is not None else 0
     check_fits(MemoryNeed({"distinct prompt ids": predictor_state_bytes(cls, predictor_options, size, feature_dim)}),
                f"replaying {size} prompts with {predictor}")
     pool = pool if pool is not None else PromptPool(size=size)
-    selector = Selector(cls(pool, predictor_options, seed=seed), seed=seed)
-    scored = []
-    trace = trace.assign(_row=rows_of_labels)
-    for step, rows in trace.groupby("step", sort=True):
-        ids = torch.tensor(rows["_row"].to_numpy(), dtype=torch.long)
-        successes = torch.tensor(rows["successes"].to_numpy(), dtype=torch.float32)
-        trials = torch.tensor(rows["trials"].to_numpy(), dtype=torch.float32)
-        posterior = selector.predict(ids, int(step))
-        columns = selector.prediction_columns(posterior, successes, trials, int(step))
-        scored.append(rows.drop(columns="_row").assign(**columns))
-        selector.observe(ids, successes, trials, int(step))
-    table = pd.concat(scored, ignore_index=True)
+    return Selector(cls(pool, predictor_options, seed=seed), seed=seed), predictor_options
+
+
+def replay_steps(selector: Selector, steps, predictor: str, *, keep_table: bool
+                 ) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """Feed (step, rows, successes, trials) in step order: predict, score, then observe.
+
+    Keeps the scored columns as float32 (what the predictors compute in) unless `keep_table`
+    asks for the whole scored table (with a `_row` column)."""
+    kept: dict[str, list[np.ndarray]] = {}
+    tables, count = [], 0
+    for step, rows, successes, trials in steps:
+        ids = torch.as_tensor(np.array(rows, dtype=np.int64))
+        s = torch.tensor(np.asarray(successes), dtype=torch.float32)
+        k = torch.tensor(np.asarray(trials), dtype=torch.float32)
+        posterior = selector.predict(ids, step)
+        columns = selector.prediction_columns(posterior, s, k, step)
+        selector.observe(ids, s, k, step)
+        count += 1
+        if keep_table:
+            tables.append(pd.DataFrame({"step": step, "_row": np.asarray(rows), "successes": np.asarray(successes),
+                                        "trials": np.asarray(trials), **columns}))
+        else:  # a replay knows no true p: the interval columns would never be scored
+            for name in SCORED_COLUMNS:
+                if name not in TRUTH_ONLY_COLUMNS:
+                    value = successes if name == "successes" else trials if name == "trials" else columns[name]
+                    kept.setdefault(name, []).append(np.asarray(value).astype(np.float32))
+    if count == 0:
+        raise TraceError("the trace has no rows")
+    if not keep_table:
+        for name in list(kept):  # one column at a time, so the pieces and the whole never all coexist
+            kept[name] = np.concatenate(kept.pop(name))
+        return {"predictor": predictor, "steps": count, **score_columns(kept)}, None
+    table = pd.concat(tables, ignore_index=True)
     table["failed"] = False
-    return {"predictor": predictor, "steps": int(trace["step"].nunique()), **score_trace(table)}, table
+    return {"predictor": predictor, "steps": count, **score_trace(table)}, table
