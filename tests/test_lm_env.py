@@ -423,9 +423,11 @@ def test_backend_auto_falls_back_to_hf_generate_with_a_log_line(tmp_path, monkey
     env.close()
 
 
-def test_one_grpo_step_raises_the_probability_of_the_right_answer_on_the_trained_prompts(tmp_path):
-    """The update itself is sound: after one step the trained prompts' reference answers are more
-    likely (exactly computed under the rollout temperature, no sampling noise)."""
+def test_grpo_steps_raise_the_probability_of_the_right_answer_on_the_trained_prompts(tmp_path):
+    """The update itself is sound: after a few steps on these prompts their reference answers are
+    more likely (exactly computed under the rollout temperature, no sampling noise). One step at
+    lr 1e-4 moves the mean by less than 0.001 (Adam's first step is sign-like), too little to tell
+    a sound update from a wrong one, so the test takes five."""
     from mpts.training.environments.lm.grpo import completion_logprobs
     env = make_env(tmp_path, task_options={"min_digits": 1, "max_digits": 1, "operators": ["+"]}, num_prompts=40,
                    warmup_sft_steps=150, warmup_sft_batch=32, warmup_sft_lr=3e-3, warmup_sft_problems=64,
@@ -444,6 +446,8 @@ def test_one_grpo_step_raises_the_probability_of_the_right_answer_on_the_trained
         return (logp * mask).sum(1).exp()
     before = answer_probability()
     env.train_on(out)
+    for _ in range(4):
+        env.train_on(env.rollout(torch.arange(40), 8))
     after = answer_probability()
     assert float(after.mean()) > float(before.mean()) + 0.01
     assert float((after > before).float().mean()) > 0.5
