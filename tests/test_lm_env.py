@@ -228,10 +228,33 @@ def test_evaluation_reports_greedy_and_sampled_accuracy_and_the_target_picks_one
     assert chosen["eval_accuracy"] == chosen["eval_accuracy_sampled"] != chosen["eval_accuracy_greedy"]
     sampled.close()
     greedy_only = make_env(tmp_path, name="greedy", task="test_parity", task_options={}, eval_samples=0)
-    assert set(greedy_only.evaluate_metrics()) == {"eval_accuracy", "eval_accuracy_greedy"}
+    assert set(greedy_only.evaluate_metrics()) == {"eval_accuracy", "eval_accuracy_greedy", "eval_accuracy_greedy_se"}
     greedy_only.close()
     with pytest.raises(ValidationError, match="eval_samples"):
         LMOptions(**BASE, eval_target="sampled", eval_samples=0)
+
+
+def test_evaluation_reports_standard_errors_and_with_eval_by_level_the_accuracy_of_each_level(tmp_path):
+    """A small eval set every step or two resolves a target crossing only together with its standard
+    error; per level (the pool's clusters) it shows the frontier move (lm_mixed)."""
+    env = make_env(tmp_path, task="test_parity", task_options={}, eval_prompts=30, eval_samples=4, eval_by_level=True)
+    metrics = env.evaluate_metrics()
+    env.eval_calls -= 1  # the same sampling seed again: the per-problem rates behind those metrics
+    seed = __import__("mpts.training.environments.lm.env", fromlist=["_derive_seed"])._derive_seed(0, 2, env.eval_calls)
+    levels = torch.tensor([p.difficulty for p in env.eval_problems])
+    assert set(levels.tolist()) == {0, 1, 2}
+    for kind, n, sampling in (("greedy", 1, env.greedy_sampling), ("sampled", 4, env.sampling)):
+        rates = env._solve_rate(env.eval_prompt_ids, env.eval_problems, n, sampling, seed)
+        assert metrics[f"eval_accuracy_{kind}"] == pytest.approx(float(rates.mean()))
+        assert metrics[f"eval_accuracy_{kind}_se"] == pytest.approx(float(rates.std()) / len(rates) ** 0.5)
+        assert metrics[f"eval_accuracy_{kind}_se"] < 0.2
+        for level in (0, 1, 2):
+            assert metrics[f"eval_accuracy_{kind}_level{level}"] == pytest.approx(float(rates[levels == level].mean()))
+    assert metrics["eval_accuracy_sampled_se"] > 0  # four samples at T=1 differ between problems
+    env.close()
+    plain = make_env(tmp_path, name="plain", task="test_parity", task_options={})
+    assert not any("level" in key for key in plain.evaluate_metrics())
+    plain.close()
 
 
 def test_rollout_marks_the_prompts_greedy_decoding_already_solves(parity_env):

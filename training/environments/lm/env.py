@@ -56,6 +56,8 @@ class LMOptions(EnvironmentOptions):
                               "the sampled accuracy (0: greedy accuracy only)")
     eval_target: Literal["greedy", "sampled"] = Field("greedy", description="which held-out accuracy is "
                                                       "`eval_accuracy` (targets, summaries, reports)")
+    eval_by_level: bool = Field(False, description="also report held-out accuracy per difficulty level (the "
+                                "pool's clusters): eval_accuracy_greedy_level<L>, eval_accuracy_sampled_level<L>")
     greedy_probe: bool = Field(True, description="also decode each rolled-out batch greedily, for the share of "
                                "the batch already solved greedily (a diagnostic; one greedy pass over B prompts)")
     max_new_tokens: int = Field(16, ge=1)
@@ -324,15 +326,24 @@ class LMEnvironment(Environment):
 
     def evaluate_metrics(self) -> dict[str, float]:
         """Held-out greedy accuracy and sampled accuracy at the rollout temperature (mean over
-        `eval_samples` samples per problem); `eval_accuracy` is the one `eval_target` names."""
+        `eval_samples` samples per problem), each with its standard error over problems (`_se`:
+        the spread of per-problem solve rates / sqrt(problems), the resolution of a target crossing);
+        `eval_accuracy` is the one `eval_target` names. With `eval_by_level`, also per level."""
         self._sync()
         seed = _derive_seed(self.seed, 2, self.eval_calls)
         self.eval_calls += 1
-        out = {"eval_accuracy_greedy": float(self._solve_rate(self.eval_prompt_ids, self.eval_problems, 1,
-                                                              self.greedy_sampling, seed).mean())}
+        rates = {"greedy": self._solve_rate(self.eval_prompt_ids, self.eval_problems, 1, self.greedy_sampling, seed)}
         if self.options.eval_samples > 0:
-            out["eval_accuracy_sampled"] = float(self._solve_rate(self.eval_prompt_ids, self.eval_problems,
-                                                                  self.options.eval_samples, self.sampling, seed).mean())
+            rates["sampled"] = self._solve_rate(self.eval_prompt_ids, self.eval_problems, self.options.eval_samples,
+                                                self.sampling, seed)
+        levels = torch.tensor([p.difficulty for p in self.eval_problems])
+        out: dict[str, float] = {}
+        for kind, rate in rates.items():
+            out[f"eval_accuracy_{kind}"] = float(rate.mean())
+            out[f"eval_accuracy_{kind}_se"] = standard_error(rate)
+            if self.options.eval_by_level:
+                for level in torch.unique(levels).tolist():
+                    out[f"eval_accuracy_{kind}_level{level}"] = float(rate[levels == level].mean())
         out["eval_accuracy"] = out[f"eval_accuracy_{self.options.eval_target}"]
         return out
 
@@ -438,6 +449,11 @@ def warmup_set(task: Task, n: int, seed: int, eval_problems: list[Problem]) -> l
     of the eval unreachable."""
     held_out = {p.question for p in eval_problems}
     return [p for p in task.problems(n, seed + 1) if p.question not in held_out]
+
+
+def standard_error(rates: Tensor) -> float:
+    """Standard error of the mean of per-problem solve rates (0 for fewer than two problems)."""
+    return float(rates.std(unbiased=True) / rates.numel() ** 0.5) if rates.numel() > 1 else 0.0
 
 
 def reference_completion(task: Task, problem: Problem, answer: str | None = None) -> str:
