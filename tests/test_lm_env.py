@@ -518,3 +518,12 @@ def test_warmup_probe_script_reports_the_starting_policy(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "held-out (20 problems): greedy" in result.stdout and "greedy answer = flawed answer" in result.stdout
     assert "carries 0:" in result.stdout
+    # by level: greedy, sampled over k=8, and the 0/8, 8/8, in-between shares that sum to one per row
+    assert "| level | problems | greedy | sampled (k=8) | 0/8 | 8/8 | 0<s<8 |" in result.stdout
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "level" not in line]
+    assert rows[-1][0].strip() == "all" and int(rows[-1][1]) == 20
+    assert sum(int(row[1]) for row in rows[:-1]) == 20
+    for row in rows:
+        assert sum(float(cell) for cell in row[4:]) == pytest.approx(1.0, abs=2e-3)
+    refused = subprocess.run([sys.executable, str(script), "--samples", "0"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--samples must be >= 1" in refused.stderr

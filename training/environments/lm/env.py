@@ -112,17 +112,7 @@ class LMEnvironment(Environment):
         self._temp_dir = None if run_dir is not None else Path(tempfile.mkdtemp(prefix="mpts-lm-"))
         self.work_dir = Path(run_dir) if run_dir is not None else self._temp_dir
 
-        problems = self.task.problems(opts.num_prompts + opts.eval_prompts, seed)
-        # A seeded shuffle before the split: a generator may emit its problems in an order that
-        # depends on difficulty (arithmetic's one-digit problems run out first), and pool and eval
-        # set should share one mixture.
-        random.Random(seed).shuffle(problems)
-        self.train_problems = problems[: opts.num_prompts]
-        train_questions = {p.question for p in self.train_problems}
-        # Held out: disjoint by construction, and any question that also occurs in training is dropped.
-        self.eval_problems = [p for p in problems[opts.num_prompts:] if p.question not in train_questions]
-        if not self.eval_problems:
-            raise ValueError("eval_prompts: every evaluation problem also occurs in the training pool")
+        self.train_problems, self.eval_problems = split_problems(self.task, opts.num_prompts, opts.eval_prompts, seed)
         warmup_problems = (warmup_set(self.task, opts.warmup_sft_problems, seed, self.eval_problems)
                            if opts.warmup_sft_steps > 0 else [])
 
@@ -440,6 +430,22 @@ class LMEnvironment(Environment):
         if torch.unique(ids).numel() != ids.numel():
             raise ValueError("prompt ids repeat within one rollout call")
         return ids.long()
+
+
+def split_problems(task: Task, num_prompts: int, eval_prompts: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """The pool's problems (prompt id = position) and the held-out eval problems of a run at `seed`."""
+    problems = task.problems(num_prompts + eval_prompts, seed)
+    # A seeded shuffle before the split: a generator may emit its problems in an order that
+    # depends on difficulty (arithmetic's one-digit problems run out first), and pool and eval
+    # set should share one mixture.
+    random.Random(seed).shuffle(problems)
+    train = problems[:num_prompts]
+    train_questions = {p.question for p in train}
+    # Held out: disjoint by construction, and any question that also occurs in training is dropped.
+    held_out = [p for p in problems[num_prompts:] if p.question not in train_questions]
+    if not held_out:
+        raise ValueError("eval_prompts: every evaluation problem also occurs in the training pool")
+    return train, held_out
 
 
 def warmup_set(task: Task, n: int, seed: int, eval_problems: list[Problem]) -> list[Problem]:
