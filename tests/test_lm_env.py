@@ -349,6 +349,33 @@ def test_teacher_error_changes_the_starting_policy_and_needs_a_task_with_a_slip(
                  warmup_teacher_error=0.5)
 
 
+def test_warm_up_draws_its_problems_from_warmup_task_options_and_the_pool_stays_the_tasks(tmp_path, monkeypatch):
+    """lm_mixed: the supervised data (1-2 digits) is easier than the RL pool (longer numbers), as in practice;
+    the warm-up's targets and slips follow its own options (here: answers reversed only in the warm-up)."""
+    from mpts.training.environments.lm import env as env_module
+
+    seen = {}
+
+    def spy(model, tokenizer, prompts, targets, *args, flawed_targets=None, **kwargs):
+        seen.update(prompts=prompts, targets=targets, flawed=flawed_targets)
+        return [0.0]
+    monkeypatch.setattr(env_module, "supervised_warmup", spy)
+    warm = {"min_digits": 1, "max_digits": 1, "reverse_answer": True}
+    env = make_env(tmp_path, "mixed", task_options={"digit_counts": [3]}, warmup_task_options=warm,
+                   warmup_sft_steps=5, warmup_sft_problems=64, warmup_teacher_error=0.5)
+    assert all(len(str(max(p.meta["a"], p.meta["b"]))) == 3 for p in env.train_problems + env.eval_problems)
+    assert seen["prompts"] and all(len(q[:-1].replace("-", "+").split("+")[0]) <= 1 for q in seen["prompts"])
+    problems = {p.question: p for p in env.warmup_task.problems(155, 1)}
+    for prompt, target, flawed in zip(seen["prompts"], seen["targets"], seen["flawed"]):
+        assert target == problems[prompt].answer and flawed == target + "0"  # reversed: the slip's zero comes last
+    plain = make_env(tmp_path, "plain", task_options={"digit_counts": [3]}, warmup_sft_steps=5, warmup_sft_problems=64,
+                     warmup_teacher_error=0.5)
+    assert plain._fingerprint() != env._fingerprint()
+    env.close(), plain.close()
+    with pytest.raises(ValidationError, match="max_digits"):
+        LMOptions(**BASE, warmup_task_options={"min_digits": 3, "max_digits": 1})
+
+
 def test_reference_completion_is_what_the_verifier_accepts():
     task = get_task("arithmetic")
     problem = task.problems(1, 0)[0]

@@ -74,6 +74,9 @@ class LMOptions(EnvironmentOptions):
                                      "settings that determines them: runs that share those (an ablation's arms "
                                      "at one seed) warm up once; a relative path is taken from the run folder "
                                      "(../.warmup-cache: shared by the runs side by side); null: no sharing")
+    warmup_task_options: dict[str, Any] | None = Field(None, description="the task's options for the warm-up's "
+                                                       "problems when they differ from the pool's (supervised data "
+                                                       "easier than the RL pool, as in practice); null: task_options")
     warmup_sft_problems: int = Field(4096, ge=1, description="problems drawn for the warm-up (eval problems are "
                                      "dropped; pool ones may recur)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -95,6 +98,8 @@ class LMOptions(EnvironmentOptions):
         except KeyError as error:
             raise ValueError(f"task: {error.args[0]}") from None
         cls.Options.model_validate(self.task_options)
+        if self.warmup_task_options is not None:
+            cls.Options.model_validate(self.warmup_task_options)
         return self
 
 
@@ -113,7 +118,9 @@ class LMEnvironment(Environment):
         self.work_dir = Path(run_dir) if run_dir is not None else self._temp_dir
 
         self.train_problems, self.eval_problems = split_problems(self.task, opts.num_prompts, opts.eval_prompts, seed)
-        warmup_problems = (warmup_set(self.task, opts.warmup_sft_problems, seed, self.eval_problems)
+        # the warm-up's problems are graded and slipped by their own options (e.g. their answer order)
+        self.warmup_task = self.task if opts.warmup_task_options is None else get_task(opts.task, opts.warmup_task_options)
+        warmup_problems = (warmup_set(self.warmup_task, opts.warmup_sft_problems, seed, self.eval_problems)
                            if opts.warmup_sft_steps > 0 else [])
 
         self.model, self.tokenizer, model_dir = self._build_policy(warmup_problems)
@@ -162,10 +169,10 @@ class LMEnvironment(Environment):
         if opts.warmup_sft_steps > 0:
             if not warmup_problems:
                 raise ValueError("warmup_sft_problems: no problems left for the warm-up")
-            targets = [reference_completion(self.task, p) for p in warmup_problems]
-            flawed = ([reference_completion(self.task, p, self.task.flawed_answer(p)) for p in warmup_problems]
+            targets = [reference_completion(self.warmup_task, p) for p in warmup_problems]
+            flawed = ([reference_completion(self.warmup_task, p, self.warmup_task.flawed_answer(p)) for p in warmup_problems]
                       if opts.warmup_teacher_error > 0 else None)
-            prompts = [self.task.format_prompt(p) for p in warmup_problems]
+            prompts = [self.warmup_task.format_prompt(p) for p in warmup_problems]
             start = time.perf_counter()
             losses = supervised_warmup(model, tokenizer, prompts, targets, opts.warmup_sft_steps,
                                        opts.warmup_sft_batch, opts.warmup_sft_lr, self.seed, self.device,
@@ -211,6 +218,8 @@ class LMEnvironment(Environment):
                                                         o.warmup_sft_problems, o.num_prompts, o.eval_prompts]}
         if o.warmup_teacher_error > 0:  # a new key only when set, so existing runs keep their fingerprint
             keys["warmup_teacher_error"] = o.warmup_teacher_error
+        if o.warmup_task_options is not None:
+            keys["warmup_task_options"] = o.warmup_task_options
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
     def _build_backend(self, model_dir: Path) -> RolloutBackend:
