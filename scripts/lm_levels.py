@@ -18,6 +18,7 @@ checkpoints) and prints markdown tables:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## {args.run} (steps {int(trace['step'].min())}-{int(trace['step'].max())}, k = {config.k})\n")
     by_window = window_table(trace, metrics, args.window)
     print(markdown(by_window), "\n")
-    evals = eval_table(metrics)
+    evals = eval_table(metrics, read_initial_evals(args.run))
     if not evals.empty:
         print(markdown(evals), "\n")
     print("\n".join(checks(trace, metrics, evals, args.window)))
@@ -110,13 +111,28 @@ def window_table(trace: pd.DataFrame, metrics: pd.DataFrame, window: int) -> pd.
     return pd.DataFrame(rows)
 
 
-def eval_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Held-out accuracies at the evaluation steps, with standard errors and per level when recorded."""
+def read_initial_evals(run: Path) -> dict[str, float]:
+    """The evaluation before the first step (a finished run's summary.json; {} while it runs)."""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {key.removeprefix("initial_"): value for key, value in summary.items()
+            if key.startswith("initial_eval_accuracy_") and value is not None}
+
+
+def eval_table(metrics: pd.DataFrame, initial: dict[str, float] | None = None) -> pd.DataFrame:
+    """Held-out accuracies at the evaluation steps (step -1: before the first), with standard errors
+    and per level when recorded."""
     if "eval_accuracy_greedy" not in metrics:
         return pd.DataFrame()
     evaluated = metrics[metrics["eval_accuracy_greedy"].notna()]
     columns = ["step", "cumulative_rollouts"] + [c for c in evaluated.columns if c.startswith("eval_accuracy_")]
-    return evaluated[columns].reset_index(drop=True)
+    table = evaluated[columns]
+    if initial:
+        start = pd.DataFrame([{"step": -1, "cumulative_rollouts": 0, **{c: initial.get(c, math.nan) for c in columns[2:]}}])
+        table = pd.concat([start, table])
+    return table.reset_index(drop=True)
 
 
 def checks(trace: pd.DataFrame, metrics: pd.DataFrame, evals: pd.DataFrame, window: int) -> list[str]:

@@ -52,6 +52,9 @@ def test_lm_levels_reports_waste_levels_and_evals_of_a_finished_and_of_a_running
         solve = (group["successes"] / group["trials"]).mean()
         assert table[header.index(f"L{level} solve")] == f"{solve:.3f}"
     assert "eval_accuracy_sampled_se" in out and "eval_accuracy_sampled_level1" in out  # lm_mixed evaluates by level
+    summary = json.loads((tmp_path / "done" / "summary.json").read_text())
+    start = [line for line in out.splitlines() if line.startswith("| -1 | 0 |")][0]  # the evaluation before step 0
+    assert f"| {summary['initial_eval_accuracy_sampled_se']:.3f} |" in start
 
     with pytest.raises(Stop):
         run(config, tmp_path / "running", progress=lambda done, total, m: (_ for _ in ()).throw(Stop) if done == 3 else None)
