@@ -12,7 +12,7 @@ checkpoints) and prints markdown tables:
   over the first half, and a level that starts unsolved (mean solve rate < 0.1 in the first window)
   and ends partly solved (>= 0.2 in the last).
 
-    .venv/bin/python scripts/lm_levels.py runs/lm_mixed-probe-0 [--window 10]
+    .venv/bin/python scripts/lm_levels.py runs/lm_mixed-probe-0 [--window 10] [--by carries]
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="an LM run folder (runs/...)")
     parser.add_argument("--window", type=int, default=10, help="steps per row of the by-level table")
+    parser.add_argument("--by", metavar="KEY", help="group the pool rollouts by this field of the problems' meta "
+                        "(arithmetic: digits, carries, op; comma-separated for combinations) instead of the level")
     args = parser.parse_args(argv)
     if args.window < 1:
         parser.error(f"--window must be >= 1, got {args.window}")
@@ -51,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if trace.empty:
         print(f"lm_levels: {args.run} has no steps recorded yet (rows are flushed at checkpoints)", file=sys.stderr)
         return 2
-    levels = pool_levels(config)
+    try:
+        levels = pool_levels(config, args.by)
+    except KeyError:
+        print(f"lm_levels: --by {args.by}: the task's problems have no such meta field", file=sys.stderr)
+        return 2
     trace = trace[~trace["failed"]].assign(level=lambda t: [levels[i] for i in t["prompt_id"]])
     print(f"## {args.run} (steps {int(trace['step'].min())}-{int(trace['step'].max())}, k = {config.k})\n")
     by_window = window_table(trace, metrics, args.window)
@@ -63,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def pool_levels(config) -> list[int]:
-    """Each pool prompt's level (its cluster), rebuilt from the run's config without the model."""
+def pool_levels(config, by: str | None = None) -> list:
+    """Each pool prompt's level (its cluster), or its meta field `by`, rebuilt from the run's config
+    without the model."""
     env = config.env.model_dump()
     pool, _ = split_problems(get_task(env["task"], env["task_options"]), env["num_prompts"], env["eval_prompts"],
                              config.seed)
-    return [p.difficulty for p in pool]
+    if by is None:
+        return [p.difficulty for p in pool]
+    keys = by.split(",")  # several fields: one group per combination, e.g. digits,carries -> "2/1"
+    return [p.meta[keys[0]] if len(keys) == 1 else "/".join(str(p.meta[k]) for k in keys) for p in pool]
 
 
 def markdown(frame: pd.DataFrame) -> str:

@@ -61,6 +61,12 @@ def test_lm_levels_reports_waste_levels_and_evals_of_a_finished_and_of_a_running
     assert script.main([str(tmp_path / "running"), "--window", "2"]) == 0
     assert "mean effective ratio over steps 0-1:" in capsys.readouterr().out  # the parts flushed at step 2
 
+    assert script.pool_levels(config, "digits") == [level + 1 for level in clusters.tolist()]  # level: digits
+    pairs = script.pool_levels(config, "digits,carries")
+    assert all(pair.split("/")[0] == str(d) for pair, d in zip(pairs, script.pool_levels(config, "digits")))
+    assert {pair.split("/")[1] for pair in pairs} == {str(c) for c in script.pool_levels(config, "carries")}
+    assert script.main([str(tmp_path / "done"), "--by", "nope"]) == 2
+    assert "no such meta field" in capsys.readouterr().err
     assert script.main([str(tmp_path / "nowhere")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
 
