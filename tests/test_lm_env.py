@@ -228,10 +228,33 @@ def test_evaluation_reports_greedy_and_sampled_accuracy_and_the_target_picks_one
     assert chosen["eval_accuracy"] == chosen["eval_accuracy_sampled"] != chosen["eval_accuracy_greedy"]
     sampled.close()
     greedy_only = make_env(tmp_path, name="greedy", task="test_parity", task_options={}, eval_samples=0)
-    assert set(greedy_only.evaluate_metrics()) == {"eval_accuracy", "eval_accuracy_greedy"}
+    assert set(greedy_only.evaluate_metrics()) == {"eval_accuracy", "eval_accuracy_greedy", "eval_accuracy_greedy_se"}
     greedy_only.close()
     with pytest.raises(ValidationError, match="eval_samples"):
         LMOptions(**BASE, eval_target="sampled", eval_samples=0)
+
+
+def test_evaluation_reports_standard_errors_and_with_eval_by_level_the_accuracy_of_each_level(tmp_path):
+    """A small eval set every step or two resolves a target crossing only together with its standard
+    error; per level (the pool's clusters) it shows the frontier move (lm_mixed)."""
+    env = make_env(tmp_path, task="test_parity", task_options={}, eval_prompts=30, eval_samples=4, eval_by_level=True)
+    metrics = env.evaluate_metrics()
+    env.eval_calls -= 1  # the same sampling seed again: the per-problem rates behind those metrics
+    seed = __import__("mpts.training.environments.lm.env", fromlist=["_derive_seed"])._derive_seed(0, 2, env.eval_calls)
+    levels = torch.tensor([p.difficulty for p in env.eval_problems])
+    assert set(levels.tolist()) == {0, 1, 2}
+    for kind, n, sampling in (("greedy", 1, env.greedy_sampling), ("sampled", 4, env.sampling)):
+        rates = env._solve_rate(env.eval_prompt_ids, env.eval_problems, n, sampling, seed)
+        assert metrics[f"eval_accuracy_{kind}"] == pytest.approx(float(rates.mean()))
+        assert metrics[f"eval_accuracy_{kind}_se"] == pytest.approx(float(rates.std()) / len(rates) ** 0.5)
+        assert metrics[f"eval_accuracy_{kind}_se"] < 0.2
+        for level in (0, 1, 2):
+            assert metrics[f"eval_accuracy_{kind}_level{level}"] == pytest.approx(float(rates[levels == level].mean()))
+    assert metrics["eval_accuracy_sampled_se"] > 0  # four samples at T=1 differ between problems
+    env.close()
+    plain = make_env(tmp_path, name="plain", task="test_parity", task_options={})
+    assert not any("level" in key for key in plain.evaluate_metrics())
+    plain.close()
 
 
 def test_rollout_marks_the_prompts_greedy_decoding_already_solves(parity_env):
@@ -324,6 +347,33 @@ def test_teacher_error_changes_the_starting_policy_and_needs_a_task_with_a_slip(
     with pytest.raises(ValueError, match="defines no flawed answer"):
         make_env(tmp_path, "parity", task="countdown", task_options={}, warmup_sft_steps=5, warmup_sft_problems=8,
                  warmup_teacher_error=0.5)
+
+
+def test_warm_up_draws_its_problems_from_warmup_task_options_and_the_pool_stays_the_tasks(tmp_path, monkeypatch):
+    """lm_mixed: the supervised data (1-2 digits) is easier than the RL pool (longer numbers), as in practice;
+    the warm-up's targets and slips follow its own options (here: answers reversed only in the warm-up)."""
+    from mpts.training.environments.lm import env as env_module
+
+    seen = {}
+
+    def spy(model, tokenizer, prompts, targets, *args, flawed_targets=None, **kwargs):
+        seen.update(prompts=prompts, targets=targets, flawed=flawed_targets)
+        return [0.0]
+    monkeypatch.setattr(env_module, "supervised_warmup", spy)
+    warm = {"min_digits": 1, "max_digits": 1, "reverse_answer": True}
+    env = make_env(tmp_path, "mixed", task_options={"digit_counts": [3]}, warmup_task_options=warm,
+                   warmup_sft_steps=5, warmup_sft_problems=64, warmup_teacher_error=0.5)
+    assert all(len(str(max(p.meta["a"], p.meta["b"]))) == 3 for p in env.train_problems + env.eval_problems)
+    assert seen["prompts"] and all(len(q[:-1].replace("-", "+").split("+")[0]) <= 1 for q in seen["prompts"])
+    problems = {p.question: p for p in env.warmup_task.problems(155, 1)}
+    for prompt, target, flawed in zip(seen["prompts"], seen["targets"], seen["flawed"]):
+        assert target == problems[prompt].answer and flawed == target + "0"  # reversed: the slip's zero comes last
+    plain = make_env(tmp_path, "plain", task_options={"digit_counts": [3]}, warmup_sft_steps=5, warmup_sft_problems=64,
+                     warmup_teacher_error=0.5)
+    assert plain._fingerprint() != env._fingerprint()
+    env.close(), plain.close()
+    with pytest.raises(ValidationError, match="max_digits"):
+        LMOptions(**BASE, warmup_task_options={"min_digits": 3, "max_digits": 1})
 
 
 def test_reference_completion_is_what_the_verifier_accepts():
@@ -499,3 +549,12 @@ def test_warmup_probe_script_reports_the_starting_policy(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "held-out (20 problems): greedy" in result.stdout and "greedy answer = flawed answer" in result.stdout
     assert "carries 0:" in result.stdout
+    # by level: greedy, sampled over k=8, and the 0/8, 8/8, in-between shares that sum to one per row
+    assert "| level | problems | greedy | sampled (k=8) | 0/8 | 8/8 | 0<s<8 |" in result.stdout
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "level" not in line]
+    assert rows[-1][0].strip() == "all" and int(rows[-1][1]) == 20
+    assert sum(int(row[1]) for row in rows[:-1]) == 20
+    for row in rows:
+        assert sum(float(cell) for cell in row[4:]) == pytest.approx(1.0, abs=2e-3)
+    refused = subprocess.run([sys.executable, str(script), "--samples", "0"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--samples must be >= 1" in refused.stderr

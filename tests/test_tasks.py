@@ -36,6 +36,9 @@ def test_registry_names_and_unknown_task():
     ("countdown", {"template": "no placeholders"}, "{numbers}"),
     ("arithmetic", {"operators": ["^"]}, "operators"),
     ("arithmetic", {"min_digits": 4, "max_digits": 2}, "min_digits"),
+    ("arithmetic", {"digit_counts": []}, "digit_counts"),
+    ("arithmetic", {"digit_counts": [2, 19]}, "digit_counts"),
+    ("arithmetic", {"level": "carries"}, "level"),
     ("math_file", {"path": "x.jsonl", "timeout_seconds": 0}, "timeout_seconds"),
 ])
 def test_bad_options_are_rejected_by_name(name, options, field):
@@ -246,6 +249,24 @@ def test_arithmetic_options_operators_negatives_and_exhaustion():
                for p in problems)
     with pytest.raises(ValueError, match="distinct problems"):
         get_task("arithmetic", {"max_digits": 1, "operators": ["+"]}).problems(101, seed=0)
+
+
+def test_arithmetic_digit_counts_mix_lengths_and_level_digits_makes_each_length_one_cluster():
+    """lm_mixed's pool: the first operand's length drawn from a list (a repeat weights it), and with
+    `level: digits` the difficulty (the prompt's cluster) is that length - 1, carries aside."""
+    task = get_task("arithmetic", {"digit_counts": [2, 4, 4], "level": "digits", "reverse_answer": True})
+    problems = task.problems(1500, seed=0)
+    counts = collections.Counter(p.meta["digits"] for p in problems)
+    assert set(counts) == {2, 4} and 1.7 < counts[4] / counts[2] < 2.3
+    for p in problems:
+        assert len(str(max(p.meta["a"], p.meta["b"]))) == p.meta["digits"]
+        assert p.difficulty == p.meta["digits"] - 1
+    assert any(p.meta["carries"] > 0 for p in problems)  # carries exist but do not enter the level
+    steps = get_task("arithmetic", {"digit_counts": [2, 4, 4]}).problems(1500, seed=0)
+    assert [p.question for p in steps] == [p.question for p in problems]
+    assert all(p.difficulty == p.meta["digits"] - 1 + p.meta["carries"] for p in steps)
+    with pytest.raises(ValueError, match=r"digits \(2,\)"):
+        get_task("arithmetic", {"digit_counts": [2], "operators": ["+"]}).problems(20000, seed=0)
 
 
 ADDITION = Problem(question="23+58=", answer="81", difficulty=2, meta={})

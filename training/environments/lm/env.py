@@ -56,6 +56,8 @@ class LMOptions(EnvironmentOptions):
                               "the sampled accuracy (0: greedy accuracy only)")
     eval_target: Literal["greedy", "sampled"] = Field("greedy", description="which held-out accuracy is "
                                                       "`eval_accuracy` (targets, summaries, reports)")
+    eval_by_level: bool = Field(False, description="also report held-out accuracy per difficulty level (the "
+                                "pool's clusters): eval_accuracy_greedy_level<L>, eval_accuracy_sampled_level<L>")
     greedy_probe: bool = Field(True, description="also decode each rolled-out batch greedily, for the share of "
                                "the batch already solved greedily (a diagnostic; one greedy pass over B prompts)")
     max_new_tokens: int = Field(16, ge=1)
@@ -72,6 +74,9 @@ class LMOptions(EnvironmentOptions):
                                      "settings that determines them: runs that share those (an ablation's arms "
                                      "at one seed) warm up once; a relative path is taken from the run folder "
                                      "(../.warmup-cache: shared by the runs side by side); null: no sharing")
+    warmup_task_options: dict[str, Any] | None = Field(None, description="the task's options for the warm-up's "
+                                                       "problems when they differ from the pool's (supervised data "
+                                                       "easier than the RL pool, as in practice); null: task_options")
     warmup_sft_problems: int = Field(4096, ge=1, description="problems drawn for the warm-up (eval problems are "
                                      "dropped; pool ones may recur)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -93,6 +98,8 @@ class LMOptions(EnvironmentOptions):
         except KeyError as error:
             raise ValueError(f"task: {error.args[0]}") from None
         cls.Options.model_validate(self.task_options)
+        if self.warmup_task_options is not None:
+            cls.Options.model_validate(self.warmup_task_options)
         return self
 
 
@@ -110,18 +117,10 @@ class LMEnvironment(Environment):
         self._temp_dir = None if run_dir is not None else Path(tempfile.mkdtemp(prefix="mpts-lm-"))
         self.work_dir = Path(run_dir) if run_dir is not None else self._temp_dir
 
-        problems = self.task.problems(opts.num_prompts + opts.eval_prompts, seed)
-        # A seeded shuffle before the split: a generator may emit its problems in an order that
-        # depends on difficulty (arithmetic's one-digit problems run out first), and pool and eval
-        # set should share one mixture.
-        random.Random(seed).shuffle(problems)
-        self.train_problems = problems[: opts.num_prompts]
-        train_questions = {p.question for p in self.train_problems}
-        # Held out: disjoint by construction, and any question that also occurs in training is dropped.
-        self.eval_problems = [p for p in problems[opts.num_prompts:] if p.question not in train_questions]
-        if not self.eval_problems:
-            raise ValueError("eval_prompts: every evaluation problem also occurs in the training pool")
-        warmup_problems = (warmup_set(self.task, opts.warmup_sft_problems, seed, self.eval_problems)
+        self.train_problems, self.eval_problems = split_problems(self.task, opts.num_prompts, opts.eval_prompts, seed)
+        # the warm-up's problems are graded and slipped by their own options (e.g. their answer order)
+        self.warmup_task = self.task if opts.warmup_task_options is None else get_task(opts.task, opts.warmup_task_options)
+        warmup_problems = (warmup_set(self.warmup_task, opts.warmup_sft_problems, seed, self.eval_problems)
                            if opts.warmup_sft_steps > 0 else [])
 
         self.model, self.tokenizer, model_dir = self._build_policy(warmup_problems)
@@ -170,10 +169,10 @@ class LMEnvironment(Environment):
         if opts.warmup_sft_steps > 0:
             if not warmup_problems:
                 raise ValueError("warmup_sft_problems: no problems left for the warm-up")
-            targets = [reference_completion(self.task, p) for p in warmup_problems]
-            flawed = ([reference_completion(self.task, p, self.task.flawed_answer(p)) for p in warmup_problems]
+            targets = [reference_completion(self.warmup_task, p) for p in warmup_problems]
+            flawed = ([reference_completion(self.warmup_task, p, self.warmup_task.flawed_answer(p)) for p in warmup_problems]
                       if opts.warmup_teacher_error > 0 else None)
-            prompts = [self.task.format_prompt(p) for p in warmup_problems]
+            prompts = [self.warmup_task.format_prompt(p) for p in warmup_problems]
             start = time.perf_counter()
             losses = supervised_warmup(model, tokenizer, prompts, targets, opts.warmup_sft_steps,
                                        opts.warmup_sft_batch, opts.warmup_sft_lr, self.seed, self.device,
@@ -219,6 +218,8 @@ class LMEnvironment(Environment):
                                                         o.warmup_sft_problems, o.num_prompts, o.eval_prompts]}
         if o.warmup_teacher_error > 0:  # a new key only when set, so existing runs keep their fingerprint
             keys["warmup_teacher_error"] = o.warmup_teacher_error
+        if o.warmup_task_options is not None:
+            keys["warmup_task_options"] = o.warmup_task_options
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
     def _build_backend(self, model_dir: Path) -> RolloutBackend:
@@ -324,15 +325,24 @@ class LMEnvironment(Environment):
 
     def evaluate_metrics(self) -> dict[str, float]:
         """Held-out greedy accuracy and sampled accuracy at the rollout temperature (mean over
-        `eval_samples` samples per problem); `eval_accuracy` is the one `eval_target` names."""
+        `eval_samples` samples per problem), each with its standard error over problems (`_se`:
+        the spread of per-problem solve rates / sqrt(problems), the resolution of a target crossing);
+        `eval_accuracy` is the one `eval_target` names. With `eval_by_level`, also per level."""
         self._sync()
         seed = _derive_seed(self.seed, 2, self.eval_calls)
         self.eval_calls += 1
-        out = {"eval_accuracy_greedy": float(self._solve_rate(self.eval_prompt_ids, self.eval_problems, 1,
-                                                              self.greedy_sampling, seed).mean())}
+        rates = {"greedy": self._solve_rate(self.eval_prompt_ids, self.eval_problems, 1, self.greedy_sampling, seed)}
         if self.options.eval_samples > 0:
-            out["eval_accuracy_sampled"] = float(self._solve_rate(self.eval_prompt_ids, self.eval_problems,
-                                                                  self.options.eval_samples, self.sampling, seed).mean())
+            rates["sampled"] = self._solve_rate(self.eval_prompt_ids, self.eval_problems, self.options.eval_samples,
+                                                self.sampling, seed)
+        levels = torch.tensor([p.difficulty for p in self.eval_problems])
+        out: dict[str, float] = {}
+        for kind, rate in rates.items():
+            out[f"eval_accuracy_{kind}"] = float(rate.mean())
+            out[f"eval_accuracy_{kind}_se"] = standard_error(rate)
+            if self.options.eval_by_level:
+                for level in torch.unique(levels).tolist():
+                    out[f"eval_accuracy_{kind}_level{level}"] = float(rate[levels == level].mean())
         out["eval_accuracy"] = out[f"eval_accuracy_{self.options.eval_target}"]
         return out
 
@@ -431,6 +441,22 @@ class LMEnvironment(Environment):
         return ids.long()
 
 
+def split_problems(task: Task, num_prompts: int, eval_prompts: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """The pool's problems (prompt id = position) and the held-out eval problems of a run at `seed`."""
+    problems = task.problems(num_prompts + eval_prompts, seed)
+    # A seeded shuffle before the split: a generator may emit its problems in an order that
+    # depends on difficulty (arithmetic's one-digit problems run out first), and pool and eval
+    # set should share one mixture.
+    random.Random(seed).shuffle(problems)
+    train = problems[:num_prompts]
+    train_questions = {p.question for p in train}
+    # Held out: disjoint by construction, and any question that also occurs in training is dropped.
+    held_out = [p for p in problems[num_prompts:] if p.question not in train_questions]
+    if not held_out:
+        raise ValueError("eval_prompts: every evaluation problem also occurs in the training pool")
+    return train, held_out
+
+
 def warmup_set(task: Task, n: int, seed: int, eval_problems: list[Problem]) -> list[Problem]:
     """The supervised warm-up's problems: their own stream (the set does not move with the pool size),
     minus every held-out eval question. Pool questions may recur: a small family such as arithmetic's
@@ -438,6 +464,11 @@ def warmup_set(task: Task, n: int, seed: int, eval_problems: list[Problem]) -> l
     of the eval unreachable."""
     held_out = {p.question for p in eval_problems}
     return [p for p in task.problems(n, seed + 1) if p.question not in held_out]
+
+
+def standard_error(rates: Tensor) -> float:
+    """Standard error of the mean of per-problem solve rates (0 for fewer than two problems)."""
+    return float(rates.std(unbiased=True) / rates.numel() ** 0.5) if rates.numel() > 1 else 0.0
 
 
 def reference_completion(task: Task, problem: Problem, answer: str | None = None) -> str:

@@ -11,16 +11,18 @@ Grading is lenient on whitespace around the number and strict on the number itse
 decimal, ASCII digits, "-" for negatives). A completion that holds `<answer>…</answer>` is graded
 on the last such tag instead, for models that were taught the tag format.
 
-Options: operand sizes (`min_digits`..`max_digits`), `operators` (any of ``+ - *``), and whether
-subtraction may go negative. The first operand has exactly d digits, d drawn uniformly from the
-range, and the second 1..d digits (order swapped at random for ``+`` and ``*``).
+Options: operand sizes (`min_digits`..`max_digits`, or `digit_counts`, a list to draw d from, for a
+pool mixed over lengths), `operators` (any of ``+ - *``), and whether subtraction may go negative. The
+first operand has exactly d digits, d drawn uniformly from the range (or the list), and the second
+1..d digits (order swapped at random for ``+`` and ``*``).
 The flawed answer (`flawed_answer`, the teacher slip a warm-up can imitate) is the right number
 with a leading zero, "081": a formatting slip the grader rejects on every problem, which one
 decision shared by all prompts (end the number or write the zero) fixes. (A slip in the arithmetic
 itself, dropped carries, was tried first: taught on 60% of examples it kept the 2-layer model of
 `lm_tiny` from learning the task in its warm-up at all.)
-Difficulty = (d - 1) + the number of carries (for +), borrows (for -) or digit products of 10 or
-more (for ``*``), so "3+4=" is level 0 and "58+67=" (two digits, two carries) is level 3.
+Difficulty (the pool's cluster) with `level: steps` (default) = (d - 1) + the number of carries
+(for +), borrows (for -) or digit products of 10 or more (for ``*``), so "3+4=" is level 0 and "58+67="
+(two digits, two carries) is level 3; with `level: digits` it is d - 1 (one level per length).
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ class ArithmeticOptions(TaskOptions):
     max_digits: int = Field(3, ge=1, le=18)
     operators: tuple[Operator, ...] = ("+", "-")
     allow_negative: bool = False
+    digit_counts: tuple[int, ...] | None = Field(None, description="digit counts d of the first operand, one drawn "
+                                                 "uniformly per problem (repeat a count to weight it); replaces "
+                                                 "min_digits..max_digits, e.g. [2, 3, 4, 5] for a pool mixed "
+                                                 "over lengths")
+    level: Literal["steps", "digits"] = Field("steps", description="the difficulty recorded as the prompt's "
+                                              "cluster: steps = (d - 1) + carries/borrows; digits = d - 1")
     reverse_answer: bool = Field(False, description="answers written least-significant digit first (125 as "
                                  "'521'): each digit then depends only on its column and the carry just "
                                  "written, which small transformers learn far faster")
@@ -54,8 +62,17 @@ class ArithmeticOptions(TaskOptions):
             raise ValueError("operators must name at least one of + - *")
         return tuple(dict.fromkeys(value))
 
+    @field_validator("digit_counts")
+    @classmethod
+    def _digit_counts(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and (not value or any(not 1 <= d <= 18 for d in value)):
+            raise ValueError(f"digit_counts must list digit counts between 1 and 18, got {list(value)}")
+        return value
+
     @model_validator(mode="after")
     def _digits(self) -> "ArithmeticOptions":
+        if self.digit_counts is not None:
+            return self
         if self.min_digits > self.max_digits:
             raise ValueError(f"min_digits={self.min_digits} must be <= max_digits={self.max_digits}")
         return self
@@ -74,9 +91,10 @@ class Arithmetic(Task):
         draws_left = 20 * n + 1000
         while len(out) < n:
             if draws_left <= 0:
+                counts = (self.options.digit_counts or
+                          f"{self.options.min_digits}..{self.options.max_digits}")
                 raise ValueError(
-                    f"arithmetic: could not draw {n} distinct problems with digits "
-                    f"{self.options.min_digits}..{self.options.max_digits} and operators "
+                    f"arithmetic: could not draw {n} distinct problems with digits {counts} and operators "
                     f"{''.join(self.options.operators)} (found {len(out)}); ask for fewer or allow more digits")
             draws_left -= 1
             a, op, b, digits = self._draw(rng)
@@ -85,7 +103,8 @@ class Arithmetic(Task):
             seen.add((a, op, b))
             result = a + b if op == "+" else a - b if op == "-" else a * b
             steps = _carries(a, op, b)
-            out.append(Problem(question=f"{a}{op}{b}=", answer=self._written(result), difficulty=digits - 1 + steps,
+            level = digits - 1 + (steps if self.options.level == "steps" else 0)
+            out.append(Problem(question=f"{a}{op}{b}=", answer=self._written(result), difficulty=level,
                                meta={"a": a, "b": b, "op": op, "digits": digits, "carries": steps}))
         return out
 
@@ -108,7 +127,8 @@ class Arithmetic(Task):
         return ("-" if value < 0 else "") + (digits[::-1] if self.options.reverse_answer else digits)
 
     def _draw(self, rng: random.Random) -> tuple[int, str, int, int]:
-        digits = rng.randint(self.options.min_digits, self.options.max_digits)
+        counts = self.options.digit_counts
+        digits = rng.choice(counts) if counts else rng.randint(self.options.min_digits, self.options.max_digits)
         op = rng.choice(self.options.operators)
         a = _with_digits(digits, rng)
         b = _with_digits(rng.randint(1, digits), rng)
