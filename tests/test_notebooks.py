@@ -75,7 +75,7 @@ def test_quickstart_runs_the_ablation_and_shows_table_and_reliability(tmp_path, 
     assert _images(notebook) >= 2  # reliability diagram and accuracy curves
     root = out / "01_quickstart"
     assert len(list((root / "runs").iterdir())) == len(arms)  # one seed per arm in fast mode
-    assert (root / "report" / "report.html").is_file()
+    assert (out / "01_quickstart-report" / "report.html").is_file()  # beside the ablation, not inside it
     assert not (tmp_path / "cwd" / "runs").exists() and not (NOTEBOOKS / "runs").exists()
 
 

@@ -176,7 +176,7 @@ def test_the_selection_config_built_in_python_refuses_in_one_line_saying_what_to
         SelectionConfig(candidate_ratio=0, predictr={})
     assert str(refused.value) == ("mpts: candidate_ratio: Input should be greater than or equal to 1 (got 0); "
                                   "predictr: unknown key (known: predictor, acquisition, candidate_ratio, "
-                                  "success_threshold, reward, seed, out, target_accuracy)")
+                                  "success_threshold, reward, seed, out, target_accuracy, missing_rewards)")
     with pytest.raises(VerlSelectionError, match=r"^mpts.predictor: decai: unknown key \(known: decay, ") as refused:
         read_selection_config({"predictor": {"name": "beta", "decai": 0.5}})
 
