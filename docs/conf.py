@@ -64,8 +64,8 @@ nitpick_ignore_regex = [
     # names that other libraries' annotations bring in unqualified
     ("py:.*", r"Tensor|Path|Module|nn\.Module|ExpandedDistribution|_DependentProperty|FieldInfo|Ge|Le|Gt|Lt|"
               r"fractions\..*|pydantic_core\..*|string|T|.*\.T"),
-    # Annotated aliases (config.Seed, arithmetic.Operator) that autodoc prints by their bare name
-    ("py:.*", r"Seed|Operator"),
+    # type aliases (config.Seed, arithmetic.Operator, rewards.MissingRewards) that autodoc prints by their bare name
+    ("py:.*", r"Seed|Operator|MissingRewards"),
     # annotation texts that are not names at all (constraint descriptions, quoted forward references)
     ("py:.*", r".*[ '].*"),
 ]
