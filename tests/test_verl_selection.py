@@ -158,6 +158,19 @@ def test_resume_checks_the_run_folder_and_sets_later_rows_aside(tmp_path):
         again.start(total_steps=4)
 
 
+def test_a_finished_run_releases_its_lock_so_a_later_resume_in_the_same_process_proceeds(tmp_path):
+    """verl stops at total_training_steps and a later `resume_mode=auto` run (in a notebook, or a
+    test, the same process) continues it: the finished run no longer holds the write lock."""
+    selection, generator = make_selection(tmp_path), np.random.default_rng(9)
+    for step in (0, 1):
+        selection.observe(*rollouts(selection, selection.choose(), generator), step)
+    state = selection.checkpoint(total_steps=2)
+    selection.finish(total_steps=2)
+    later = PromptSelection(selection.options, selection.labels, B, K, tmp_path / "run")
+    later.resume(state, 2)
+    assert later.steps_done == 2
+
+
 @pytest.mark.parametrize("raw, message", [
     ({"predictor": {"name": "beta", "decai": 0.5}}, "predictor: decai: unknown key"),
     ({"predictor": {"name": "nope"}}, "unknown predictor 'nope'"),

@@ -130,13 +130,17 @@ class RunRecorder:
                predictor_state: dict[str, Any], posterior_draws: pd.DataFrame | None,
                steps_done: int, steps_total: int) -> dict[str, Any]:
         """Write the last part, then trace.parquet, metrics.parquet (from the verified parts) and
-        summary.json (`summary(trace, metrics)`); returns the summary."""
-        self.flush()
-        trace, metrics = self.folder.read_parts("trace"), self.folder.read_parts("metrics")
-        record = summary(trace, metrics)
-        self.folder.finalize(record, predictor_state, posterior_draws)
-        self.folder.write_progress(steps_done, steps_total, "done")
-        return record
+        summary.json (`summary(trace, metrics)`); returns the summary. The run is finished, so its
+        write lock is released: a later resume (verl's or TRL's, in this process or another) may take it."""
+        try:
+            self.flush()
+            trace, metrics = self.folder.read_parts("trace"), self.folder.read_parts("metrics")
+            record = summary(trace, metrics)
+            self.folder.finalize(record, predictor_state, posterior_draws)
+            self.folder.write_progress(steps_done, steps_total, "done")
+            return record
+        finally:
+            self.folder.unlock()
 
     def _written(self) -> None:
         self._buffered_rows, self._last_step, self._last_write = 0, None, time.monotonic()
