@@ -92,6 +92,16 @@ def test_a_sudden_jump_the_fit_does_not_model_is_flagged():
     assert {"success_rate", "success_rate_q05", "success_rate_q95"} <= set(check.columns)
 
 
+def test_a_ceiling_below_one_is_recovered_and_caps_the_simulator():
+    """A learner that keeps making errors on what it has learned (p <= ceiling < 1): the
+    simulator never exceeds the ceiling, and the fit recovers it within its stated interval."""
+    trace, clusters, env = simulated_trace(5, ceiling=0.8, learning_rate=0.9)
+    assert float(env.true_success(torch.arange(env.options.num_prompts)).max()) <= 0.8 + 1e-6
+    table = fit(fit_data(trace, clusters), seed=5).parameters().set_index("parameter")
+    assert table.loc["ceiling", "q05"] <= 0.8 <= table.loc["ceiling", "q95"], table.loc["ceiling"]
+    assert table.loc["ceiling", "q95"] < 0.95  # told apart from no ceiling
+
+
 def test_one_cluster_says_transfer_is_not_identified():
     trace, _, _ = simulated_trace(3, num_clusters=1, steps=30)
     result = fit(fit_data(trace, None))

@@ -90,6 +90,21 @@ def test_load_state_dict_rejects_other_world_and_leaves_state_unchanged():
     assert torch.equal(env.competence, before)
 
 
+def test_a_state_saved_before_an_option_existed_loads_with_its_default():
+    """`ceiling` and `cluster_difficulties` came after runs were saved: their defaults are the old
+    behaviour, so an older state resumes; a non-default value is another world and is refused."""
+    env = make(seed=1)
+    drive(env, 3)
+    state = env.state_dict()
+    for added in ("ceiling", "cluster_difficulties"):
+        del state["options"][added]
+    resumed = make(seed=1)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.competence, env.competence)
+    with pytest.raises(ValueError, match="different seed or options"):
+        make(seed=1, ceiling=0.9).load_state_dict(state)
+
+
 def test_empirical_success_rates_recover_true_p():
     env = make(seed=0)
     ids = torch.arange(300)

@@ -8,7 +8,7 @@ simulator.py), in logit units::
     theta_c(0) = 0
     theta_c(t+1) = theta_c(t) - forgetting * [G_c(t) = 0] * theta_c(t)
                    + learning_rate * (G_c(t) + transfer * mean_c' G_c'(t))
-    S_j   ~ Binomial(k_j, sigmoid(theta_c(t_j) - d_i(j)))
+    S_j   ~ Binomial(k_j, ceiling * sigmoid(theta_c(t_j) - d_i(j)))
 
 G_c(t) is the simulator's per-cluster GRPO signal of step t's trained groups. In the fit it is
 computed from the trace's *observed* groups, so competence is a deterministic function of the
@@ -47,7 +47,8 @@ from torch import Tensor
 
 from mpts.training.threads import intra_op_threads
 
-GLOBAL_SITES = ("difficulty_mean", "cluster_scale", "difficulty_std", "learning_rate", "transfer", "forgetting")
+GLOBAL_SITES = ("difficulty_mean", "cluster_scale", "difficulty_std", "learning_rate", "transfer", "forgetting",
+                "ceiling")
 # Share of steps on which the trace may fall outside the replay's 90% band before the check
 # flags a statistic: 0.1 is expected from a well-specified fit; steps are correlated, so the
 # threshold leaves room (tests/test_fit_sim.py measures both sides of it).
@@ -61,7 +62,10 @@ def priors(num_clusters: int) -> dict[str, dist.Distribution]:
            "difficulty_std": dist.HalfNormal(3.0),
            "learning_rate": dist.HalfNormal(2.0),
            "transfer": dist.HalfNormal(1.0),
-           "forgetting": dist.Beta(1.0, 4.0)}
+           "forgetting": dist.Beta(1.0, 4.0),
+           # the highest success rate a prompt reaches: a policy sampled at temperature 1 keeps
+           # making errors on prompts it has learned (sim-to-real on lm_tiny); mode 1
+           "ceiling": dist.Beta(8.0, 1.0)}
     if num_clusters > 1:
         out["cluster_scale"] = dist.HalfNormal(2.0)
     return out
@@ -156,7 +160,12 @@ def group_log_likelihood(data: FitData, g: dict[str, Tensor], signal: Tensor) ->
     theta = competence_path(signal, g["learning_rate"], g["transfer"], g["forgetting"])
     cluster = data.prompt_cluster[data.prompt]
     logits = (theta[data.step, cluster] - cluster_mean[cluster])[:, None] - g["difficulty_std"] * GRID
-    return data.successes[:, None] * logits - data.trials[:, None] * torch.nn.functional.softplus(logits)
+    # p = ceiling * sigmoid(logits): log p and log(1 - p) = log((1 - c) + c * sigmoid(-logits)), stably
+    log_c = torch.log(g["ceiling"])
+    log_p = log_c + torch.nn.functional.logsigmoid(logits)
+    log_q = torch.logaddexp(torch.log1p(-g["ceiling"]), log_c + torch.nn.functional.logsigmoid(-logits))
+    s = data.successes[:, None]
+    return s * log_p + (data.trials[:, None] - s) * log_q
 
 
 def prompt_log_posterior(data: FitData, group_ll: Tensor) -> Tensor:
@@ -312,7 +321,7 @@ def simulate_replay(result: FitResult, num_draws: int = 50, seed: int = 0) -> Te
     for t in range(data.num_steps):
         rows = torch.nonzero(data.step == t).squeeze(1)
         c = cluster_of_group[rows]
-        p = torch.sigmoid(theta[:, c] - difficulty[:, data.prompt[rows]])
+        p = draws["ceiling"][:, None] * torch.sigmoid(theta[:, c] - difficulty[:, data.prompt[rows]])
         k = data.trials[rows]
         s = torch.binomial(k.expand_as(p).contiguous(), p, generator=generator)
         out[:, rows] = s
@@ -370,7 +379,8 @@ def simulator_config(result: FitResult, *, num_prompts: int | None = None, name:
                 "initial_competence": 0.0,
                 "learning_rate": round(mean["learning_rate"], 4),
                 "transfer": round(mean["transfer"], 4),
-                "forgetting": round(mean["forgetting"], 4)},
+                "forgetting": round(mean["forgetting"], 4),
+                "ceiling": round(mean["ceiling"], 4)},
     }
     for section in ("predictor", "acquisition", "ablation"):
         if section in run:

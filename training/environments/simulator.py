@@ -4,7 +4,7 @@ Prompts i = 1..N fall into skill clusters c(i) in 1..C; the policy holds one com
 
     mu_c   = difficulty_mean + cluster_spread * (c / (C - 1) - 1/2)    cluster means, evenly spread
     d_i    ~ Normal(mu_c(i), difficulty_std)                           latent difficulty
-    p_i    = sigmoid(slope * (theta_c(i) - d_i))                       true success probability
+    p_i    = ceiling * sigmoid(slope * (theta_c(i) - d_i))             true success probability
     S_i    ~ Binomial(k, p_i)                                          one group of k rollouts
 
 (`cluster_difficulties` sets each mu_c instead, as `mpts fit-sim` writes them.)
@@ -53,6 +53,9 @@ class SimulatorOptions(EnvironmentOptions):
     difficulty_std: float = Field(2.2, ge=0.0, description="sigma: spread of difficulty within a cluster")
     slope: float = Field(1.5, gt=0.0, description="a: how sharply success falls with difficulty above competence")
     initial_competence: float = Field(0.0, description="theta_0: every cluster's competence at the start")
+    ceiling: float = Field(1.0, gt=0.0, le=1.0,
+                           description="highest success probability a prompt reaches (1: none; a policy sampled at "
+                                       "temperature 1 keeps making some errors on what it has learned)")
     learning_rate: float = Field(0.45, ge=0.0, description="eta: competence gained per unit of per-cluster signal")
     transfer: float = Field(0.5, ge=0.0,
                             description="tau: share of the mean per-cluster signal every cluster also gains")
@@ -136,7 +139,7 @@ class SimulatedLearner(Environment):
         return self._pool
 
     def _success(self, clusters: Tensor, difficulty: Tensor) -> Tensor:
-        return torch.sigmoid(self.options.slope * (self.competence[clusters] - difficulty))
+        return self.options.ceiling * torch.sigmoid(self.options.slope * (self.competence[clusters] - difficulty))
 
     def use_generator(self, generator: torch.Generator) -> None:
         self.generator = generator
@@ -199,7 +202,12 @@ class SimulatedLearner(Environment):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"state is for environment {state.get('name')!r}, not {self.name!r}")
-        if state.get("seed") != self.seed or state.get("options") != self.options.model_dump():
+        saved = state.get("options")
+        try:  # options added since the state was saved take their defaults, which kept the old behaviour
+            saved = SimulatorOptions(**saved).model_dump() if isinstance(saved, dict) else saved
+        except ValueError:
+            pass
+        if state.get("seed") != self.seed or saved != self.options.model_dump():
             raise ValueError("state was saved by a simulator with a different seed or options: "
                              "its prompts and competences would not match this one's")
         competence = torch.as_tensor(state["competence"], dtype=torch.float32)
