@@ -110,4 +110,5 @@ def check(name: str = "gp", n: int = 12, k: int = 12) -> None:
         f"{name}: the posterior of f is {gap_mean:.3f} (mean) and {gap_sd:.1%} (sd) from the objective's optimum")
     predictive = predictor.predict(every, 3)  # LogitNormal(mean_f, sd_f^2 + sigma^2)
     expected = np.sqrt(sd**2 + o.residual_scale_init**2)
-    assert float(np.abs(predictive.scale.double().numpy() / expected - 1).max()) < 0.15, name
+    gap = float(np.abs(predictive.scale.double().numpy() / expected - 1).max())
+    assert gap < 0.15, f"{name}: the predictive's sd is {gap:.1%} from sqrt(sd_f^2 + sigma^2) at the optimum"
