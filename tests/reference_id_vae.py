@@ -5,8 +5,9 @@ fits those; `tests/test_programs.py` runs it), each rolled-out prompt's code row
 beliefs and its outcome s ~ Binomial(k, sigmoid(g + a . sum_r row_r)) sees them only through the
 scalar eta = a . sum_r row_r. The exact posterior of eta is computed here on a dense grid (NumPy,
 not the package's quadrature); the rows' exact posterior means follow from it by Gaussian
-conditioning (rows | eta is linear-Gaussian), and their precisions gain a_d^2 (1/Var[eta | s] -
-1/Var[eta]) (the factor on eta that moment matching implies, projected onto the rows' diagonal).
+conditioning (rows | eta is linear-Gaussian); the rows keep diagonal variances, each precision
+gaining a_d^2 g with g (a root found by scipy) such that the variance of eta they imply is the
+exact posterior variance.
 Every row of the table, and z, forget toward their priors once per step, eagerly (natural
 parameters), and predictions are rebuilt from that with the decoder's Jacobian in z taken by
 autograd rather than the predictor's closed form.
@@ -14,7 +15,7 @@ autograd rather than the predictor's closed form.
 
 import numpy as np
 import torch
-from scipy import special
+from scipy import optimize, special
 
 from mpts.models import PromptPool
 from mpts.models.registry import PREDICTORS
@@ -88,8 +89,10 @@ class EagerCodes:
         eta_var = (a[:, None, :] ** 2 * var).sum((1, 2))
         post_loc, post_var = eta_posterior(eta_loc, eta_var, offset, successes, trials)
         self.loc[rows] = loc + a[:, None, :] * var * ((post_loc - eta_loc) / eta_var)[:, None, None]
-        gain = np.clip(1 / post_var - 1 / eta_var, 0, None)[:, None, None]
-        self.var[rows] = 1 / (1 / var + a[:, None, :] ** 2 * gain)
+        share = a[:, None, :] ** 2 * var  # [n, R, D]: each coordinate's part of Var[eta]
+        gain = np.array([optimize.brentq(lambda g: (u / (1 + g * u)).sum() - target, 0.0, u.size / target, xtol=1e-12)
+                         if u.sum() > target else 0.0 for u, target in zip(share, post_var)])
+        self.var[rows] = 1 / (1 / var + a[:, None, :] ** 2 * gain[:, None, None])
         self.z_loc, self.z_var = state.z_loc.double().numpy(), state.z_scale.double().numpy() ** 2
         self.z_updated = True
 
