@@ -242,16 +242,18 @@ def condition_rows(rows_loc: Tensor, rows_var: Tensor, offset: Tensor, loadings:
     return rows_loc + weighted * shift, 1 / (1 / rows_var + loadings.unsqueeze(1).square() * gain)
 
 
-def _precision_gain(share: Tensor, target: Tensor, iterations: int = 60) -> Tensor:
-    """g >= 0 with sum_i share_i / (1 + g share_i) = target, per row, by bisection (the sum falls
-    from sum(share) >= target at g = 0 to below target at g = len(share) / target)."""
-    low = torch.zeros_like(target)
-    high = share.shape[1] / target.clamp_min(1e-12)
+def _precision_gain(share: Tensor, target: Tensor, iterations: int = 12) -> Tensor:
+    """g >= 0 with h(g) = sum_i share_i / (1 + g share_i) = target, per row, by Newton's method.
+
+    h is convex and decreasing, so Newton steps from a point left of the root stay left of it and
+    converge monotonically; g = 1/target - 1/h(0) (the diagonal of the joint precision) is such a
+    point, since h is subadditive in the shares: h(g) >= h(0) / (1 + g h(0)) = target there.
+    """
+    gain = (1 / target - 1 / share.sum(1)).clamp_min(0.0)
     for _ in range(iterations):
-        mid = 0.5 * (low + high)
-        wide = (share / (1 + mid.unsqueeze(1) * share)).sum(1) > target
-        low, high = torch.where(wide, mid, low), torch.where(wide, high, mid)
-    return 0.5 * (low + high)
+        spread = share / (1 + gain.unsqueeze(1) * share)
+        gain = gain + (spread.sum(1) - target) / spread.square().sum(1).clamp_min(1e-30)
+    return gain
 
 
 def model(nets: IdentifierNetworks, batch: ObservedBatch) -> None:
