@@ -43,6 +43,11 @@ def test_production_update_agrees_with_an_independent_inference(name):
     REFERENCES[name](name)
 
 
+def test_a_predictor_without_a_reference_fails():
+    with pytest.raises(pytest.fail.Exception, match="no independent check registered for unchecked"):
+        test_production_update_agrees_with_an_independent_inference("unchecked")
+
+
 # -- each check fails when the update it guards is broken ------------------------------------------
 def test_beta_check_catches_an_update_that_forgets_twice(monkeypatch):
     exact = beta_bernoulli.conjugate_update
