@@ -8,8 +8,8 @@ toward the base with weight lam**steps_waited (`forgetting.decay_gaussian`, exac
 weight of 0 is the base prior itself, as for a prompt never seen). The base's parameters may
 depend on other latents (a hierarchical prior); the tempered prior then does too.
 
-`fit_posterior` runs the update: an `AutoNormal` started at those priors and a few SVI steps
-(`StreamingSVI`), read back as (loc, scale) per site. `TemperedPriors(..., noise=)` also runs the
+`fit_posterior` runs the update: an `AutoNormal` over the latents standardised by those priors,
+started at them, and a few SVI steps (`StreamingSVI`), read back as (loc, scale) per site. `TemperedPriors(..., noise=)` also runs the
 model at loc + scale * noise for every latent, which is how a predictor takes the first-order
 (delta-method) predictive of a quantity the model computes.
 """
@@ -19,13 +19,12 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Any, Callable, NamedTuple
 
+import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import constraints
+from pyro import poutine
 from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide import AutoNormal
-from pyro.infer.autoguide.utils import deep_setattr
-from pyro.nn import PyroParam
+from pyro.infer.autoguide import AutoNormal, init_to_mean
 from pyro.poutine.messenger import Messenger
 from torch import Tensor
 
@@ -65,13 +64,17 @@ def constrained(fn: Any, value: Tensor) -> Tensor:
 class TemperedPriors(Messenger):
     """Each latent named in `beliefs` gets the prior its posterior-to-prior rule gives.
 
-    With `noise` (name -> tensor of the site's shape), a latent also takes the value
-    loc + scale * noise of that prior (unconstrained), instead of a draw.
+    With `noise` (name -> tensor of the site's shape), a latent takes the value loc + scale * noise
+    of that prior (unconstrained) instead of a draw. With `frame` (name -> (c, d)), a latent x is
+    sampled as the standardised site "<name>_standardized", u = (x - c) / d, with x = c + d u as
+    the site's value (as Pyro's `LocScaleReparam` does): SVI then moves every latent in units of
+    its own prior's spread, so a step of Adam (about lr) means the same for a wide and a sharp belief.
     """
 
-    def __init__(self, beliefs: dict[str, Belief], noise: dict[str, Tensor] | None = None):
+    def __init__(self, beliefs: dict[str, Belief], noise: dict[str, Tensor] | None = None,
+                 frame: dict[str, tuple[Tensor, Tensor]] | None = None):
         super().__init__()
-        self.beliefs, self.noise = beliefs, noise
+        self.beliefs, self.noise, self.frame = beliefs, noise, frame
 
     def _pyro_sample(self, msg: Any) -> None:
         name = msg["name"]
@@ -89,27 +92,105 @@ class TemperedPriors(Messenger):
         if self.noise is not None:
             msg["value"] = constrained(base, loc + scale * self.noise[name])
             msg["done"] = True
+        elif self.frame is not None:
+            c, d = self.frame[name]
+            u = pyro.sample(f"{name}{STANDARDIZED}", dist.Normal((loc - c) / d, scale / d).to_event(event_dim))
+            value = constrained(base, c + d * u)
+            msg["fn"] = dist.Delta(value, event_dim=event_dim).mask(False)  # a deterministic site, as reparam's
+            msg["value"], msg["is_observed"] = value, True
 
 
-def init_to_prior_loc(site: dict) -> Tensor:
-    """AutoNormal's start: every latent at its prior's location (unconstrained loc mapped back)."""
-    base, _ = normal_base(site["fn"], site["name"])
-    return constrained(base, unconstrained(base)[0]).detach()
+STANDARDIZED = "_standardized"
 
 
-def fit_posterior(model: Callable, *args, steps: int, lr: float, seed: int, num_particles: int = 1,
-                  guide_class: type[AutoNormal] = AutoNormal) -> tuple[dict[str, tuple[Tensor, Tensor]] | None, dict]:
-    """`steps` SVI steps of an AutoNormal started at `model`'s priors; returns ({site: (loc, scale)}
-    of the Normal posterior in unconstrained space}, info), or (None, {"failed": reason})."""
-    guide = guide_class(model, init_loc_fn=init_to_prior_loc)
-    engine = StreamingSVI(model, guide, steps=steps, lr=lr, loss=Trace_ELBO(num_particles=num_particles))
+def prior_locations(model: Callable, beliefs: dict[str, Belief], *args) -> dict[str, tuple[Tensor, Tensor]]:
+    """(loc, scale) of every latent's tempered prior (unconstrained), with the latents it depends on
+    at their own prior's location."""
+    zeros = {name: torch.zeros_like(belief.loc) for name, belief in beliefs.items()}
+    trace = poutine.trace(TemperedPriors(beliefs, zeros)(model)).get_trace(*args)
+    out = {}
+    for name in beliefs:
+        base, _ = normal_base(trace.nodes[name]["fn"], name)
+        out[name] = tuple(x.expand(base.batch_shape).detach() for x in unconstrained(base))
+    return out
+
+
+def fit_posterior(model: Callable, beliefs: dict[str, Belief], *args, steps: int, lr: float, seed: int,
+                  num_particles: int = 1) -> tuple[dict[str, tuple[Tensor, Tensor]] | None, dict]:
+    """`steps` SVI steps of an AutoNormal, started at the tempered priors, on `model` with those
+    priors; returns ({site: (loc, scale)} of the Normal posterior in unconstrained space, info),
+    or (None, {"failed": reason}). The learning rate falls to lr / 10 over the steps, so the last
+    steps settle rather than jitter by about lr."""
+    frame = prior_locations(model, beliefs, *args)
+    tempered = TemperedPriors(beliefs, frame=frame)(model)
+    guide = AutoNormal(tempered, init_loc_fn=init_to_mean, init_scale=1.0)  # = the prior, standardised
+    engine = StreamingSVI(tempered, guide, steps=steps, lr=lr, lr_decay=0.1 ** (1 / steps),
+                          loss=Trace_ELBO(num_particles=num_particles))
     engine.prepare(*args, seed=seed)  # the autoguide builds its parameters from the model's sites
-    for name, site in guide.prototype_trace.iter_stochastic_nodes():  # start each scale at the prior's
-        base, _ = normal_base(site["fn"], name)
-        scale = unconstrained(base)[1].expand(base.batch_shape).detach().clone()
-        deep_setattr(guide.scales, name, PyroParam(scale, constraints.softplus_positive, site["fn"].event_dim))
     _, info = engine.update(engine.init(), *args, seed=seed)
     if "failed" in info:
         return None, info
-    return {name: (attrgetter(name)(guide.locs).detach().clone(), attrgetter(name)(guide.scales).detach().clone())
-            for name, _ in guide.prototype_trace.iter_stochastic_nodes()}, info
+    out = {}
+    for name, (c, d) in frame.items():
+        m, s = (attrgetter(name + STANDARDIZED)(params).detach() for params in (guide.locs, guide.scales))
+        out[name] = (c + d * m, d * s)
+    return out, info
+
+
+def laplace_posterior(model: Callable, beliefs: dict[str, Belief], *args, iterations: int = 50
+                      ) -> tuple[dict[str, tuple[Tensor, Tensor]] | None, dict]:
+    """The mean-field Laplace projection of `model` with the tempered priors: the joint mode of the
+    latents (L-BFGS on the standardised latents, started at the priors) and, per coordinate, the
+    curvature of the log joint there (the precision mean-field VI would give a Gaussian posterior).
+    Deterministic. Returns ({site: (loc, scale)} in unconstrained space, {"elbo": [-log joint at the
+    mode]}), or (None, {"failed": reason}) when the mode or a curvature is not finite and positive."""
+    frame = prior_locations(model, beliefs, *args)
+    tempered = TemperedPriors(beliefs, frame=frame)(model)
+    u = {name: torch.zeros_like(c, requires_grad=True) for name, (c, _) in frame.items()}
+
+    def negative_log_joint() -> Tensor:
+        data = {name + STANDARDIZED: value for name, value in u.items()}
+        return -poutine.trace(poutine.condition(tempered, data=data)).get_trace(*args).log_prob_sum()
+
+    optimiser = torch.optim.LBFGS(list(u.values()), lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure() -> Tensor:
+        optimiser.zero_grad(set_to_none=True)
+        loss = negative_log_joint()
+        loss.backward()
+        return loss
+
+    try:
+        optimiser.step(closure)
+        loss = negative_log_joint()
+        gradients = torch.autograd.grad(loss, list(u.values()), create_graph=True)
+        precision = {name: torch.zeros_like(value) for name, value in u.items()}
+        for name, per_prompt_index in _coordinates(u, beliefs):
+            direction = {key: torch.zeros_like(value) for key, value in u.items()}
+            per_prompt_index(direction[name]).fill_(1.0)
+            curvature = torch.autograd.grad(gradients, list(u.values()),
+                                            grad_outputs=list(direction.values()), retain_graph=True)
+            row = dict(zip(u, curvature))[name]
+            per_prompt_index(precision[name]).copy_(per_prompt_index(row.detach()))
+        values = [loss.detach(), *(value.detach() for value in u.values()), *precision.values()]
+        if not all(bool(torch.isfinite(v).all()) for v in values) or not all(bool((p > 0).all())
+                                                                             for p in precision.values()):
+            raise FloatingPointError("the log joint has no finite mode with positive curvature")
+    except (ValueError, RuntimeError, FloatingPointError, ArithmeticError) as error:
+        return None, {"failed": f"{type(error).__name__}: {error}"}
+    out = {name: (c + d * u[name].detach(), d * precision[name].rsqrt()) for name, (c, d) in frame.items()}
+    return out, {"elbo": [float(loss.detach())]}
+
+
+def _coordinates(u: dict[str, Tensor], beliefs: dict[str, Belief]):
+    """(site, selector) per curvature to take: a shared site's every element; for a per-prompt site
+    (its weight has the prompts' dim) one event coordinate across all prompts at once, which is
+    exact because prompts share no factor with one another given the shared latents."""
+    for name, value in u.items():
+        if beliefs[name].weight.dim() > 0:  # per prompt: [n, 1, ...]; shared: a scalar
+            for index in range(value[0].numel()):
+                yield name, (lambda t, i=index: t.view(t.shape[0], -1)[:, i])
+        else:
+            for index in range(value.numel()):
+                yield name, (lambda t, i=index: t.view(-1)[i])

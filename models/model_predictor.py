@@ -31,7 +31,7 @@ The library owns the rest (`inference.adf`), in the spirit of Pyro's `contrib.fo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import pyro
 import pyro.distributions as dist
@@ -42,7 +42,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-from mpts.inference.adf import Belief, TemperedPriors, fit_posterior, normal_base
+from mpts.inference.adf import Belief, TemperedPriors, fit_posterior, laplace_posterior, normal_base
 from mpts.inference.forgetting import factor
 
 from .base import PredictorOptions, PromptPool, RiskPredictor, Rows
@@ -56,10 +56,15 @@ class ModelOptions(PredictorOptions):
     decay: float | dict[str, float] = Field(
         dict(KINDS), description="lam per step waited, toward the model's prior: one number, or a mapping from "
                                  "'prompts' / 'shared' (each prompt's latents / the others) or a site name to lam")
-    svi_steps: int = Field(20, ge=1, le=10_000, description="SVI steps per observed batch")
-    lr: float = Field(0.05, gt=0.0, le=1.0, description="Adam learning rate of the SVI steps")
-    num_particles: int = Field(1, ge=1, le=256, description="ELBO particles per SVI step")
-    seed: int | None = Field(None, ge=0, description="seeds the SVI draws; None: the run seed")
+    update: Literal["laplace", "svi"] = Field(
+        "laplace", description="how each batch's posterior is projected back to a Normal per latent: 'laplace' "
+                               "(the joint mode and the curvature there; deterministic) or 'svi' (an AutoNormal "
+                               "fitted by streaming SVI: svi_steps, lr, num_particles)")
+    iterations: int = Field(50, ge=1, le=10_000, description="laplace: L-BFGS iterations to the mode")
+    svi_steps: int = Field(20, ge=1, le=10_000, description="svi: steps per observed batch")
+    lr: float = Field(0.2, gt=0.0, le=1.0, description="svi: Adam learning rate (falling to lr/10 over the steps)")
+    num_particles: int = Field(4, ge=1, le=256, description="svi: ELBO particles per step")
+    seed: int | None = Field(None, ge=0, description="svi: seeds the draws; None: the run seed")
 
     @field_validator("decay")
     @classmethod
@@ -91,7 +96,20 @@ class Batch:
         """Declare the logit of each prompt's success probability (and condition on the outcomes)."""
         self.logit = logit
         if self.successes is not None:
-            pyro.sample("successes", dist.Binomial(self.trials, logits=logit), obs=self.successes)
+            pyro.sample("successes", LogitBinomial(self.trials, logits=logit), obs=self.successes)
+
+
+class LogitBinomial(dist.Binomial):
+    """Binomial whose log_prob is s log sigmoid(x) + (k - s) log sigmoid(-x) + log C(k, s): the same
+    values as torch's, but with derivatives of every order right at x = 0, where torch's stable form
+    (through |x| and a clamp) gives a wrong gradient and no curvature (the Laplace update needs both)."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        k, x = self.total_count, self.logits
+        return (torch.lgamma(k + 1) - torch.lgamma(value + 1) - torch.lgamma(k - value + 1)
+                + value * torch.nn.functional.logsigmoid(x) + (k - value) * torch.nn.functional.logsigmoid(-x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,11 +243,13 @@ class ModelPredictor(RiskPredictor):
 
     def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int):
         state = self.state
-        model = TemperedPriors(self.beliefs(ids, step))(self.model)
         seed = self.seed_used * 1_000_003 + int(state.num_updates)
-        o = self.options
-        posterior, info = fit_posterior(model, self._batch(ids, successes, trials), steps=o.svi_steps, lr=o.lr,
-                                        seed=seed, num_particles=o.num_particles)
+        o, beliefs, batch = self.options, self.beliefs(ids, step), self._batch(ids, successes, trials)
+        if o.update == "laplace":
+            posterior, info = laplace_posterior(self.model, beliefs, batch, iterations=o.iterations)
+        else:
+            posterior, info = fit_posterior(self.model, beliefs, batch, steps=o.svi_steps, lr=o.lr, seed=seed,
+                                            num_particles=o.num_particles)
         if posterior is None:
             raise FloatingPointError(f"{self.name} update failed at step {step}, state unchanged: {info['failed']}")
         n = ids.shape[0]
