@@ -219,3 +219,22 @@ def test_the_model_only_example_runs_through_ablate_replay_and_report(tmp_path, 
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert any("skill_difficulty" in group["group"] for group in summary["groups"])
+
+
+def test_the_laplace_update_is_exact_on_a_gaussian_model():
+    """Normal prior, Normal likelihood: the projection is the exact posterior and its "elbo" entry
+    the exact -log p(batch). Mutations: leave out the curvature's log-determinant -> the evidence is
+    off; take the curvature of the prior alone -> the scale stays at the prior's."""
+    from mpts.inference.adf import Belief, laplace_posterior
+
+    def model(x):
+        with pyro.plate("prompts", 2):
+            z = pyro.sample("z", dist.Normal(0.0, 2.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    x = torch.tensor([1.0, -3.0])
+    posterior, info = laplace_posterior(model, {"z": Belief(torch.zeros(2), torch.ones(2), torch.zeros(2))}, x)
+    loc, scale = posterior["z"]
+    assert torch.allclose(loc, x * 4 / 5, atol=1e-5) and torch.allclose(scale, torch.full((2,), math.sqrt(0.8)))
+    evidence = dist.Normal(0.0, math.sqrt(5.0)).log_prob(x).sum()
+    assert info["elbo"][0] == pytest.approx(-float(evidence), abs=1e-4)
