@@ -238,3 +238,28 @@ def test_the_laplace_update_is_exact_on_a_gaussian_model():
     assert torch.allclose(loc, x * 4 / 5, atol=1e-5) and torch.allclose(scale, torch.full((2,), math.sqrt(0.8)))
     evidence = dist.Normal(0.0, math.sqrt(5.0)).log_prob(x).sum()
     assert info["elbo"][0] == pytest.approx(-float(evidence), abs=1e-4)
+
+
+def test_predictions_are_calibrated_on_the_models_own_world():
+    """Prompts drawn from the model's own prior, observed for a few steps (no forgetting): the true
+    p lies in the 50% / 90% predictive intervals about 50% / 90% of the time (within 3 standard
+    errors), and the randomised PIT of the next outcomes has mean 1/2.
+    Mutation: halve the predicted logit scale -> 90% coverage falls to ~0.6."""
+    n, k = 400, 8
+    generator = torch.Generator().manual_seed(1)
+    true_logit = 2.0 * torch.randn(n, generator=generator)
+    true_p = torch.sigmoid(true_logit)
+    predictor = OwnLogit(PromptPool(n), ModelOptions(decay=1.0))
+    ids = torch.arange(n)
+    for step in range(3):
+        seen = ids[torch.rand(n, generator=generator) < 0.7]
+        predictor.observe(seen, torch.binomial(torch.full((seen.shape[0],), float(k)), true_p[seen],
+                                               generator=generator), torch.full((seen.shape[0],), float(k)), step)
+    posterior = predictor.predict(ids, 3)
+    for level in (0.5, 0.9):
+        low, high = posterior.interval(level)
+        coverage = float(((low <= true_p) & (true_p <= high)).double().mean())
+        assert abs(coverage - level) < 3 * math.sqrt(level * (1 - level) / n), (level, coverage)
+    outcomes = torch.binomial(torch.full((n,), float(k)), true_p, generator=generator)
+    pit = posterior.predictive_pit(outcomes, torch.full((n,), float(k)), generator=generator)
+    assert abs(float(pit.mean()) - 0.5) < 3 * math.sqrt(1 / 12 / n)
