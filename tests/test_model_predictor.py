@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyro
 import pyro.distributions as dist
@@ -263,3 +264,41 @@ def test_predictions_are_calibrated_on_the_models_own_world():
     outcomes = torch.binomial(torch.full((n,), float(k)), true_p, generator=generator)
     pit = posterior.predictive_pit(outcomes, torch.full((n,), float(k)), generator=generator)
     assert abs(float(pit.mean()) - 0.5) < 3 * math.sqrt(1 / 12 / n)
+
+
+def test_the_update_agrees_with_an_independent_laplace_computation():
+    """OwnLogit after prompts waited between updates: each prompt's posterior is the mode and the
+    curvature of log N(x; prior) + s log sigmoid(x) + (k - s) log sigmoid(-x), computed here with
+    scipy from a prior formed here (natural parameters interpolated with lam**waited).
+    Mutation: forget twice (weight lam**(2 waited)) -> the posteriors differ."""
+    from scipy import optimize, special
+
+    lam, k = 0.8, 8.0
+    predictor = OwnLogit(PromptPool(6), ModelOptions(decay=lam))
+    generator = torch.Generator().manual_seed(2)
+    truth = torch.rand(6, generator=generator)
+    expected = {}  # prompt -> (loc, scale, step) computed independently
+    for step, ids in ((0, [0, 1, 2, 3]), (2, [2, 3, 4]), (5, [0, 3, 5])):
+        ids_t = torch.tensor(ids)
+        successes = torch.binomial(torch.full((len(ids),), k), truth[ids_t], generator=generator)
+        predictor.observe(ids_t, successes, torch.full((len(ids),), k), step)
+        for i, s in zip(ids, successes.tolist()):
+            prior_precision, prior_shift = 0.25, 0.0  # N(0, 2^2) in natural parameters
+            if i in expected:
+                loc, scale, last = expected[i]
+                w = lam ** (step - last)
+                prior_precision = w / scale**2 + (1 - w) * 0.25
+                prior_shift = w * loc / scale**2
+            prior_loc = prior_shift / prior_precision
+
+            def negative_log_joint(x):
+                return (0.5 * prior_precision * (x - prior_loc) ** 2
+                        - s * np.log(special.expit(x)) - (k - s) * np.log(special.expit(-x)))
+
+            mode = optimize.minimize_scalar(negative_log_joint, bounds=(-30, 30), method="bounded",
+                                            options={"xatol": 1e-10}).x
+            curvature = prior_precision + k * special.expit(mode) * special.expit(-mode)
+            expected[i] = (mode, curvature ** -0.5, step)
+    for i, (loc, scale, _) in expected.items():
+        assert float(predictor.state.prompt_loc[i, 0]) == pytest.approx(loc, abs=1e-4), i
+        assert float(predictor.state.prompt_scale[i, 0]) == pytest.approx(scale, rel=1e-4), i
