@@ -39,6 +39,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from pydantic import Field, field_validator
 from pyro import poutine
+from pyro.infer.autoguide import AutoNormal
 from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
@@ -102,7 +103,7 @@ class Batch:
 class LogitBinomial(dist.Binomial):
     """Binomial whose log_prob is s log sigmoid(x) + (k - s) log sigmoid(-x) + log C(k, s): the same
     values as torch's, but with derivatives of every order right at x = 0, where torch's stable form
-    (through |x| and a clamp) gives a wrong gradient and no curvature (the Laplace update needs both)."""
+    (through abs(x) and a clamp) gives a wrong gradient and no curvature (the Laplace update needs both)."""
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
@@ -136,6 +137,7 @@ class ModelPredictor(RiskPredictor):
     """Subclass, set `name` and write `model(self, batch)`; see the module docstring."""
 
     Options = ModelOptions
+    Guide: type[AutoNormal] = AutoNormal  # update "svi": the guide (an AutoNormal, or a subclass of it)
 
     def model(self, batch: Batch) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define model(self, batch)")
@@ -249,7 +251,7 @@ class ModelPredictor(RiskPredictor):
             posterior, info = laplace_posterior(self.model, beliefs, batch, iterations=o.iterations)
         else:
             posterior, info = fit_posterior(self.model, beliefs, batch, steps=o.svi_steps, lr=o.lr, seed=seed,
-                                            num_particles=o.num_particles)
+                                            num_particles=o.num_particles, guide_class=self.Guide)
         if posterior is None:
             raise FloatingPointError(f"{self.name} update failed at step {step}, state unchanged: {info['failed']}")
         n = ids.shape[0]

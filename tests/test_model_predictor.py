@@ -302,3 +302,23 @@ def test_the_update_agrees_with_an_independent_laplace_computation():
     for i, (loc, scale, _) in expected.items():
         assert float(predictor.state.prompt_loc[i, 0]) == pytest.approx(loc, abs=1e-4), i
         assert float(predictor.state.prompt_scale[i, 0]) == pytest.approx(scale, rel=1e-4), i
+
+
+def test_the_svi_update_uses_the_predictors_guide_class():
+    """`Guide` names the AutoNormal (sub)class the svi update fits.
+    Mutation: fit_posterior ignores guide_class -> the subclass is never built."""
+    from pyro.infer.autoguide import AutoNormal
+
+    built = []
+
+    class CountingGuide(AutoNormal):
+        def __init__(self, *args, **kwargs):
+            built.append(self)
+            super().__init__(*args, **kwargs)
+
+    class WithGuide(OwnLogit):
+        Guide = CountingGuide
+
+    predictor = WithGuide(PromptPool(3), ModelOptions(update="svi", svi_steps=2, num_particles=1))
+    predictor.observe(torch.tensor([0, 1]), torch.tensor([3.0, 5.0]), torch.tensor([8.0, 8.0]), step=0)
+    assert len(built) == 1
