@@ -16,6 +16,7 @@ model at loc + scale * noise for every latent, which is how a predictor takes th
 
 from __future__ import annotations
 
+import math
 from operator import attrgetter
 from typing import Any, Callable, NamedTuple
 
@@ -116,14 +117,15 @@ def prior_locations(model: Callable, beliefs: dict[str, Belief], *args) -> dict[
 
 
 def fit_posterior(model: Callable, beliefs: dict[str, Belief], *args, steps: int, lr: float, seed: int,
-                  num_particles: int = 1) -> tuple[dict[str, tuple[Tensor, Tensor]] | None, dict]:
+                  num_particles: int = 1, guide_class: type[AutoNormal] = AutoNormal
+                  ) -> tuple[dict[str, tuple[Tensor, Tensor]] | None, dict]:
     """`steps` SVI steps of an AutoNormal, started at the tempered priors, on `model` with those
     priors; returns ({site: (loc, scale)} of the Normal posterior in unconstrained space, info),
     or (None, {"failed": reason}). The learning rate falls to lr / 10 over the steps, so the last
     steps settle rather than jitter by about lr."""
     frame = prior_locations(model, beliefs, *args)
     tempered = TemperedPriors(beliefs, frame=frame)(model)
-    guide = AutoNormal(tempered, init_loc_fn=init_to_mean, init_scale=1.0)  # = the prior, standardised
+    guide = guide_class(tempered, init_loc_fn=init_to_mean, init_scale=1.0)  # = the prior, standardised
     engine = StreamingSVI(tempered, guide, steps=steps, lr=lr, lr_decay=0.1 ** (1 / steps),
                           loss=Trace_ELBO(num_particles=num_particles))
     engine.prepare(*args, seed=seed)  # the autoguide builds its parameters from the model's sites
@@ -142,8 +144,8 @@ def laplace_posterior(model: Callable, beliefs: dict[str, Belief], *args, iterat
     """The mean-field Laplace projection of `model` with the tempered priors: the joint mode of the
     latents (L-BFGS on the standardised latents, started at the priors) and, per coordinate, the
     curvature of the log joint there (the precision mean-field VI would give a Gaussian posterior).
-    Deterministic. Returns ({site: (loc, scale)} in unconstrained space, {"elbo": [-log joint at the
-    mode]}), or (None, {"failed": reason}) when the mode or a curvature is not finite and positive."""
+    Deterministic. Returns ({site: (loc, scale)} in unconstrained space, {"elbo": [the Laplace
+    approximation of -log p(batch)]}), or (None, {"failed": reason}) when the mode or a curvature is not finite and positive."""
     frame = prior_locations(model, beliefs, *args)
     tempered = TemperedPriors(beliefs, frame=frame)(model)
     u = {name: torch.zeros_like(c, requires_grad=True) for name, (c, _) in frame.items()}
@@ -180,7 +182,9 @@ def laplace_posterior(model: Callable, beliefs: dict[str, Belief], *args, iterat
     except (ValueError, RuntimeError, FloatingPointError, ArithmeticError) as error:
         return None, {"failed": f"{type(error).__name__}: {error}"}
     out = {name: (c + d * u[name].detach(), d * precision[name].rsqrt()) for name, (c, d) in frame.items()}
-    return out, {"elbo": [float(loss.detach())]}
+    # -log p(batch) under the Laplace approximation (what a negative ELBO bounds), for the "elbo" trace
+    log_det = sum(float((p / (2 * math.pi)).log().sum()) for p in precision.values())
+    return out, {"elbo": [float(loss.detach()) + 0.5 * log_det]}
 
 
 def _coordinates(u: dict[str, Tensor], beliefs: dict[str, Belief]):
