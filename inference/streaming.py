@@ -94,6 +94,13 @@ class StreamingSVI:
         return SVIState(params, zeros, dict(zeros), {name: torch.tensor(0) for name in params},
                         torch.tensor(self.lr, dtype=torch.float64))
 
+    def prepare(self, *args, seed: int, **kwargs) -> None:
+        """Run the guide once on a batch, so a guide that builds its parameters on first use (an
+        autoguide) has them before `init`; in its own scoped store and seeded, like `update`."""
+        with pyro.get_param_store().scope(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.objective.guide(*args, **kwargs)
+
     def write(self, state: SVIState) -> None:
         """Put the state's parameter values into the modules (they are the workspace, not the state)."""
         with torch.no_grad():

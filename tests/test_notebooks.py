@@ -86,19 +86,23 @@ def test_own_predictor_is_registered_run_and_compared_with_beta(tmp_path, monkey
     assert "never rolled out: E[p] =" in text
     summary = json.loads((out / "02_write_your_own_predictor" / "report" / "summary.json").read_text())
     groups = {g["group"]: g for g in summary["groups"]}
-    assert set(groups) == {"beta · uniform", "beta · thompson_target", "pooled_beta · thompson_target"}
-    assert groups["pooled_beta · thompson_target"]["has_elbo"]
+    assert set(groups) == {"beta · uniform", "beta · thompson_target", "pooled_logit · thompson_target"}
+    assert groups["pooled_logit · thompson_target"]["has_elbo"]
     assert all(len(g["seeds"]) == 2 for g in groups.values())
     for group in groups:  # the headline table shown inline names every group
         assert group in text
     assert _images(notebook) >= 2  # reliability diagram and ELBO trace
 
 
-def test_own_predictor_is_at_most_60_lines():
+def test_own_predictor_is_at_most_25_lines_of_modelling():
+    """The predictor is its model: no state, update, seed or hook plumbing in the user's code."""
     notebook = nbformat.read(NOTEBOOKS / "02_write_your_own_predictor.ipynb", as_version=4)
-    cell = next(c for c in notebook.cells if c.cell_type == "code" and "class PooledBeta(RiskPredictor)" in c.source)
+    cell = next(c for c in notebook.cells if c.cell_type == "code" and "class PooledLogit(ModelPredictor)" in c.source)
     lines = [line for line in cell.source.splitlines()[1:] if line.strip()]  # after %%writefile, not blank
-    assert len(lines) <= 60, f"the notebook's predictor takes {len(lines)} lines"
+    assert len(lines) <= 25, f"the notebook's predictor takes {len(lines)} lines"
+    for plumbing in ("Rows", "SVIState", "StreamingSVI", "_state_changed", "def _observe", "def _predict", "seed",
+                     "failed"):
+        assert plumbing not in cell.source, f"the notebook's predictor handles {plumbing}"
 
 
 def test_replay_scores_every_predictor_on_one_trace(tmp_path, monkeypatch):

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--prompt-info", type=Path, metavar="FILE",
                         help="table keyed by prompt_id or prompt with `cluster` and/or `embedding` columns")
     replay.add_argument("--predictor", required=True)
+    replay.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="a module to import first, e.g. one that registers --predictor (repeatable); "
+                             "importing it runs its code")
     replay.add_argument("--out", type=Path, help="also write the scores to this JSON file (default: print only)")
     replay.add_argument("--seed", type=cli_number(int, ge=0, le=2**32 - 1), default=0)
     _add_set(replay)
@@ -190,7 +193,7 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from mpts.training.config import apply_overrides
+    from mpts.training.config import apply_overrides, import_plugins
     from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, is_plain_trace, read_log, replay_pool
     from mpts.reports.output_paths import REPLAY_MARKER, check_scores_file
     from mpts.training.replay import replay
@@ -198,6 +201,7 @@ def cmd_replay(args) -> int:
     from mpts.training.run_dir import to_json, write_json
 
     options = apply_overrides({}, [o.removeprefix("predictor.") for o in args.overrides])
+    import_plugins(args.plugin)
     if args.out is not None:  # before reading anything: the scores never replace an input or a run's file
         check_scores_file(args.out, [args.trace] + ([args.prompt_info] if args.prompt_info else []))
     threshold = DEFAULT_SUCCESS_THRESHOLD if args.success_threshold is None else args.success_threshold

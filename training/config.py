@@ -102,6 +102,16 @@ class AblationConfig(StrictOptions):
         return grid
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import each module (it may register predictors); importing runs its code, so plugins are
+    trusted like the config that names them."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"plugins: cannot import {module!r} ({error})") from None
+
+
 class RunConfig(StrictOptions):
     name: str = "run"
     plugins: list[str] = Field(default_factory=list, description="modules imported first (they may register "
@@ -136,11 +146,7 @@ class RunConfig(StrictOptions):
         plugins = raw.get("plugins") if isinstance(raw, dict) else None
         if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
             return raw  # not a list of module names: the field's own check says so
-        for module in plugins:  # importing runs the module's code: plugins are trusted like the config
-            try:
-                importlib.import_module(module)
-            except ImportError as error:
-                raise ValueError(f"plugins: cannot import {module!r} ({error})") from None
+        import_plugins(plugins)
         return raw
 
     @model_validator(mode="after")
