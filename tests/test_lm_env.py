@@ -8,6 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from mpts.inference.schema import LEVELS_FILE
+
 from mpts.training.config import load_config
 from mpts.training.environments.lm.env import POLICY_DIR, LMEnvironment, LMOptions, reference_completion, warmup_set
 from mpts.training.loop import run
@@ -431,6 +433,14 @@ def test_teacher_error_by_level_slips_each_warm_up_problem_at_its_levels_rate(tm
     for bad in ({1: 1.5}, {-1: 0.5}, {}):
         with pytest.raises(ValidationError, match="warmup_teacher_error_by_level"):
             LMOptions(**BASE, warmup_teacher_error_by_level=bad)
+
+
+def test_run_folder_records_each_pool_prompts_level_for_the_report(tmp_path):
+    env = make_env(tmp_path, "levels", task_options={"digit_counts": [1, 2], "level": "digits"})
+    recorded = json.loads((tmp_path / "levels" / LEVELS_FILE).read_text())["levels"]
+    assert recorded == [p.difficulty for p in env.train_problems] == env.pool.clusters.tolist()
+    assert set(recorded) == {0, 1}
+    env.close()
 
 
 def test_reference_completion_is_what_the_verifier_accepts():

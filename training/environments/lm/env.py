@@ -147,6 +147,7 @@ class LMEnvironment(Environment):
         # features = MiniLM embeddings of the prompts, computed only if a predictor asks (gp, id_vae)
         self._pool = text_pool(texts, clusters=torch.tensor([p.difficulty for p in self.train_problems], dtype=torch.long))
         if run_dir is not None:  # for the report's selection-by-level figure (the trace holds prompt ids only)
+            Path(run_dir).mkdir(parents=True, exist_ok=True)  # a given model without warm-up writes nothing before
             write_json(Path(run_dir) / LEVELS_FILE, {"levels": [p.difficulty for p in self.train_problems]})
 
         # the trainer scores completions at the rollout temperature (the distribution they were drawn from)
