@@ -42,6 +42,11 @@ LOOP_PHASES = ("predict", "select", "rollout", "observe", "train")
 
 DRAWS_COLUMNS = ("prompt_id", "draw", "p", "true_p")
 
+# A run folder may also hold each pool prompt's difficulty level (its cluster), written by an
+# environment that has levels: {"levels": [level of prompt 0, level of prompt 1, ...]}; the report
+# then shows where each arm spent its rollouts, level by level.
+LEVELS_FILE = "prompt_levels.json"
+
 
 class SchemaError(ValueError):
     """A table that lacks columns a reader needs; the message names the table and the columns."""

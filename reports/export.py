@@ -21,6 +21,7 @@ from mpts.inference.scoring import scores_by_window, seconds_columns
 from mpts.reports.output_paths import check_report_folder, mark_report_folder
 
 from . import plots
+from .levels import level_shares, pooled_shares, read_levels, thirds
 from .measures import json_ready, pool_groups, recorded_mismatches, reference_role, run_numbers
 from .posterior import group_inference_data, posterior_summary, write_netcdf
 from .render import Document, FigureBlock, Section, TextBlock, render_html, render_markdown
@@ -81,6 +82,7 @@ class _Report:
     figures: list[FigureBlock] = dataclasses.field(default_factory=list)
     netcdf: dict[str, str] = dataclasses.field(default_factory=dict)
     windows: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)
+    level_shares: dict[str, pd.DataFrame] = dataclasses.field(default_factory=dict)
 
     def figure(self, figure, name: str, caption: str) -> FigureBlock:
         figure.savefig(self.out_dir / FIGURES / name, format="png")
@@ -211,6 +213,29 @@ def _learning(report: _Report) -> Section | None:
     ])
 
 
+def _selection_by_level(report: _Report) -> Section | None:
+    """Which levels each arm spent its rollouts on, over time (runs whose folder records the levels)."""
+    for group, runs in report.by_group.items():
+        per_seed = [level_shares(r.trace, levels, report.window) for r in runs
+                    if (levels := read_levels(r.path)) is not None]
+        if per_seed:
+            report.level_shares[group] = pooled_shares(per_seed)
+    if not report.level_shares:
+        return None
+    levels = sorted({int(c) for frame in report.level_shares.values() for c in frame.columns})
+    table = pd.DataFrame({f"level {level}": {group: "{:.2f} → {:.2f}".format(*thirds(frame)[level])
+                                             if level in frame.columns else "—"
+                                             for group, frame in report.level_shares.items()}
+                          for level in levels})
+    return Section("levels", "Selection by difficulty level", [
+        frame_table("levels", table, "Share of the prompts rolled out at each level (the pool's difficulty levels, "
+                    "its clusters), mean over seeds: first third of the run → last third.", "group"),
+        report.figure(plots.selection_by_level(report.level_shares, report.window), "selection_by_level.png",
+                      f"Share of the prompts rolled out at each level per window of {report.window} steps, mean "
+                      "over seeds: which levels each arm spent its rollouts on, over time."),
+    ])
+
+
 def _posterior(report: _Report) -> Section | None:
     """ELBO trace of SVI-fitted predictors; ArviZ export of every group that saved posterior draws."""
     blocks: list = []
@@ -254,6 +279,14 @@ def _document(report: _Report, sections: list[Section], warnings: list[str]) -> 
         sections=sections, warnings=warnings)
 
 
+def _level_json(shares: pd.DataFrame | None) -> dict[str, Any]:
+    """Per window start, the share of rolled-out prompts at each level (keys: the levels)."""
+    if shares is None:
+        return {}
+    return {"selection_by_level": [{"window_start": int(start), **{str(level): float(v) for level, v in row.items()}}
+                                   for start, row in shares.iterrows()]}
+
+
 def export_report(run_dirs: Sequence[Path], out_dir: Path, *, target_accuracy: float | None = None,
                   window_steps: int | None = None) -> dict:
     """Write the report of `run_dirs` (run folders or ablation folders) into `out_dir`.
@@ -287,6 +320,8 @@ def export_report(run_dirs: Sequence[Path], out_dir: Path, *, target_accuracy: f
     sections = [headline, calibration, _over_time(report), _efficiency(report)]
     learning = _learning(report)
     sections += [learning] if learning else []
+    by_level = _selection_by_level(report)
+    sections += [by_level] if by_level else []
     posterior = _posterior(report)
     sections += [posterior] if posterior else []
     sections.append(Section("runs", "Runs", [runs_table(run_rows)]))
@@ -298,7 +333,8 @@ def export_report(run_dirs: Sequence[Path], out_dir: Path, *, target_accuracy: f
     for group in report.groups:
         per_window = report.windows[group["group"]].drop(columns="seed").groupby(["window_start", "window_end"])
         group_json.append({**group, "posterior_netcdf": report.netcdf.get(group["group"]),
-                           "calibration_over_time": per_window.mean().reset_index().to_dict(orient="records")})
+                           "calibration_over_time": per_window.mean().reset_index().to_dict(orient="records"),
+                           **_level_json(report.level_shares.get(group["group"]))})
     summary = json_ready({
         "target_accuracy": target_accuracy, "window_steps": window,
         "intervals": {"level": LEVEL, "method": METHOD},

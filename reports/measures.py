@@ -25,7 +25,9 @@ from .stats import Estimate, finite_or_none, mean_interval, paired_difference, p
 DEFAULT_BASELINES = ("uniform", "dynamic_sampling")
 
 # per-run numbers pooled over seeds in every group
-RUN_NUMBERS = (*[k for k in RUN_KEYS if k != "steps"], *[k for k in SCORE_KEYS if k != "rows"])
+RUN_NUMBERS = (*[k for k in RUN_KEYS if k != "steps"], *[k for k in SCORE_KEYS if k != "rows"],
+               "predictor_time_share")
+PREDICTOR_PHASES = ("predict_seconds", "observe_seconds")  # the predictor's own work in a step
 RECORDED_CHECKED = ("final_eval_accuracy", "rollouts_to_target", "mean_effective_ratio", "total_rollouts",
                     "wall_seconds", *SCORE_KEYS)
 # paired differences against each baseline arm (same seeds)
@@ -36,7 +38,17 @@ def run_numbers(run: Run, target: float) -> dict[str, Any]:
     """The run's summary (the same function the loop wrote summary.json with), plus timings."""
     numbers: dict[str, Any] = run_summary(run.trace, run.metrics, target, run.recorded_summary)
     numbers["time_per_step"] = {c: float(run.metrics[c].astype(float).mean()) for c in seconds_columns(run.metrics)}
+    numbers["predictor_time_share"] = predictor_time_share(run.metrics)
     return numbers
+
+
+def predictor_time_share(metrics: pd.DataFrame) -> float:
+    """Share of the run's wall time spent in the predictor (predict + observe); NaN without timings."""
+    if not all(c in metrics for c in PREDICTOR_PHASES) or metrics.empty:
+        return math.nan
+    wall = float(metrics["wall_seconds"].astype(float).iloc[-1])
+    spent = float(sum(metrics[c].astype(float).sum() for c in PREDICTOR_PHASES))
+    return spent / wall if wall > 0 else math.nan
 
 
 def reference_role(run: Run) -> str | None:
@@ -96,7 +108,8 @@ def pool_groups(run_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     pooled = []
     for name, rows in groups.items():
         first = rows[0]
-        estimates: dict[str, Estimate] = {key: mean_interval([r[key] for r in rows]) for key in RUN_NUMBERS}
+        estimates: dict[str, Estimate] = {key: mean_interval([r.get(key, math.nan) for r in rows])
+                                          for key in RUN_NUMBERS}
         seconds = sorted({c for r in rows for c in r["time_per_step"]})
         timing = {c: mean_interval([r["time_per_step"].get(c, math.nan) for r in rows]) for c in seconds}
         ratios: dict[str, dict[str, Any]] = {}

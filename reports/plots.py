@@ -367,3 +367,24 @@ def elbo_trace(metrics: Mapping[str, Sequence[pd.DataFrame]], colors: Mapping[st
     ax.set_title("Streaming SVI: ELBO loss of each step's update")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return fig
+
+
+@styled
+def selection_by_level(shares: Mapping[str, pd.DataFrame], window: int) -> Figure:
+    """Per group: share of the rolled-out prompts at each level per window of steps (seed mean), stacked."""
+    levels = sorted({int(c) for frame in shares.values() for c in frame.columns})
+    cmap = colormaps["viridis"]
+    colors = {level: cmap(i / max(len(levels) - 1, 1)) for i, level in enumerate(levels)}
+    fig, axes = _panels(len(shares), panel_w=3.3, panel_h=2.8)
+    for ax, (group, frame) in zip(axes, shares.items()):
+        frame = frame.reindex(columns=levels, fill_value=0.0)
+        middle = frame.index.to_numpy() + window / 2
+        ax.stackplot(middle, frame.to_numpy().T, colors=[colors[level] for level in levels],
+                     labels=[f"level {level}" for level in levels])
+        ax.set_ylim(0, 1)
+        ax.set_title(group)
+        ax.set_xlabel("training step")
+    for ax in axes[:: PANEL_COLUMNS]:
+        ax.set_ylabel("share of prompts rolled out")
+    axes[min(len(shares), PANEL_COLUMNS) - 1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return fig

@@ -152,6 +152,9 @@ def headline_columns(groups: Sequence[dict[str, Any]]) -> list[Column]:
     unit, scale = time_unit([g["estimates"]["seconds_per_step"].mean for g in groups])
     columns.append(Column("seconds_per_step", f"wall time per step ({unit}) ↓", "min", fmt_seconds,
                           _scaled(_estimate("seconds_per_step"), scale)))
+    if any(g["estimates"]["predictor_time_share"].mean is not None for g in groups):
+        columns.append(Column("predictor_time_share", "predictor share of wall time ↓", "min", fmt_rate,
+                              _estimate("predictor_time_share")))
     return columns
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from mpts.inference.schema import LEVELS_FILE
+
 from mpts.training.config import load_config
 from mpts.training.environments.lm.env import POLICY_DIR, LMEnvironment, LMOptions, reference_completion, warmup_set
 from mpts.training.loop import run
@@ -374,6 +376,71 @@ def test_warm_up_draws_its_problems_from_warmup_task_options_and_the_pool_stays_
     env.close(), plain.close()
     with pytest.raises(ValidationError, match="max_digits"):
         LMOptions(**BASE, warmup_task_options={"min_digits": 3, "max_digits": 1})
+
+
+def test_slip_rate_per_example_and_one_rate_for_all_give_the_same_slips(monkeypatch):
+    """A per-example rate slips each example at its own rate; equal rates reproduce the single rate's
+    slips exactly (existing warm-ups are unchanged)."""
+    from mpts.training.environments.lm import tiny_lm
+
+    tokenizer = tiny_lm.build_char_tokenizer()
+    taught = []
+    real_pad_right = tiny_lm.pad_right
+
+    def spy(sequences, prompt_lengths, pad_id):
+        taught.extend(tokenizer.decode(s[n:-1]) for s, n in zip(sequences, prompt_lengths))
+        return real_pad_right(sequences, prompt_lengths, pad_id)
+    monkeypatch.setattr(tiny_lm, "pad_right", spy)
+
+    def teach(rate):
+        taught.clear()
+        model = tiny_lm.build_tiny_model(tokenizer, tiny_lm.TinyModelOptions(**TINY), seed=0)
+        tiny_lm.supervised_warmup(model, tokenizer, ["1+1=", "2+2="], ["2", "4"], steps=10, batch_size=40, lr=1e-4,
+                                  seed=0, device=torch.device("cpu"), flawed_targets=["3", "5"], flaw_rate=rate)
+        return list(taught)
+    per_level = teach([0.0, 1.0])
+    assert {"2", "5"} <= set(per_level) <= {"2", "5"}  # "1+1=" never slipped, "2+2=" always
+    assert teach([0.6, 0.6]) == teach(0.6)
+    with pytest.raises(ValueError, match="one rate or one per target"):
+        teach([0.5])
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        teach([0.5, 1.5])
+
+
+def test_teacher_error_by_level_slips_each_warm_up_problem_at_its_levels_rate(tmp_path, monkeypatch):
+    """lm_mixed design 5: 2-digit problems taught cleanly, 3-digit ones slipped at 0.9, others at the one rate."""
+    from mpts.training.environments.lm import env as env_module
+
+    seen = {}
+
+    def spy(model, tokenizer, prompts, targets, *args, flaw_rate=0.0, **kwargs):
+        seen.update(prompts=prompts, rates=flaw_rate)
+        return [0.0]
+    monkeypatch.setattr(env_module, "supervised_warmup", spy)
+    warm = {"digit_counts": [1, 2, 3], "level": "digits"}
+    env = make_env(tmp_path, "by-level", warmup_task_options=warm, warmup_sft_steps=5, warmup_sft_problems=64,
+                   warmup_teacher_error=0.6, warmup_teacher_error_by_level={1: 0.0, 2: 0.9})
+    problems = {p.question: p for p in env.warmup_task.problems(400, 1)}
+    expected = {0: 0.6, 1: 0.0, 2: 0.9}
+    levels = [problems[q].difficulty for q in seen["prompts"]]
+    assert set(levels) == {0, 1, 2}
+    assert list(seen["rates"]) == [expected[level] for level in levels]
+    plain = make_env(tmp_path, "plain", warmup_task_options=warm, warmup_sft_steps=5, warmup_sft_problems=64,
+                     warmup_teacher_error=0.6)
+    assert plain._fingerprint() != env._fingerprint()
+    assert list(seen["rates"]) == [0.6] * len(levels)  # without the map: the one rate everywhere
+    env.close(), plain.close()
+    for bad in ({1: 1.5}, {-1: 0.5}, {}):
+        with pytest.raises(ValidationError, match="warmup_teacher_error_by_level"):
+            LMOptions(**BASE, warmup_teacher_error_by_level=bad)
+
+
+def test_run_folder_records_each_pool_prompts_level_for_the_report(tmp_path):
+    env = make_env(tmp_path, "levels", task_options={"digit_counts": [1, 2], "level": "digits"})
+    recorded = json.loads((tmp_path / "levels" / LEVELS_FILE).read_text())["levels"]
+    assert recorded == [p.difficulty for p in env.train_problems] == env.pool.clusters.tolist()
+    assert set(recorded) == {0, 1}
+    env.close()
 
 
 def test_reference_completion_is_what_the_verifier_accepts():

@@ -87,9 +87,10 @@ def run_need(config) -> MemoryNeed:
     from mpts.models.registry import get_predictor_class
     from mpts.training.environments.base import get_environment_class
 
-    env_options = config.env.with_options(get_environment_class(config.env.name).Options)
+    env_class = get_environment_class(config.env.name)
+    env_options = config.env.with_options(env_class.Options)
     num_prompts = int(getattr(env_options, "num_prompts", 0))
-    feature_dim = int(getattr(env_options, "feature_dim", 0) or 0)
+    feature_dim = env_class.feature_dim(env_options)  # the LM's text embeddings too, not only a simulator option
     cls = get_predictor_class(config.predictor.name)
     return MemoryNeed({
         "env.num_prompts": pool_bytes(num_prompts, feature_dim),

@@ -101,6 +101,12 @@ class Environment(abc.ABC):
     def evaluate(self) -> float:
         """Accuracy on the held-out evaluation set under the current policy."""
 
+    @classmethod
+    def feature_dim(cls, options: EnvironmentOptions) -> int:
+        """Width of `pool.features` for these options (0: none), known before the pool is built, so
+        a run's memory can be checked with the features its predictor will get."""
+        return int(getattr(options, "feature_dim", 0) or 0)
+
     def use_generator(self, generator: torch.Generator) -> None:
         """Draw the coming rollouts' randomness from `generator` (the loop passes one per step, so
         paired arms share it). Environments that seed themselves otherwise may ignore it."""

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
+from mpts.inference.schema import LEVELS_FILE
 from mpts.models.base import PromptPool, check_prompt_ids
-from mpts.training.embeddings import text_pool
+from mpts.training.embeddings import EMBEDDING_DIM, text_pool
+from mpts.training.run_dir import write_json
 from ..base import Environment, EnvironmentOptions, Outcomes
 from .grpo import GRPOConfig, GRPOTrainer, Sequences, group_advantages
 from .rollout import RolloutBackend, SamplingConfig, make_backend
@@ -70,6 +72,11 @@ class LMOptions(EnvironmentOptions):
     warmup_teacher_error: float = Field(0.0, ge=0.0, le=1.0, description="share of warm-up examples taught the "
                                         "task's flawed answer (its systematic slip, e.g. arithmetic's leading "
                                         "zero) instead of the right one")
+    warmup_teacher_error_by_level: dict[int, float] | None = Field(
+        None, description="the teacher's slip rate per difficulty level of the warm-up problem (the warm-up task's "
+        "level, e.g. arithmetic's digits - 1 with level: digits), e.g. {1: 0.0, 2: 0.9}: a slip that depends on the "
+        "problem, so some levels start clean (always solved) and others mostly slipped; levels not listed use "
+        "warmup_teacher_error; null: warmup_teacher_error on every level")
     warmup_cache: str | None = Field(None, description="folder of warmed-up starting policies, one per set of "
                                      "settings that determines them: runs that share those (an ablation's arms "
                                      "at one seed) warm up once; a relative path is taken from the run folder "
@@ -84,6 +91,15 @@ class LMOptions(EnvironmentOptions):
     generation_batch: int = Field(64, ge=1, description="prompts per HF generate call")
     gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0, description="vLLM's share of device memory")
     max_model_len: int | None = Field(None, ge=16, description="vLLM context length; null: the model's own")
+
+    @field_validator("warmup_teacher_error_by_level")
+    @classmethod
+    def _check_error_by_level(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if value is not None:
+            bad = {level: rate for level, rate in value.items() if level < 0 or not 0.0 <= rate <= 1.0}
+            if bad or not value:
+                raise ValueError(f"warmup_teacher_error_by_level needs levels >= 0 and rates in [0, 1], got {value}")
+        return value
 
     @model_validator(mode="after")
     def _check_eval(self) -> "LMOptions":
@@ -130,6 +146,9 @@ class LMEnvironment(Environment):
         self.eval_prompt_ids = [self._encode(self.task.format_prompt(p)) for p in self.eval_problems]
         # features = MiniLM embeddings of the prompts, computed only if a predictor asks (gp, id_vae)
         self._pool = text_pool(texts, clusters=torch.tensor([p.difficulty for p in self.train_problems], dtype=torch.long))
+        if run_dir is not None:  # for the report's selection-by-level figure (the trace holds prompt ids only)
+            Path(run_dir).mkdir(parents=True, exist_ok=True)  # a given model without warm-up writes nothing before
+            write_json(Path(run_dir) / LEVELS_FILE, {"levels": [p.difficulty for p in self.train_problems]})
 
         # the trainer scores completions at the rollout temperature (the distribution they were drawn from)
         self.trainer = GRPOTrainer(self.model, opts.grpo.model_copy(update={"autocast_dtype": self.autocast_dtype}),
@@ -142,6 +161,10 @@ class LMEnvironment(Environment):
         self.policy_version = 0  # bumped by every optimiser step
         self.synced_version = 0  # the backend starts from the weights the trainer starts from
         self._groups: dict[int, tuple[list[list[int]], Tensor]] = {}  # prompt id -> (completions, rewards)
+
+    @classmethod
+    def feature_dim(cls, options: EnvironmentOptions) -> int:
+        return EMBEDDING_DIM  # the prompts' sentence embeddings (text_pool), computed when a predictor asks
 
     # -- construction -------------------------------------------------------------------------
     def _build_policy(self, warmup_problems: list[Problem]):
@@ -170,13 +193,14 @@ class LMEnvironment(Environment):
             if not warmup_problems:
                 raise ValueError("warmup_sft_problems: no problems left for the warm-up")
             targets = [reference_completion(self.warmup_task, p) for p in warmup_problems]
+            rates = _slip_rates(warmup_problems, opts.warmup_teacher_error, opts.warmup_teacher_error_by_level)
             flawed = ([reference_completion(self.warmup_task, p, self.warmup_task.flawed_answer(p)) for p in warmup_problems]
-                      if opts.warmup_teacher_error > 0 else None)
+                      if max(rates) > 0 else None)
             prompts = [self.warmup_task.format_prompt(p) for p in warmup_problems]
             start = time.perf_counter()
             losses = supervised_warmup(model, tokenizer, prompts, targets, opts.warmup_sft_steps,
                                        opts.warmup_sft_batch, opts.warmup_sft_lr, self.seed, self.device,
-                                       flawed_targets=flawed, flaw_rate=opts.warmup_teacher_error)
+                                       flawed_targets=flawed, flaw_rate=rates)
             logger.info("supervised warm-up: %d steps in %.1f s, loss %.3f -> %.3f", opts.warmup_sft_steps,
                         time.perf_counter() - start, losses[0], losses[-1])
         model.eval()
@@ -220,6 +244,8 @@ class LMEnvironment(Environment):
             keys["warmup_teacher_error"] = o.warmup_teacher_error
         if o.warmup_task_options is not None:
             keys["warmup_task_options"] = o.warmup_task_options
+        if o.warmup_teacher_error_by_level is not None:
+            keys["warmup_teacher_error_by_level"] = {str(k): v for k, v in sorted(o.warmup_teacher_error_by_level.items())}
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
     def _build_backend(self, model_dir: Path) -> RolloutBackend:
@@ -496,6 +522,12 @@ def _load_local(path: Path):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return model, tokenizer
+
+
+def _slip_rates(problems: list[Problem], rate: float, by_level: dict[int, float] | None) -> list[float]:
+    """The warm-up teacher's slip rate for each problem: its level's rate, else the one rate."""
+    by_level = by_level or {}
+    return [by_level.get(p.difficulty, rate) for p in problems]
 
 
 def _read_fingerprint(policy_dir: Path) -> str | None:

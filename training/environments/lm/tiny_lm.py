@@ -101,19 +101,24 @@ def save_model(model, tokenizer, directory: Path) -> Path:
 
 def supervised_warmup(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], steps: int,
                       batch_size: int, lr: float, seed: int, device: torch.device,
-                      flawed_targets: Sequence[str] | None = None, flaw_rate: float = 0.0) -> list[float]:
+                      flawed_targets: Sequence[str] | None = None,
+                      flaw_rate: float | Sequence[float] = 0.0) -> list[float]:
     """Teacher-forced cross-entropy on the target completions (prompt tokens are not scored).
 
     With `flawed_targets`, each drawn example is taught its flawed target with probability
     `flaw_rate` (a teacher that makes a systematic slip that often), so the warmed-up policy knows
     the right answer but gives it only part of the time: the situation RL with a verifier fixes.
+    `flaw_rate` may also be one rate per example (a slip that depends on the problem, e.g. its level).
     Returns the loss of each step. Mini-batches and slips are deterministic given `seed`.
     """
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(f"warm-up needs as many targets as prompts (got {len(prompts)} prompts, {len(targets)} targets)")
     if flawed_targets is not None and len(flawed_targets) != len(targets):
         raise ValueError(f"warm-up needs one flawed target per target (got {len(flawed_targets)} for {len(targets)})")
-    if not 0.0 <= flaw_rate <= 1.0:
+    rates = torch.as_tensor(flaw_rate, dtype=torch.float32)  # the dtype a single rate was always compared in
+    if rates.dim() > 1 or (rates.dim() == 1 and len(rates) != len(targets)):
+        raise ValueError(f"flaw_rate must be one rate or one per target (got shape {tuple(rates.shape)} for {len(targets)})")
+    if not bool(((rates >= 0.0) & (rates <= 1.0)).all()):
         raise ValueError(f"flaw_rate must be in [0, 1], got {flaw_rate}")
 
     def encode(texts: Sequence[str]) -> list[list[int]]:
@@ -129,7 +134,9 @@ def supervised_warmup(model, tokenizer, prompts: Sequence[str], targets: Sequenc
     for _ in range(steps):
         picks = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
         # drawn only with a flawed teacher, so a clean warm-up sees the mini-batches it always saw
-        slips = ((torch.rand(batch_size, generator=generator) < flaw_rate).tolist() if flawed_targets is not None
+        # one draw per example whatever the rates, so a single rate gives the slips it always gave
+        slips = ((torch.rand(batch_size, generator=generator)
+                  < (rates[picks] if rates.dim() else rates)).tolist() if flawed_targets is not None
                  else [False] * batch_size)
         completions = [flawed_ids[i] if slip else target_ids[i] for i, slip in zip(picks, slips)]
         input_ids, attention_mask, scored = pad_right([prompt_ids[i] + c for i, c in zip(picks, completions)],
