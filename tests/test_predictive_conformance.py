@@ -146,16 +146,27 @@ def test_beta_is_calibrated_on_its_own_generative_model(options):
     assert_calibrated(ranks, covered)
 
 
-def test_hmm3_is_calibrated_on_its_own_generative_model():
+@pytest.mark.parametrize("name", ["hmm3", pytest.param("hmm3_pooled", marks=pytest.mark.xfail(strict=True, reason=(
+    "measured: hmm3_pooled is underconfident on its own pooled world: ranks humped (chi-square p 1.4e-4, "
+    "bins 247 266 323 346 333 309 303 288 266 271 over 2,952 ranks), 50% / 90% regions cover 0.550 / 0.913; "
+    "not yet diagnosed (the pooled prior's own forgetting and the catch-up at today's pool are suspects)")))])
+def test_hmm3_is_calibrated_on_its_own_generative_model(name):
     """Transition rows ~ Dirichlet(1), a chain of states, p = 0 / Beta(2, 3) / 1 by state,
     s ~ Binomial(k, p); the prediction made before each step (default forgetting) must rank both
-    p and s uniformly and its 50% / 90% regions for p hold 50% / 90% of the draws."""
-    cls = PREDICTORS.get("hmm3")
+    p and s uniformly and its 50% / 90% regions for p hold 50% / 90% of the draws. hmm3's rows are
+    per prompt; hmm3_pooled's are drawn around their cluster's shared matrix M_c (its pooled prior's
+    story): P_i ~ Dirichlet(pool_strength * M_c), M_c rows ~ Dirichlet(1)."""
+    cls = PREDICTORS.get(name)
     n, generator = 1000, torch.Generator().manual_seed(6)
     torch.manual_seed(6)
-    transitions = torch.distributions.Dirichlet(torch.ones(3)).sample((n, 3))
+    clusters = torch.arange(n) % 4
+    if name == "hmm3_pooled":
+        shared = torch.distributions.Dirichlet(torch.ones(3)).sample((4, 3))[clusters]
+        transitions = torch.distributions.Dirichlet(cls.Options().pool_strength * shared).sample()
+    else:
+        transitions = torch.distributions.Dirichlet(torch.ones(3)).sample((n, 3))
     state = torch.randint(0, 3, (n,), generator=generator)
-    predictor = cls(PromptPool(n), cls.Options())
+    predictor = cls(PromptPool(n, clusters=clusters), cls.Options())
     ranks, count_ranks, covered = [], [], {0.5: [], 0.9: []}
     for step in range(8):
         state = torch.multinomial(transitions[torch.arange(n), state], 1, generator=generator).squeeze(1)
