@@ -45,9 +45,11 @@ class _Labels:
 
     def merge(self) -> None:
         if self._pending:
-            self.ints = np.unique(np.concatenate([self.ints, *(p[0] for p in self._pending)]))
-            self.texts = np.unique(np.concatenate([self.texts, *(p[1] for p in self._pending)]))
+            ints = np.concatenate([self.ints, *(p[0] for p in self._pending)])
+            texts = np.concatenate([self.texts, *(p[1] for p in self._pending)])
+            self.ints = self.texts = None  # freed before sorting: a merge holds ~17 bytes per label at most
             self._pending, self._pending_size = [], 0
+            self.ints, self.texts = _sorted_unique(ints), _sorted_unique(texts)
 
     @property
     def size(self) -> int:
@@ -64,6 +66,17 @@ class _Labels:
 
     def label(self, row: int) -> Any:
         return self.ints[row] if row < len(self.ints) else self.texts[row - len(self.ints)]
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique without its copy of the input: sorts `values` in place."""
+    values.sort()
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
 
 
 def _text_mask(labels: pd.Series) -> np.ndarray:
