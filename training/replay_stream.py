@@ -149,9 +149,14 @@ class _ScoredRows:
 
 
 def _label_bytes(labels: _Labels) -> int:
-    sample = labels.texts[:1000]
-    text_bytes = (sum(len(t) for t in sample) / len(sample) + 60) * len(labels.texts) if len(sample) else 0
-    return int(16 * labels.size + text_bytes)  # the sorted keys, their strings, a row index while mapping
+    return label_bytes(len(labels.ints), labels.texts)
+
+
+def label_bytes(int_labels: int, texts: np.ndarray) -> int:
+    """Bytes of the distinct labels in pass 2: the sorted keys, the texts' strings, a row index while mapping."""
+    sample = texts[:1000]
+    text_bytes = (sum(len(t) for t in sample) / len(sample) + 60) * len(texts) if len(sample) else 0
+    return int(16 * (int_labels + len(texts)) + text_bytes)
 
 
 def _steps(path: Path | str, chunk_rows: int, labels: _Labels) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
