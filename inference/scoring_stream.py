@@ -12,7 +12,7 @@ its value's run in the sorted copy (`searchsorted` left and right), which is wha
 
 Every score equals `score_columns` on the same rows bit for bit (same operations in the same
 order), except `spearman_empirical`: its correlation of ranks is summed block by block instead of
-by `np.corrcoef`, so it agrees to rounding (|difference| < 1e-12; tests/test_scoring_stream.py).
+by `np.corrcoef`, so it agrees to rounding (within 1e-12; tests/test_scoring_stream.py).
 """
 
 from __future__ import annotations
