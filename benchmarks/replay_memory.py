@@ -4,7 +4,9 @@ Writes a CSV log (step, prompt_id, successes, trials) with `--ids` distinct prom
 rolled out `--rollouts` times (one row per rollout) at one of `--steps` steps, streamed to disk
 block by block (the generator never holds the log), then runs `mpts replay LOG --predictor beta`
 in a child process and prints the child's peak RSS (resource.getrusage(RUSAGE_CHILDREN)) and its
-wall time. The default is the issue's case: 10^7 ids, about 1.1 GB. The log is deleted after.
+wall time, next to the peak of the same command on a 10-id log (the interpreter and libraries)
+and what replay's up-front memory check estimates beyond that (`replay_stream.stream_need`).
+The default is the issue's case: 10^7 ids, about 1.1 GB. The logs are deleted after.
 
     nice -n 19 .venv/bin/python benchmarks/replay_memory.py              # 10^7 ids
     .venv/bin/python benchmarks/replay_memory.py --ids 1000000 --mpts /path/to/other/mpts
@@ -46,6 +48,17 @@ def write_log(path: Path, ids: int, rollouts: int, steps: int, seed: int = 0) ->
                                         schema=schema))
 
 
+def estimate(ids: int, rollouts: int) -> int:
+    """What replay's memory check counts for this log (integer ids, one scored row per id)."""
+    from mpts.models.registry import get_predictor_class
+    from mpts.training.memory import predictor_state_bytes
+    from mpts.training.replay_stream import DEFAULT_CHUNK_ROWS, label_bytes, stream_need
+
+    beta = get_predictor_class("beta")
+    return stream_need(predictor_state_bytes(beta, beta.Options(), ids, 0), label_bytes(ids, np.empty(0, object)),
+                       ids, min(DEFAULT_CHUNK_ROWS, ids * rollouts)).total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ids", type=int, default=10**7)
@@ -60,6 +73,9 @@ def main() -> int:
     os.close(handle)
     log = Path(name)
     try:
+        write_log(log, 10, args.rollouts, 1)  # the children's peak is a maximum: the small one first
+        subprocess.run([args.mpts, "replay", str(log), "--predictor", "beta"], capture_output=True, check=True)
+        baseline = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         start = time.perf_counter()
         write_log(log, args.ids, args.rollouts, args.steps)
         size = log.stat().st_size
@@ -73,6 +89,8 @@ def main() -> int:
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux: KiB
     print(f"mpts replay --predictor beta: exit {done.returncode}, peak RSS {peak / 2**30:.2f} GiB, "
           f"{seconds:.0f} s ({args.mpts})")
+    print(f"  on a 10-id log: {baseline / 2**30:.2f} GiB; the difference {(peak - baseline) / 2**30:.2f} GiB; "
+          f"the up-front check's estimate {estimate(args.ids, args.rollouts) / 2**30:.2f} GiB")
     print((done.stdout if done.returncode == 0 else done.stderr).strip()[-2000:])
     return done.returncode
 

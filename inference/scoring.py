@@ -131,25 +131,34 @@ def reliability_table(pred_mean, successes, trials, bins: int = 10) -> pd.DataFr
                              for c in columns})
     index = _equal_mass_bins(pred, int(bins))
     m = int(index.max()) + 1
-    count = np.bincount(index, minlength=m)
-    trials_in = np.bincount(index, weights=k, minlength=m)
     lo = np.full(m, np.inf)
     hi = np.full(m, -np.inf)
     np.minimum.at(lo, index, pred)
     np.maximum.at(hi, index, pred)
+    return reliability_from_sums(np.bincount(index, minlength=m), np.bincount(index, weights=k, minlength=m),
+                                 np.bincount(index, weights=pred * k, minlength=m),
+                                 np.bincount(index, weights=s, minlength=m), lo, hi)
+
+
+def reliability_from_sums(count, trials_in, weighted_pred, successes_in, lo, hi) -> pd.DataFrame:
+    """The reliability table from per-bin sums: rows, trials, sum of pred * trials, successes,
+    smallest and largest prediction (`scoring_stream` accumulates them a step at a time)."""
     return pd.DataFrame({
-        "bin": np.arange(m, dtype=np.int64),
-        "count": count.astype(np.int64),
-        "pred_mean": np.bincount(index, weights=pred * k, minlength=m) / trials_in,
-        "observed_rate": np.bincount(index, weights=s, minlength=m) / trials_in,
+        "bin": np.arange(len(count), dtype=np.int64),
+        "count": np.asarray(count).astype(np.int64),
+        "pred_mean": weighted_pred / trials_in,
+        "observed_rate": successes_in / trials_in,
         "lo": lo,
         "hi": hi,
-    }, columns=columns)
+    }, columns=["bin", "count", "pred_mean", "observed_rate", "lo", "hi"])
 
 
 def expected_calibration_error(pred_mean, successes, trials, bins: int = 10) -> float:
     """Row-count-weighted mean ``|predicted - observed|`` over the equal-mass reliability bins."""
-    table = reliability_table(pred_mean, successes, trials, bins)
+    return ece_of_table(reliability_table(pred_mean, successes, trials, bins))
+
+
+def ece_of_table(table: pd.DataFrame) -> float:
     if table.empty:
         return math.nan
     gap = (table["pred_mean"] - table["observed_rate"]).abs().to_numpy()
@@ -167,8 +176,13 @@ def pit_coverage(pit, level: float) -> float:
     values = _floats("pit", pit, unit=True)
     if values.size == 0:
         return math.nan
+    return float(np.mean(pit_inside(values, level)))
+
+
+def pit_inside(values: np.ndarray, level: float) -> np.ndarray:
+    """Which (checked, clipped) PIT values lie inside the central `level` interval."""
     tail = (1.0 - float(level)) / 2.0
-    return float(np.mean((values >= tail) & (values <= 1.0 - tail)))
+    return (values >= tail) & (values <= 1.0 - tail)
 
 
 def truth_coverage(lo, hi, true_p) -> float:

@@ -230,5 +230,34 @@ def test_a_replay_that_would_not_fit_is_refused_up_front_saying_how_much(tmp_pat
     TRACE.to_csv(path, index=False)
     monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=100))  # state fits, rows not
     assert main(["replay", str(path), "--predictor", "beta", "--out", str(tmp_path / "s.json")]) == 2
-    one_line_error(capsys, "would need about", "trace rows", "available")
+    one_line_error(capsys, "would need about", "scored rows", "available")
     assert not (tmp_path / "s.json").exists()
+
+
+def test_the_memory_check_counts_scored_rows_and_refuses_what_exceeds_its_estimate(tmp_path, monkeypatch):
+    """The up-front estimate counts the rows replay scores (one per step and prompt, however many
+    rollout rows a log has), and the replay is refused exactly when it exceeds what is available."""
+    from types import SimpleNamespace
+
+    from mpts.training import memory, replay_stream
+    from mpts.training.replay_stream import SCORED_BYTES_PER_ROW, replay_file
+
+    rows = [(step, prompt, rollout % 2, 1) for step in range(3) for prompt in range(10) for rollout in range(4)]
+    path = tmp_path / "log.csv"
+    pd.DataFrame(rows, columns=["step", "prompt_id", "successes", "trials"]).to_csv(path, index=False)
+    needs = []
+    check_fits = replay_stream.check_fits
+
+    def recorded(need, what, available=None):
+        needs.append(need)
+        return check_fits(need, what, available)
+    monkeypatch.setattr(replay_stream, "check_fits", recorded)
+    scores = replay_file(path, "beta", chunk_rows=7)  # steps span chunks
+    assert scores["rows"] == 30
+    assert needs[-1].parts["scored rows (distinct prompt ids per step)"] == 30 * SCORED_BYTES_PER_ROW
+    total = needs[-1].total
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=total))
+    assert replay_file(path, "beta", chunk_rows=7)["rows"] == 30
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=total - 1))
+    with pytest.raises(memory.NotEnoughMemory, match="would need about .* scored rows"):
+        replay_file(path, "beta", chunk_rows=7)

@@ -23,8 +23,9 @@ import pandas as pd
 import torch
 from pydantic import ValidationError
 
-from mpts.inference.schema import OUTCOME_COLUMNS, SCORED_COLUMNS
-from mpts.inference.scoring import TRUTH_ONLY_COLUMNS, score_columns, score_trace
+from mpts.inference.schema import OUTCOME_COLUMNS
+from mpts.inference.scoring import score_trace
+from mpts.inference.scoring_stream import StreamedScores
 from mpts.models.base import PromptPool
 from mpts.models.registry import get_predictor_class
 from mpts.training.config import format_errors
@@ -185,16 +186,17 @@ def replay_selector(predictor: str, options: dict[str, Any] | None, size: int, s
     return Selector(cls(pool, predictor_options, seed=seed), seed=seed), predictor_options
 
 
-def replay_steps(selector: Selector, steps, predictor: str, *, keep_table: bool
+def replay_steps(selector: Selector, steps, predictor: str, *, keep_table: bool, rows: int | None = None,
                  ) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """Feed (step, rows, successes, trials) in step order: predict, score, then observe.
 
-    Keeps the scored columns as float32 (what the predictors compute in) unless `keep_table`
-    asks for the whole scored table (with a `_row` column)."""
-    kept: dict[str, list[np.ndarray]] = {}
+    Without `keep_table` the scores are accumulated step by step in a few bytes per row
+    (`scoring_stream`; `rows`: how many scored rows will come, when known); with it the whole
+    scored table (with a `_row` column) is kept and returned."""
+    streamed = StreamedScores(rows)
     tables, count = [], 0
-    for step, rows, successes, trials in steps:
-        ids = torch.as_tensor(np.array(rows, dtype=np.int64))
+    for step, prompt_rows, successes, trials in steps:
+        ids = torch.as_tensor(np.array(prompt_rows, dtype=np.int64))
         s = torch.tensor(np.asarray(successes), dtype=torch.float32)
         k = torch.tensor(np.asarray(trials), dtype=torch.float32)
         posterior = selector.predict(ids, step)
@@ -202,19 +204,14 @@ def replay_steps(selector: Selector, steps, predictor: str, *, keep_table: bool
         selector.observe(ids, s, k, step)
         count += 1
         if keep_table:
-            tables.append(pd.DataFrame({"step": step, "_row": np.asarray(rows), "successes": np.asarray(successes),
-                                        "trials": np.asarray(trials), **columns}))
+            tables.append(pd.DataFrame({"step": step, "_row": np.asarray(prompt_rows),
+                                        "successes": np.asarray(successes), "trials": np.asarray(trials), **columns}))
         else:  # a replay knows no true p: the interval columns would never be scored
-            for name in SCORED_COLUMNS:
-                if name not in TRUTH_ONLY_COLUMNS:
-                    value = successes if name == "successes" else trials if name == "trials" else columns[name]
-                    kept.setdefault(name, []).append(np.asarray(value).astype(np.float32))
+            streamed.add({"successes": np.asarray(successes), "trials": np.asarray(trials), **columns})
     if count == 0:
         raise TraceError("the trace has no rows")
     if not keep_table:
-        for name in list(kept):  # one column at a time, so the pieces and the whole never all coexist
-            kept[name] = np.concatenate(kept.pop(name))
-        return {"predictor": predictor, "steps": count, **score_columns(kept)}, None
+        return {"predictor": predictor, "steps": count, **streamed.result()}, None
     table = pd.concat(tables, ignore_index=True)
     table["failed"] = False
     return {"predictor": predictor, "steps": count, **score_trace(table)}, table

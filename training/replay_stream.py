@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mpts.inference.scoring_stream import KEPT_BYTES_PER_ROW, SCORING_BYTES_PER_ROW
 from mpts.training.memory import MemoryNeed, check_fits, predictor_state_bytes
 from mpts.training.replay import (MAX_COUNT, DEFAULT_CHUNK_ROWS, TraceError, iter_trace_chunks, read_trace,
                                   replay, replay_steps, replay_selector)
 
-# per scored row: the float32 columns kept, then the rank-based scores' float64/int64 work arrays;
-# measured: 10^7 rows peaked at 2.10 GiB, ~0.45 GiB of it the interpreter and libraries
-_SCORED_BYTES_PER_ROW = 176
+# per scored row: the compact arrays kept (scoring_stream), then the most its scores add at once
+SCORED_BYTES_PER_ROW = KEPT_BYTES_PER_ROW + SCORING_BYTES_PER_ROW
+CHUNK_BYTES_PER_ROW = 400  # a chunk as parsed by pandas, its checked copy and the int64 block of pass 2
 _ROW_BYTES_IN_MEMORY = 200  # a whole-file read: labels, counts, pandas overhead per row
 
 
@@ -44,9 +45,11 @@ class _Labels:
 
     def merge(self) -> None:
         if self._pending:
-            self.ints = np.unique(np.concatenate([self.ints, *(p[0] for p in self._pending)]))
-            self.texts = np.unique(np.concatenate([self.texts, *(p[1] for p in self._pending)]))
+            ints = np.concatenate([self.ints, *(p[0] for p in self._pending)])
+            texts = np.concatenate([self.texts, *(p[1] for p in self._pending)])
+            self.ints = self.texts = None  # freed before sorting: a merge holds ~17 bytes per label at most
             self._pending, self._pending_size = [], 0
+            self.ints, self.texts = _sorted_unique(ints), _sorted_unique(texts)
 
     @property
     def size(self) -> int:
@@ -65,6 +68,17 @@ class _Labels:
         return self.ints[row] if row < len(self.ints) else self.texts[row - len(self.ints)]
 
 
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique without its copy of the input: sorts `values` in place."""
+    values.sort()
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
 def _text_mask(labels: pd.Series) -> np.ndarray:
     if labels.dtype != object:
         return np.zeros(len(labels), bool)
@@ -80,7 +94,7 @@ def _split(labels: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def replay_file(path: Path | str, predictor: str, options: dict[str, Any] | None = None, *, seed: int = 0,
                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, Any]:
     """Scores of `predictor` replayed on the trace at `path` (a file or a run folder), streamed."""
-    labels, rows, ordered, last = _Labels(), 0, True, -1
+    labels, scored, rows, ordered, last = _Labels(), _ScoredRows(), 0, True, -1
     for chunk in iter_trace_chunks(path, chunk_rows):  # pass 1: check every row, collect labels
         labels.add(chunk["prompt_id"])
         rows += len(chunk)
@@ -88,6 +102,8 @@ def replay_file(path: Path | str, predictor: str, options: dict[str, Any] | None
         if len(steps):
             ordered = ordered and bool(steps[0] >= last) and bool((np.diff(steps) >= 0).all())
             last = int(steps[-1])
+        if ordered:
+            scored.add(chunk)
     labels.merge()
     if rows == 0:
         raise TraceError(f"{path}: the trace has no rows")
@@ -98,15 +114,49 @@ def replay_file(path: Path | str, predictor: str, options: dict[str, Any] | None
         return scores
     selector, cls_options = replay_selector(predictor, options, labels.size, seed)
     state = predictor_state_bytes(type(selector.predictor), cls_options, labels.size, 0)
-    check_fits(MemoryNeed({"distinct prompt ids": state + _label_bytes(labels), "trace rows": rows * _SCORED_BYTES_PER_ROW}),
-               f"replaying {labels.size} prompts and {rows} rows of {path} with {predictor}")
-    return replay_steps(selector, _steps(path, chunk_rows, labels), predictor, keep_table=False)[0]
+    check_fits(stream_need(state, _label_bytes(labels), scored.total, min(chunk_rows, rows)),
+               f"replaying {labels.size} prompts and {scored.total} scored rows of {path} with {predictor}")
+    return replay_steps(selector, _steps(path, chunk_rows, labels), predictor, keep_table=False, rows=scored.total)[0]
+
+
+def stream_need(state_bytes: int, label_bytes: int, scored_rows: int, chunk_rows: int) -> MemoryNeed:
+    """What a streamed replay holds at its peak, beyond the interpreter and libraries."""
+    return MemoryNeed({"distinct prompt ids": state_bytes + label_bytes,
+                       "scored rows (distinct prompt ids per step)": scored_rows * SCORED_BYTES_PER_ROW,
+                       "reading chunks": chunk_rows * CHUNK_BYTES_PER_ROW})
+
+
+class _ScoredRows:
+    """Rows the replay will score: distinct (step, prompt id) pairs, counted as the ordered steps
+    go by; only the current step's distinct ids are held."""
+
+    def __init__(self) -> None:
+        self.done, self._pending = 0, None
+
+    def add(self, chunk: pd.DataFrame) -> None:
+        block = chunk[["step", "prompt_id"]]
+        if self._pending is not None:
+            block = pd.concat([self._pending, block], ignore_index=True)
+        if block.empty:
+            return
+        finished = (block["step"] < block["step"].iloc[-1]).to_numpy()
+        self.done += int((~block[finished].duplicated()).sum())
+        self._pending = block[~finished].drop_duplicates()
+
+    @property
+    def total(self) -> int:
+        return self.done + (0 if self._pending is None else len(self._pending))
 
 
 def _label_bytes(labels: _Labels) -> int:
-    sample = labels.texts[:1000]
-    text_bytes = (sum(len(t) for t in sample) / len(sample) + 60) * len(labels.texts) if len(sample) else 0
-    return int(16 * labels.size + text_bytes)  # the sorted keys, their strings, a row index while mapping
+    return label_bytes(len(labels.ints), labels.texts)
+
+
+def label_bytes(int_labels: int, texts: np.ndarray) -> int:
+    """Bytes of the distinct labels in pass 2: the sorted keys, the texts' strings, a row index while mapping."""
+    sample = texts[:1000]
+    text_bytes = (sum(len(t) for t in sample) / len(sample) + 60) * len(texts) if len(sample) else 0
+    return int(16 * (int_labels + len(texts)) + text_bytes)
 
 
 def _steps(path: Path | str, chunk_rows: int, labels: _Labels) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from mpts.training.executors import reaper
 from mpts.training.executors.work import RunOutput, read_folder, run_detached, write_folder
 from mpts.training.sweep import GridRun
 
@@ -50,12 +51,18 @@ class RayExecutor:
             return
         ray = import_ray()
         started_here = not ray.is_initialized()
+        # a local instance's processes are this driver's: the reaper kills what outlives it (reaper.py)
+        watcher = reaper.start() if started_here and self.address is None else None
         if started_here:
             try:
                 ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
                          include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError) as error:
+                _stop(watcher)
                 raise ValueError(f"cannot start or reach Ray at {self.address or 'a local instance'}: {error}") from None
+        if watcher is not None:
+            watcher.stdin.write(reaper.READY)
+            watcher.stdin.flush()
         pending: dict = {}
         try:
             gpus = ray.cluster_resources().get("GPU", 0.0)
@@ -84,3 +91,11 @@ class RayExecutor:
                 ray.cancel(ref, force=True)
             if started_here:
                 ray.shutdown()
+            _stop(watcher)
+
+
+def _stop(watcher) -> None:
+    """Close the reaper's pipe (it kills what of Ray is left, normally nothing) and wait for it."""
+    if watcher is not None:
+        watcher.stdin.close()
+        watcher.wait(timeout=30)
