@@ -97,4 +97,5 @@ def run_need(config) -> MemoryNeed:
         f"the {config.predictor.name} predictor's options or env.num_prompts": predictor_state_bytes(
             cls, config.predictor.with_options(cls.Options), num_prompts, feature_dim),
         "k or batch_size x candidate_ratio": step_grid_bytes(config.num_candidates, config.k),
+        **env_class.state_bytes(env_options),
     })

@@ -107,6 +107,12 @@ class Environment(abc.ABC):
         a run's memory can be checked with the features its predictor will get."""
         return int(getattr(options, "feature_dim", 0) or 0)
 
+    @classmethod
+    def state_bytes(cls, options: EnvironmentOptions) -> dict[str, int]:
+        """Bytes the environment holds besides the pool, by the option that sets them (checked
+        before the run with the rest of its memory)."""
+        return {}
+
     def use_generator(self, generator: torch.Generator) -> None:
         """Draw the coming rollouts' randomness from `generator` (the loop passes one per step, so
         paired arms share it). Environments that seed themselves otherwise may ignore it."""

@@ -134,6 +134,11 @@ class SimulatedLearner(Environment):
         features.addr_(z, projection[-1])
         return features
 
+    @classmethod
+    def state_bytes(cls, options: SimulatorOptions) -> dict[str, int]:
+        # per cluster: the feature projection's row, its mean difficulty, competence, a few float32 temporaries
+        return {"env.num_clusters": 4 * (options.num_clusters + 1) * (options.feature_dim + 4)}
+
     @property
     def pool(self) -> PromptPool:
         return self._pool
