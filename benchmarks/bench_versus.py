@@ -3,7 +3,7 @@ prints, per predictor and checkout, the ratio of its median ms per step to the f
 (median and range over repeats).
 
     git worktree add --detach /tmp/mpts-base 74470e7
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_versus.py /tmp/mpts-base . --repeats 7
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_versus.py /tmp/mpts-base . --repeats 7 [--clock cpu]
 
 Each measurement is a fresh `mpts bench --json` process (same interpreter, flags and
 environment); within a repeat the checkouts run back to back in an order that rotates, so load on
@@ -24,11 +24,15 @@ import tempfile
 from pathlib import Path
 
 BENCH = "import sys; from mpts.training.cli import main; sys.argv[0] = 'mpts'; sys.exit(main())"
+# --clock cpu: the bench's timer reads this process's CPU time instead of the wall clock, so other
+# work on a busy machine (which stretches wall time, not CPU time) hardly moves the figures
+CPU_CLOCK = "import time; time.perf_counter = time.process_time; "
 
 
-def one_bench(link_dir: Path, predictor: str, flags: list[str]) -> float:
+def one_bench(link_dir: Path, predictor: str, flags: list[str], clock: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(link_dir), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run([sys.executable, "-c", BENCH, "bench", "--predictor", predictor, "--json", *flags],
+    code = (CPU_CLOCK if clock == "cpu" else "") + BENCH
+    done = subprocess.run([sys.executable, "-c", code, "bench", "--predictor", predictor, "--json", *flags],
                           env=env, cwd=link_dir, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{link_dir / 'mpts'}: mpts bench --predictor {predictor} failed: {done.stderr.strip()[-500:]}")
@@ -41,6 +45,8 @@ def main() -> None:
     parser.add_argument("--predictors", nargs="+", default=["beta", "hmm3", "id_vae", "gp"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: as `mpts bench` reports; cpu: the process's CPU time (steadier on a busy machine)")
     parser.add_argument("--flag", action="append", default=[], help="extra `mpts bench` flag, e.g. --flag=--pool=100000")
     args = parser.parse_args()
     trees = [tree.resolve() for tree in args.checkouts]
@@ -64,14 +70,14 @@ def main() -> None:
             order = list(range(len(trees)))[shift:] + list(range(len(trees)))[:shift]
             for predictor in args.predictors:
                 for number in order:
-                    times[predictor][names[number]].append(one_bench(links[number], predictor, flags))
+                    times[predictor][names[number]].append(one_bench(links[number], predictor, flags, args.clock))
             print(json.dumps({"repeat": repeat, **{p: [round(t[n][-1], 2) for n in names] for p, t in times.items()}}),
                   flush=True)
     for predictor, by_tree in times.items():
         reference = by_tree[names[0]]
         for name in names[1:]:
             ratios = [mine / ref for mine, ref in zip(by_tree[name], reference)]
-            print(json.dumps({"predictor": predictor, "checkout": name, "reference": names[0],
+            print(json.dumps({"predictor": predictor, "clock": args.clock, "checkout": name, "reference": names[0],
                               "reference_ms": round(statistics.median(reference), 2),
                               "ms": round(statistics.median(by_tree[name]), 2),
                               "ratio": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
