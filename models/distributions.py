@@ -60,7 +60,7 @@ def _integration_range(loc: Tensor, scale: Tensor, s: Tensor, n: Tensor) -> tupl
     [loc - (n - s) scale^2 - 1, loc + s scale^2 + 1] (the likelihood's slope is bounded by n).
     First an approximate mode m, by Newton's method on g' (bisecting where a step would leave
     that bracket). Strong concavity bounds what m may miss from g'(m) alone: the true peak is at
-    most g'(m)^2 / (2 kappa) above g(m) and at most |g'(m)| / kappa away, so points that much
+    most g'(m)^2 / (2 kappa) above g(m) and at most abs(g'(m)) / kappa away, so points that much
     further than sqrt(2 (_DROP + that)) scale from m lie below g(m) - _DROP, outside the range on
     either side. From those points, Newton's method on g - (g(m) - _DROP): on a concave function
     each tangent's root stays outside, so every iterate encloses the mass, and a few make it tight.
