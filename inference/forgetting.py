@@ -29,6 +29,8 @@ def factor(lam: float | Tensor, delta: Tensor | int | float = 1, dtype: torch.dt
 def decay_concentration(concentration: Tensor, prior: Tensor | float, lam: float | Tensor,
                         delta: Tensor | int = 1) -> Tensor:
     """Beta/Dirichlet: c <- prior + lam**delta * (c - prior) (in the concentration's precision)."""
+    if isinstance(lam, float) and isinstance(delta, int) and delta == 1:  # one step: lam itself, no tensor ops
+        return prior + lam * (concentration - prior)  # (on a predictor's per-step path)
     weight = factor(lam, delta, concentration.dtype, precision=concentration.dtype)
     if 0 < weight.dim() < concentration.dim():
         weight = weight.reshape(weight.shape + (1,) * (concentration.dim() - weight.dim()))

@@ -45,21 +45,22 @@ import yaml
 from pydantic import ConfigDict, Field
 
 from mpts.models.extras import import_extra
-from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import get_acquisition_class, reference_role
+from mpts.training.acquisition import reference_role
 from mpts.training.config import OneLineErrors, build_options
 from mpts.training.embeddings import text_pool
 from mpts.training.logs import DEFAULT_SUCCESS_THRESHOLD, successes_of
 from mpts.training.recorder import RunRecorder, step_metrics, summary_record, trace_rows
 from mpts.training.rewards import MissingRewards, usable_rewards
 from mpts.training.run_dir import RunFolderError
-from mpts.training.selector import Selector
+from mpts.training.selector_factory import Fields, build_selector, plan_selector
 
 trl = import_extra("trl", "trl")
 datasets = import_extra("datasets", "trl")
 accelerate_utils = import_extra("accelerate.utils", "trl")
 
 SELECTOR_FILE = "mpts_selector.pt"
+SELECTION_FIELDS = Fields("selection.predictor", "selection.predictor_options ({name})", "selection.rule",
+                          "selection.rule_options ({name})")
 
 
 class SelectionOptions(OneLineErrors):
@@ -89,14 +90,8 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
         # every option is checked before TRL loads anything; each refusal is one line
         options = selection if isinstance(selection, SelectionOptions) else build_options(
             SelectionOptions, selection, "selection")
-        predictor_cls, rule_cls = _component(get_predictor_class, options, "predictor"), _component(
-            get_acquisition_class, options, "rule")
-        if rule_cls.needs_truth or rule_cls.rolls_out_all:
-            raise ValueError(f"selection.rule: acquisition {options.rule!r} cannot drive TRL: it needs the true success "
-                             "rates or rolls out every candidate; use a rule that picks B of C")
-        predictor_options = build_options(predictor_cls.Options, options.predictor_options,
-                                          f"selection.predictor_options ({options.predictor})")
-        rule_options = build_options(rule_cls.Options, options.rule_options, f"selection.rule_options ({options.rule})")
+        plan = plan_selector(options.predictor, options.rule, predictor_options=options.predictor_options,
+                             rule_options=options.rule_options, fields=SELECTION_FIELDS, trainer="TRL")
         super().__init__(*args, **kwargs)
         dataset = self.train_dataset
         if not isinstance(dataset, datasets.Dataset) or len(dataset) == 0:
@@ -105,9 +100,7 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
         self.selection = options
         seed = self.args.seed if options.seed is None else options.seed
         pool = text_pool([_prompt_text(p) for p in dataset["prompt"]])
-        predictor = predictor_cls(pool, predictor_options, seed=seed)
-        rule = rule_cls(rule_options)
-        self.selector = Selector(predictor, rule, k=self.num_generations, seed=seed)
+        self.selector = build_selector(plan, pool, k=self.num_generations, seed=seed)
         self.mpts_dir = Path(options.run_dir) if options.run_dir else Path(self.args.output_dir) / "mpts"
         self.recorder = RunRecorder(self.mpts_dir)
         self._generation = 0  # generations completed (the trace's step of the next one)
@@ -261,14 +254,6 @@ class SelectiveGRPOTrainer(trl.GRPOTrainer):
         self._generation = generation
         self._cumulative_rollouts = int(state.get("cumulative_rollouts", 0))
         self._wall_before = float(state.get("wall_seconds", 0.0))
-
-
-def _component(lookup, options: SelectionOptions, field: str):
-    """The registered class named by `options.<field>`, or a one-line ValueError listing the known names."""
-    try:
-        return lookup(getattr(options, field))
-    except KeyError as error:
-        raise ValueError(f"selection.{field}: {error.args[0]}") from None
 
 
 def _prompt_text(prompt: Any) -> str:

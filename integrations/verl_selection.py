@@ -24,15 +24,15 @@ import yaml
 from pydantic import Field
 
 from mpts.models.base import PromptPool
-from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import get_acquisition_class, reference_role
+from mpts.training.acquisition import reference_role
 from mpts.models.options import StrictOptions
-from mpts.training.config import ComponentConfig, OneLineErrors, _check_component
+from mpts.training.config import ComponentConfig, OneLineErrors
 from mpts.training.embeddings import text_pool
 from mpts.training.recorder import RunRecorder, step_metrics, summary_record, trace_rows
 from mpts.training.rewards import MissingRewards, NoUsableRewardError, usable_rewards
 from mpts.training.run_dir import RunFolderError
-from mpts.training.selector import Selection, Selector
+from mpts.training.selector import Selection
+from mpts.training.selector_factory import Fields, SelectorPlan, build_selector, plan_selector
 from mpts.training.state_file import load_state, save_state
 
 
@@ -76,12 +76,16 @@ def read_selection_config(raw: dict[str, Any]) -> SelectionConfig:
         options = SelectionConfig(**raw)
     except ValueError as error:  # already one line, "mpts: <field>: ..."
         raise VerlSelectionError(str(error)) from None
-    try:
-        _check_component("predictor", options.predictor, get_predictor_class)
-        _check_component("acquisition", options.acquisition, get_acquisition_class)
-    except ValueError as error:
-        raise VerlSelectionError(f"mpts.{error}") from None
+    _checked_plan(options)
     return options
+
+
+def _checked_plan(options: SelectionConfig) -> SelectorPlan:
+    """The checked predictor and rule of the `mpts:` section (a rule verl cannot serve refused)."""
+    try:
+        return plan_selector(options.predictor, options.acquisition, fields=Fields().prefixed("mpts."), trainer="verl")
+    except ValueError as error:
+        raise VerlSelectionError(str(error)) from None
 
 
 def checked_labels(labels: list[Any], where: str) -> np.ndarray:
@@ -125,17 +129,10 @@ class PromptSelection:
         if self.num_candidates > len(labels):
             raise VerlSelectionError(f"candidate pool of {self.num_candidates} (mpts.candidate_ratio x "
                                      f"data.train_batch_size) exceeds the {len(labels)} training prompts")
-        predictor_cls = get_predictor_class(options.predictor.name)
-        rule_cls = get_acquisition_class(options.acquisition.name)
-        if rule_cls.needs_truth or rule_cls.rolls_out_all:
-            why = "needs the true success rates" if rule_cls.needs_truth else "rolls out every candidate"
-            raise VerlSelectionError(f"mpts.acquisition.name={rule_cls.name!r} {why}; verl rolls out exactly "
-                                     "data.train_batch_size prompts per step")
+        plan = _checked_plan(options)
         # with the prompt texts, predictors that use embeddings (gp) get them, computed on first use
         pool = text_pool(texts) if texts is not None else PromptPool(size=len(labels))
-        predictor = predictor_cls(pool, options.predictor.with_options(predictor_cls.Options), seed=options.seed)
-        rule = rule_cls(options.acquisition.with_options(rule_cls.Options))
-        self.selector = Selector(predictor, rule, k=self.k, seed=options.seed, ids=labels)
+        self.selector = build_selector(plan, pool, k=self.k, seed=options.seed, ids=labels)
         self.recorder = RunRecorder(Path(run_dir))
         self.folder = self.recorder.folder
         self.pending: tuple[int, Selection, float] | None = None

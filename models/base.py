@@ -161,7 +161,7 @@ class SuccessPosterior(abc.ABC):
         """The posterior of a sub-batch: every per-prompt tensor field is indexed."""
         if not dataclasses.is_dataclass(self):
             raise TypeError(f"{type(self).__name__} must implement take() or be a dataclass")
-        n = self.mean.shape[0]
+        n = len(self)
         updates = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)

@@ -72,6 +72,9 @@ class LogitNormalPosterior(SuccessPosterior):
     loc: Tensor
     scale: Tensor
 
+    def __len__(self) -> int:  # not the base's len(mean): that is a quadrature per candidate
+        return int(self.loc.shape[0])
+
     def _moment(self, power: int) -> Tensor:
         """E[p**power] = P(S = power | power trials): the predictive's own integral."""
         count = torch.full_like(self.loc, float(power))

@@ -73,9 +73,9 @@ def test_corrupt_and_unknown_files(tmp_path):
 
 
 def test_unknown_predictor_and_bad_option():
-    with pytest.raises(KeyError, match="unknown predictor 'nope'"):
+    with pytest.raises(ValueError, match="^predictor.name: unknown predictor 'nope'; known: "):
         replay(HAND_MADE, "nope")
-    with pytest.raises(Exception, match="decay_rate"):
+    with pytest.raises(ValueError, match="^predictor: decay_rate: unknown key"):
         replay(HAND_MADE, "beta", {"decay_rate": 0.3})
 
 

@@ -21,10 +21,8 @@ import torch
 from torch import Tensor
 
 from mpts.models.base import PromptPool
-from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import get_acquisition_class
 from mpts.training.memory import MemoryNeed, check_fits, pool_bytes, predictor_state_bytes
-from mpts.training.selector import Selector
+from mpts.training.selector_factory import build_selector, plan_selector
 from mpts.training.threads import DEFAULT_PREDICTOR_THREADS, intra_op_threads
 
 NEEDS_FEATURES = {"gp", "id_vae"}
@@ -41,18 +39,17 @@ def bench(predictor: str = "beta", pool: int = 1_000_000, candidates: int = 4096
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if feature_dim is None:
         feature_dim = 16 if predictor in NEEDS_FEATURES else 0
-    cls = get_predictor_class(predictor)
-    predictor_options = cls.Options(**(options or {}))
+    plan = plan_selector(predictor, rule, predictor_options=options)
     check_fits(MemoryNeed({"--pool": pool_bytes(pool, feature_dim),
-                           "--pool (predictor state)": predictor_state_bytes(cls, predictor_options, pool, feature_dim),
+                           "--pool (predictor state)": predictor_state_bytes(plan.predictor, plan.predictor_options,
+                                                                             pool, feature_dim),
                            "--candidates or --k": 8 * candidates * (k + 1) * 4}), "this benchmark")
     torch.manual_seed(seed)
     truth = torch.distributions.Beta(2.0, 2.0).sample((pool,))
     features = torch.randn(pool, feature_dim) if feature_dim else None
     outcomes = torch.Generator().manual_seed(seed)
-    model = cls(PromptPool(size=pool, features=features), predictor_options, seed=seed)
-    acquisition_cls = get_acquisition_class(rule)
-    selector = Selector(model, acquisition_cls(acquisition_cls.Options()), k=k, seed=seed)
+    selector = build_selector(plan, PromptPool(size=pool, features=features), k=k, seed=seed)
+    model = selector.predictor
 
     phases: dict[str, list[float]] = {"predict": [], "select": [], "observe": [], "total": []}
     informative_shares = []

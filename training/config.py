@@ -151,14 +151,11 @@ class RunConfig(StrictOptions):
 
     @model_validator(mode="after")
     def _components_exist(self) -> "RunConfig":
-        from mpts.models.registry import get_predictor_class
-        from mpts.training.acquisition import get_acquisition_class
         from mpts.training.environments.base import get_environment_class
+        from mpts.training.selector_factory import plan_selector
 
         _check_component("env", self.env, get_environment_class)
-        _check_component("predictor", self.predictor, get_predictor_class)
-        _check_component("acquisition", self.acquisition, get_acquisition_class)
-        rule, env = get_acquisition_class(self.acquisition.name), get_environment_class(self.env.name)
+        rule, env = plan_selector(self.predictor, self.acquisition).rule, get_environment_class(self.env.name)
         if rule.needs_truth and not env.provides_truth:
             raise ValueError(f"acquisition {rule.name!r} ranks on the true success probabilities, which "
                              f"environment {env.name!r} does not know; use it with the simulator ('sim')")

@@ -24,9 +24,7 @@ import pandas as pd
 import pyro
 import torch
 
-from mpts.models.base import RiskPredictor
-from mpts.models.registry import get_predictor_class
-from mpts.training.acquisition import Acquisition, get_acquisition_class, reference_role, sample_candidates
+from mpts.training.acquisition import Acquisition, reference_role, sample_candidates
 from mpts.training.config import ConfigError, RunConfig, config_to_yaml, parse_config_text, validate_config
 from mpts.training.diagnostics import TrainingHistory, eligible_candidates, trained_accuracy
 from mpts.training.environments.base import Environment, Outcomes, get_environment_class
@@ -34,6 +32,7 @@ from mpts.training.memory import check_fits, run_need
 from mpts.training.recorder import RunRecorder, step_metrics, summary_record, trace_rows
 from mpts.training.run_dir import RunFolder  # noqa: F401  (tests patch loop.RunFolder)
 from mpts.training.selector import Selector
+from mpts.training.selector_factory import build_selector, plan_selector
 from mpts.training.threads import intra_op_threads
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
@@ -42,20 +41,6 @@ ProgressCallback = Callable[[int, int, dict[str, Any]], None]
 def build_environment(config: RunConfig, run_dir: Path | None) -> Environment:
     cls = get_environment_class(config.env.name)
     return cls(config.env.with_options(cls.Options), seed=config.seed, run_dir=run_dir)
-
-
-def build_predictor(config: RunConfig, env: Environment) -> RiskPredictor:
-    cls = get_predictor_class(config.predictor.name)
-    return cls(env.pool, config.predictor.with_options(cls.Options), seed=config.seed)
-
-
-def build_acquisition(config: RunConfig) -> Acquisition:
-    cls = get_acquisition_class(config.acquisition.name)
-    return cls(config.acquisition.with_options(cls.Options))
-
-
-def build_selector(config: RunConfig, env: Environment) -> Selector:
-    return Selector(build_predictor(config, env), build_acquisition(config), k=config.k, seed=config.seed)
 
 
 class StepTimer:
@@ -214,7 +199,8 @@ def _run_in(recorder: RunRecorder, config: RunConfig | None, *, resume: bool, ro
     pyro.set_rng_seed(config.seed)
     env = build_environment(config, folder.root)
     try:
-        selector = build_selector(config, env)
+        selector = build_selector(plan_selector(config.predictor, config.acquisition), env.pool,
+                                  k=config.k, seed=config.seed)
         if config.num_candidates > env.pool.size:
             raise ValueError(f"candidate pool of {config.num_candidates} (candidate_ratio x batch_size) "
                              f"exceeds the {env.pool.size} prompts available")

@@ -21,16 +21,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import ValidationError
 
 from mpts.inference.schema import OUTCOME_COLUMNS
 from mpts.inference.scoring import score_trace
 from mpts.inference.scoring_stream import StreamedScores
 from mpts.models.base import PromptPool
-from mpts.models.registry import get_predictor_class
-from mpts.training.config import format_errors
 from mpts.training.memory import MemoryNeed, check_fits, predictor_state_bytes
 from mpts.training.selector import Selector
+from mpts.training.selector_factory import build_selector, plan_selector
 from mpts.training.trace_files import DEFAULT_CHUNK_ROWS, TableError, as_labels, iter_table
 
 MAX_COUNT = 2**24  # successes and trials of one (step, prompt): exact in float32
@@ -174,16 +172,13 @@ def replay_selector(predictor: str, options: dict[str, Any] | None, size: int, s
                     pool: PromptPool | None = None) -> tuple[Selector, Any]:
     """A selector over `size` prompts for `predictor` with `options`, refused up front if its state
     would not fit in memory; returns it and the checked options."""
-    cls = get_predictor_class(predictor)
-    try:
-        predictor_options = cls.Options(**(options or {}))
-    except ValidationError as error:
-        raise TraceError(f"predictor {predictor}: {format_errors(error)}") from None
+    plan = plan_selector(predictor, predictor_options=options)
     feature_dim = pool.feature_dim if pool is not None else 0
-    check_fits(MemoryNeed({"distinct prompt ids": predictor_state_bytes(cls, predictor_options, size, feature_dim)}),
+    check_fits(MemoryNeed({"distinct prompt ids": predictor_state_bytes(plan.predictor, plan.predictor_options, size,
+                                                                       feature_dim)}),
                f"replaying {size} prompts with {predictor}")
     pool = pool if pool is not None else PromptPool(size=size)
-    return Selector(cls(pool, predictor_options, seed=seed), seed=seed), predictor_options
+    return build_selector(plan, pool, seed=seed), plan.predictor_options
 
 
 def replay_steps(selector: Selector, steps, predictor: str, *, keep_table: bool, rows: int | None = None,
