@@ -84,6 +84,7 @@ class FitData:
     steps: np.ndarray       # (T,) the trace's step values
     num_clusters: int
     source: str = ""
+    cluster_labels: tuple = ()  # the trace's label of cluster 0..C-1 (e.g. difficulty levels)
     run_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -103,12 +104,14 @@ def fit_data(trace: pd.DataFrame, clusters: dict[Any, int] | None = None, source
     ids, prompt_index = np.unique(frame["prompt_id"].to_numpy(), return_inverse=True)
     if clusters is None:
         cluster_of = np.zeros(len(ids), dtype=np.int64)
+        cluster_labels: tuple = ()
     else:
         missing = [i for i in ids if i not in clusters]
         if missing:
             raise ValueError(f"{source or 'trace'}: no cluster given for prompt {missing[0]!r}")
         labels = np.array([clusters[i] for i in ids])
-        _, cluster_of = np.unique(labels, return_inverse=True)
+        unique_labels, cluster_of = np.unique(labels, return_inverse=True)
+        cluster_labels = tuple(x.item() if hasattr(x, "item") else x for x in unique_labels)
     trained = frame["kept"].to_numpy(bool) if "kept" in frame.columns else np.ones(len(frame), bool)
     return FitData(step=torch.as_tensor(step_index, dtype=torch.long),
                    prompt=torch.as_tensor(prompt_index, dtype=torch.long),
@@ -117,7 +120,7 @@ def fit_data(trace: pd.DataFrame, clusters: dict[Any, int] | None = None, source
                    trained=torch.as_tensor(trained.copy()),
                    prompt_cluster=torch.as_tensor(cluster_of, dtype=torch.long),
                    prompt_ids=ids, steps=steps, num_clusters=int(cluster_of.max()) + 1,
-                   source=source, run_config=dict(run_config or {}))
+                   source=source, cluster_labels=cluster_labels, run_config=dict(run_config or {}))
 
 
 # -- the simulator's update rule, vectorised over parameter draws ------------------------------
@@ -401,6 +404,8 @@ def write_outputs(result: FitResult, check: pd.DataFrame, verdict: dict[str, Any
     write_json(fit_json, {"command": command, "trace": result.data.source, "seconds": result.seconds,
                           "groups": len(result.data.step), "steps": result.data.num_steps,
                           "prompts": len(result.data.prompt_ids), "clusters": result.data.num_clusters,
+                          # cluster_difficulties[c] in sim.yaml is the cluster labelled cluster_labels[c]
+                          "cluster_labels": list(result.data.cluster_labels),
                           "inference": "MAP (SVI, AutoLaplaceApproximation) + Laplace; prompt difficulties "
                                        "integrated out on a grid",
                           "final_elbo": -result.elbo[-1],
@@ -413,8 +418,9 @@ def write_outputs(result: FitResult, check: pd.DataFrame, verdict: dict[str, Any
 
 # -- reading what `mpts fit-sim` is given ------------------------------------------------------------
 def read_fit_input(path: Path, clusters_file: Path | None = None) -> FitData:
-    """FitData from an mpts run folder (its trace, config and, for the simulator, its clusters),
-    or from anything `mpts replay` reads (a trace table, a per-rollout table, a verl dump)."""
+    """FitData from an mpts run folder (its trace, config and clusters: the simulator's own, or the
+    pool's difficulty levels where the run wrote them), or from anything `mpts replay` reads (a
+    trace table, a per-rollout table, a verl dump). `clusters_file` overrides either."""
     from mpts.training.logs import read_log
 
     path = Path(path)
@@ -423,6 +429,8 @@ def read_fit_input(path: Path, clusters_file: Path | None = None) -> FitData:
     if path.is_dir() and (path / "config.yaml").is_file():
         trace, run_config = _read_run_folder(path)
         clusters = _simulator_clusters(run_config)
+        if clusters is None and clusters_file is None:
+            clusters = _level_clusters(path)
     else:
         trace, _ = read_log(path)
     if clusters_file is not None:
@@ -457,6 +465,15 @@ def _simulator_clusters(config: dict[str, Any]) -> dict[str, int] | None:
         return None
     world = build_environment(RunConfig.model_validate(config), None)
     return {str(i): int(c) for i, c in enumerate(world.pool.clusters.tolist())}
+
+
+def _level_clusters(run_dir: Path) -> dict[str, int] | None:
+    """Each pool prompt's difficulty level as its cluster (`prompt_levels.json`, written by an
+    environment with levels, e.g. the LM tasks); None when the run folder has none."""
+    from mpts.reports.levels import read_levels
+
+    levels = read_levels(run_dir)
+    return None if levels is None else {str(i): int(level) for i, level in enumerate(levels.tolist())}
 
 
 def _read_clusters(path: Path) -> dict[str, Any]:
