@@ -12,7 +12,7 @@ simulator's ablation (`seed<N>/ablation/`); and `comparison.md` / `comparison.js
 
 The fit is over the pool's difficulty levels where a run folder has them (`prompt_levels.json`).
 `--recompute-levels` gives LM run folders older than that file their levels back, recomputed from
-the run's task, pool size and seed (`seed<N>/recomputed-levels.csv`).
+the run's task, pool size and seed (`seed<N>/recomputed-levels.csv`); `--one-cluster` ignores levels.
 """
 
 from __future__ import annotations
@@ -69,10 +69,11 @@ def recomputed_levels(run: Path, into: Path) -> Path | None:
     return into
 
 
-def fit_and_simulate(uniform: Path, out: Path, workers: int, recompute_levels: bool = False) -> tuple[int, dict]:
+def fit_and_simulate(uniform: Path, out: Path, workers: int, recompute_levels: bool = False,
+                     use_levels: bool = True) -> tuple[int, dict]:
     staged = out / f".levels-{uniform.name}.csv"
     clusters = recomputed_levels(uniform, staged) if recompute_levels else None
-    data = read_fit_input(uniform, clusters)
+    data = read_fit_input(uniform, clusters, use_levels=use_levels)
     seed = int(data.run_config.get("seed", 0))
     folder = out / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=False)  # never over an earlier result
@@ -130,14 +131,18 @@ def main() -> None:
     parser.add_argument("--reference", default="beta__uniform", help="the arm ratios are taken to")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--recompute-levels", action="store_true",
+    levels = parser.add_mutually_exclusive_group()
+    levels.add_argument("--recompute-levels", action="store_true",
                         help="for LM run folders without prompt_levels.json, recompute the pool's levels from "
                              "the run's task and seed and fit over them")
+    levels.add_argument("--one-cluster", action="store_true",
+                        help="fit every trace as one cluster, even where its run folder has levels")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     fits, simulated = {}, []
     for folder in args.uniform:
-        seed, fitted = fit_and_simulate(folder, args.out, args.workers, args.recompute_levels)
+        seed, fitted = fit_and_simulate(folder, args.out, args.workers, args.recompute_levels,
+                                        use_levels=not args.one_cluster)
         fits[seed] = fitted
         simulated.append(simulated_runs(args.out / f"seed{seed}" / "ablation", seed))
     simulated = pd.concat(simulated, ignore_index=True)

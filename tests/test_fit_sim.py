@@ -15,7 +15,7 @@ import yaml
 from mpts.training.cli import main
 from mpts.training.config import load_config
 from mpts.training.environments.simulator import SimulatedLearner, SimulatorOptions
-from mpts.training.fit_sim import fit, fit_data, predictive_check
+from mpts.training.fit_sim import fit, fit_data, predictive_check, read_fit_input
 
 # A small world, so each fit takes seconds: 3 clusters, 400 prompts, 60 steps of 48 groups of 8.
 WORLD = dict(num_prompts=400, num_clusters=3, learning_rate=0.45, transfer=0.5, slope=1.5,
@@ -200,6 +200,7 @@ def test_fit_sim_uses_a_run_folders_difficulty_levels_as_its_clusters(tmp_path, 
     assert abs(spread["mean"] - env.options.slope * env.options.difficulty_std) < 3.0 * spread["sd"], spread
     config = yaml.safe_load(out.read_text())["env"]
     assert config["num_clusters"] == 3
+    assert read_fit_input(run, use_levels=False).num_clusters == 1  # the levels can be left out
     assert config["cluster_difficulties"] == [round(rows[f"cluster_difficulty[{c}]"]["mean"], 4) for c in range(3)]
 
 

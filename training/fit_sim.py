@@ -417,10 +417,11 @@ def write_outputs(result: FitResult, check: pd.DataFrame, verdict: dict[str, Any
 
 
 # -- reading what `mpts fit-sim` is given ------------------------------------------------------------
-def read_fit_input(path: Path, clusters_file: Path | None = None) -> FitData:
+def read_fit_input(path: Path, clusters_file: Path | None = None, use_levels: bool = True) -> FitData:
     """FitData from an mpts run folder (its trace, config and clusters: the simulator's own, or the
     pool's difficulty levels where the run wrote them), or from anything `mpts replay` reads (a
-    trace table, a per-rollout table, a verl dump). `clusters_file` overrides either."""
+    trace table, a per-rollout table, a verl dump). `clusters_file` overrides either; `use_levels`
+    False fits a run folder's trace as one cluster even where it has levels."""
     from mpts.training.logs import read_log
 
     path = Path(path)
@@ -429,7 +430,7 @@ def read_fit_input(path: Path, clusters_file: Path | None = None) -> FitData:
     if path.is_dir() and (path / "config.yaml").is_file():
         trace, run_config = _read_run_folder(path)
         clusters = _simulator_clusters(run_config)
-        if clusters is None and clusters_file is None:
+        if clusters is None and clusters_file is None and use_levels:
             clusters = _level_clusters(path)
     else:
         trace, _ = read_log(path)
