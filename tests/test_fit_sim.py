@@ -212,3 +212,25 @@ def test_fit_sim_refuses_a_malformed_levels_file_in_one_line(tmp_path, capsys, l
     code, printed = _fit_sim([run, "--out", out], capsys)
     assert code == 2 and printed.err.count("\n") == 1 and "prompt_levels.json" in printed.err, printed.err
     assert not any(tmp_path.glob("sim*"))
+
+
+def test_a_start_that_stops_short_of_a_mode_is_retried_from_the_next_seed(monkeypatch):
+    import mpts.training.fit_sim as fit_sim
+
+    trace, clusters, _ = simulated_trace(3, steps=10, batch=16)
+    data = fit_data(trace, clusters)
+    real_fit_once, starts = fit_sim._fit_once, []
+
+    def first_start_fails(data, signal, max_iterations, seed, num_draws, threads):
+        starts.append(seed)
+        draws, trace = real_fit_once(data, signal, max_iterations, seed, num_draws, threads)
+        return (None if len(starts) == 1 else draws), trace
+
+    monkeypatch.setattr(fit_sim, "_fit_once", first_start_fails)
+    assert set(fit(data, seed=5, num_draws=20).draws) >= {"learning_rate", "ceiling"}
+    assert starts == [5, 6]
+    starts.clear()
+    monkeypatch.setattr(fit_sim, "_fit_once", lambda *args: (starts.append(args[3]), (None, [0.0] * 7))[1])
+    with pytest.raises(ValueError, match="no proper mode .* from 3 starts, after 7/7/7 evaluations"):
+        fit(data, seed=0)
+    assert starts == [0, 1, 2]

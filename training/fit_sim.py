@@ -253,14 +253,32 @@ def identification(name: str, data: FitData, sd_over_prior: float) -> str:
 
 
 def fit(data: FitData, *, max_iterations: int = 200, seed: int = 0, num_draws: int = 400,
-        threads: int | None = 1) -> FitResult:
+        threads: int | None = 1, attempts: int = 3) -> FitResult:
     """MAP of the program's global parameters, then Pyro's Laplace approximation (the Hessian at
     the mode, in unconstrained space); returns draws from it. The mode is found by L-BFGS on the
     negative log joint (AutoLaplaceApproximation's loss): the Hessian is only a covariance at a
-    true mode, which a stochastic optimiser leaves too early. Runs in its own RNG and parameter
-    scope, with `threads` intra-op threads (one is fastest on a loaded machine)."""
+    true mode, which a stochastic optimiser leaves too early. L-BFGS starts from a draw of the
+    prior (init_to_median); a start from which it stops short of a mode (Hessian not positive
+    definite) is retried from the next seed's, up to `attempts` starts. Runs in its own RNG and
+    parameter scope, with `threads` intra-op threads (one is fastest on a loaded machine)."""
     signal = step_signal(data, data.successes)
     started = time.perf_counter()
+    evaluations = []
+    for attempt in range(attempts):
+        draws, trace = _fit_once(data, signal, max_iterations, seed + attempt, num_draws, threads)
+        evaluations.append(len(trace))
+        if draws is not None:
+            return FitResult(data=data, elbo=[-x for x in trace], seconds=time.perf_counter() - started,
+                             draws=draws)
+    raise ValueError(f"{data.source or 'trace'}: the fit found no proper mode (its Hessian is not positive definite "
+                     f"from {attempts} starts, after {'/'.join(map(str, evaluations))} evaluations); the trace may "
+                     f"be too short or every group all-0 / all-k")
+
+
+def _fit_once(data: FitData, signal: Tensor, max_iterations: int, seed: int, num_draws: int,
+              threads: int | None) -> tuple[dict[str, Tensor] | None, list[float]]:
+    """One L-BFGS run from seed's start and its Laplace draws; None for the draws when the Hessian at
+    the end point is not positive definite."""
     with torch.random.fork_rng(), pyro.get_param_store().scope(), intra_op_threads(threads):
         torch.manual_seed(seed)
         guide = AutoLaplaceApproximation(model, init_loc_fn=init_to_median)
@@ -281,13 +299,10 @@ def fit(data: FitData, *, max_iterations: int = 200, seed: int = 0, num_draws: i
         try:
             laplace = guide.laplace_approximation(data, signal)
         except torch.linalg.LinAlgError:
-            raise ValueError(f"{data.source or 'trace'}: the fit found no proper mode (its Hessian is not "
-                             f"positive definite after {len(trace)} evaluations); the trace may be too short "
-                             f"or every group all-0 / all-k") from None
+            return None, trace
         with torch.no_grad():
             samples = [laplace(data, signal) for _ in range(num_draws)]
-    draws = {name: torch.stack([s[name] for s in samples]).detach() for name in samples[0]}
-    return FitResult(data=data, elbo=[-x for x in trace], seconds=time.perf_counter() - started, draws=draws)
+    return {name: torch.stack([s[name] for s in samples]).detach() for name in samples[0]}, trace
 
 
 # -- the posterior predictive check ---------------------------------------------------------------
