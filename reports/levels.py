@@ -22,7 +22,11 @@ def read_levels(run_dir: Path) -> np.ndarray | None:
     path = Path(run_dir) / LEVELS_FILE
     if not path.is_file():
         return None
-    levels = json.loads(path.read_text()).get("levels") if path.stat().st_size else None
+    try:
+        recorded = json.loads(path.read_text()) if path.stat().st_size else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    levels = recorded.get("levels") if isinstance(recorded, dict) else None
     if not isinstance(levels, list) or not levels or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                for v in levels):
         raise ValueError(f"{path} must hold {{\"levels\": [one integer level per pool prompt]}}")

@@ -9,6 +9,10 @@ target, effective ratio, final accuracy); `--uniform` are that ablation's unifor
 one per seed (the fit sees only them). Writes, under --out: per seed the fitted config, its
 parameters and predictive check (`seed<N>/sim.yaml`, `.fit.json`, `.check.csv`) and the fitted
 simulator's ablation (`seed<N>/ablation/`); and `comparison.md` / `comparison.json`.
+
+The fit is over the pool's difficulty levels where a run folder has them (`prompt_levels.json`).
+`--recompute-levels` gives LM run folders older than that file their levels back, recomputed from
+the run's task, pool size and seed (`seed<N>/recomputed-levels.csv`); `--one-cluster` ignores levels.
 """
 
 from __future__ import annotations
@@ -44,11 +48,37 @@ def simulated_runs(ablation: Path, seed: int) -> pd.DataFrame:
                          **{m: frame[m].astype(float).where(frame[m].notna(), None) for m in MEASURES}})
 
 
-def fit_and_simulate(uniform: Path, out: Path, workers: int) -> tuple[int, dict]:
-    data = read_fit_input(uniform)
+def recomputed_levels(run: Path, into: Path) -> Path | None:
+    """For an LM run folder older than `prompt_levels.json`: its pool's levels recomputed from the
+    run's task, pool size and seed (the same split the environment makes), written as a clusters
+    table `into`; None when the folder has its levels file or is not an LM run."""
+    import yaml
+
+    from mpts.inference.schema import LEVELS_FILE
+    from mpts.training.environments.lm.env import LMOptions, split_problems
+    from mpts.training.environments.lm.tasks import get_task
+
+    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    env = config.get("env") if isinstance(config.get("env"), dict) else {}
+    if (run / LEVELS_FILE).is_file() or env.get("name") != "lm":
+        return None
+    task = get_task(env.get("task", "arithmetic"), env.get("task_options"))
+    size = {n: int(env.get(n, LMOptions.model_fields[n].default)) for n in ("num_prompts", "eval_prompts")}
+    pool, _ = split_problems(task, size["num_prompts"], size["eval_prompts"], int(config.get("seed", 0)))
+    pd.DataFrame({"prompt_id": range(len(pool)), "cluster": [p.difficulty for p in pool]}).to_csv(into, index=False)
+    return into
+
+
+def fit_and_simulate(uniform: Path, out: Path, workers: int, recompute_levels: bool = False,
+                     use_levels: bool = True) -> tuple[int, dict]:
+    staged = out / f".levels-{uniform.name}.csv"
+    clusters = recomputed_levels(uniform, staged) if recompute_levels else None
+    data = read_fit_input(uniform, clusters, use_levels=use_levels)
     seed = int(data.run_config.get("seed", 0))
     folder = out / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=False)  # never over an earlier result
+    if clusters is not None:
+        clusters.rename(folder / "recomputed-levels.csv")
     result = fit(data, seed=seed)
     check, verdict = predictive_check(result, seed=seed)
     config = simulator_config(result, name=f"sim-of-{data.run_config.get('name', 'run')}-seed{seed}")
@@ -101,11 +131,18 @@ def main() -> None:
     parser.add_argument("--reference", default="beta__uniform", help="the arm ratios are taken to")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=2)
+    levels = parser.add_mutually_exclusive_group()
+    levels.add_argument("--recompute-levels", action="store_true",
+                        help="for LM run folders without prompt_levels.json, recompute the pool's levels from "
+                             "the run's task and seed and fit over them")
+    levels.add_argument("--one-cluster", action="store_true",
+                        help="fit every trace as one cluster, even where its run folder has levels")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     fits, simulated = {}, []
     for folder in args.uniform:
-        seed, fitted = fit_and_simulate(folder, args.out, args.workers)
+        seed, fitted = fit_and_simulate(folder, args.out, args.workers, args.recompute_levels,
+                                        use_levels=not args.one_cluster)
         fits[seed] = fitted
         simulated.append(simulated_runs(args.out / f"seed{seed}" / "ablation", seed))
     simulated = pd.concat(simulated, ignore_index=True)

@@ -15,7 +15,7 @@ import yaml
 from mpts.training.cli import main
 from mpts.training.config import load_config
 from mpts.training.environments.simulator import SimulatedLearner, SimulatorOptions
-from mpts.training.fit_sim import fit, fit_data, predictive_check
+from mpts.training.fit_sim import fit, fit_data, predictive_check, read_fit_input
 
 # A small world, so each fit takes seconds: 3 clusters, 400 prompts, 60 steps of 48 groups of 8.
 WORLD = dict(num_prompts=400, num_clusters=3, learning_rate=0.45, transfer=0.5, slope=1.5,
@@ -167,3 +167,70 @@ def test_fit_sim_never_overwrites_and_refuses_in_one_line(tmp_path, capsys):
     assert taken.read_text() == "a user's file" and not (tmp_path / "mine.yaml").exists()
     code, printed = _fit_sim([tmp_path / "missing.csv"], capsys)
     assert code == 2 and "does not exist" in printed.err
+
+
+def _run_folder_with_levels(tmp_path, seed: int = 4):
+    """A simulated trace laid out as an LM run folder: config, trace and the pool's levels file
+    (levels 1..3 for clusters 0..2, as the LM tasks number theirs)."""
+    trace, clusters, env = simulated_trace(seed)
+    run = tmp_path / "lm-run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "lm-run", "seed": seed, "steps": 60, "batch_size": 48,
+                                                      "k": 8, "env": {"name": "lm", "num_prompts": 400}}))
+    trace.assign(kept=True, failed=False).to_parquet(run / "trace.parquet")
+    levels = [clusters[i] + 1 for i in range(env.options.num_prompts)]
+    (run / "prompt_levels.json").write_text(json.dumps({"levels": levels}))
+    return run, env
+
+
+def test_fit_sim_uses_a_run_folders_difficulty_levels_as_its_clusters(tmp_path, capsys):
+    run, env = _run_folder_with_levels(tmp_path)
+    out = tmp_path / "sim.yaml"
+    code, printed = _fit_sim([run, "--out", out], capsys)
+    assert code == 0, printed.err
+    fitted = json.loads(out.with_suffix(".fit.json").read_text())
+    assert fitted["clusters"] == 3 and fitted["cluster_labels"] == [1, 2, 3]
+    rows = {p["parameter"]: p for p in fitted["parameters"]}
+    assert rows["transfer"]["identified"] != "no: with one cluster only learning_rate * (1 + transfer) is identified"
+    for c, mean in enumerate(env.cluster_means.tolist()):  # each level's difficulty, in logit units
+        row = rows[f"cluster_difficulty[{c}]"]
+        assert abs(row["mean"] - env.options.slope * mean) < 3.0 * row["sd"], (c, row, mean)
+    # the spread within a level, which prompts put in the wrong level would widen
+    spread = rows["difficulty_std"]
+    assert abs(spread["mean"] - env.options.slope * env.options.difficulty_std) < 3.0 * spread["sd"], spread
+    config = yaml.safe_load(out.read_text())["env"]
+    assert config["num_clusters"] == 3
+    assert read_fit_input(run, use_levels=False).num_clusters == 1  # the levels can be left out
+    assert config["cluster_difficulties"] == [round(rows[f"cluster_difficulty[{c}]"]["mean"], 4) for c in range(3)]
+
+
+@pytest.mark.parametrize("levels_text", ["{not json", "[1, 2]", '{"levels": [1, "hard"]}'])
+def test_fit_sim_refuses_a_malformed_levels_file_in_one_line(tmp_path, capsys, levels_text):
+    run, _ = _run_folder_with_levels(tmp_path, seed=2)
+    (run / "prompt_levels.json").write_text(levels_text)
+    out = tmp_path / "sim.yaml"
+    code, printed = _fit_sim([run, "--out", out], capsys)
+    assert code == 2 and printed.err.count("\n") == 1 and "prompt_levels.json" in printed.err, printed.err
+    assert not any(tmp_path.glob("sim*"))
+
+
+def test_a_start_that_stops_short_of_a_mode_is_retried_from_the_next_seed(monkeypatch):
+    import mpts.training.fit_sim as fit_sim
+
+    trace, clusters, _ = simulated_trace(3, steps=10, batch=16)
+    data = fit_data(trace, clusters)
+    real_fit_once, starts = fit_sim._fit_once, []
+
+    def first_start_fails(data, signal, max_iterations, seed, num_draws, threads):
+        starts.append(seed)
+        draws, trace = real_fit_once(data, signal, max_iterations, seed, num_draws, threads)
+        return (None if len(starts) == 1 else draws), trace
+
+    monkeypatch.setattr(fit_sim, "_fit_once", first_start_fails)
+    assert set(fit(data, seed=5, num_draws=20).draws) >= {"learning_rate", "ceiling"}
+    assert starts == [5, 6]
+    starts.clear()
+    monkeypatch.setattr(fit_sim, "_fit_once", lambda *args: (starts.append(args[3]), (None, [0.0] * 7))[1])
+    with pytest.raises(ValueError, match="no proper mode .* from 3 starts, after 7/7/7 evaluations"):
+        fit(data, seed=0)
+    assert starts == [0, 1, 2]

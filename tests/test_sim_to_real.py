@@ -43,3 +43,28 @@ def test_the_fitted_simulator_predicts_a_simulated_ablation(tmp_path):
         assert arm["sim_effective_ratio"]["mean"] == pytest.approx(arm["real_effective_ratio"]["mean"], abs=0.1), arm
     assert set(result["fits"]) == {"0", "1"} and (out / "seed0" / "sim.yaml").is_file()
     assert (out / "comparison.md").read_text().startswith("| arm |")
+
+
+def test_recomputed_levels_match_those_the_lm_environment_records(tmp_path):
+    """A run folder older than prompt_levels.json gets its pool's levels back from its config."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(SCRIPT.parent))
+    from sim_to_real import recomputed_levels
+
+    from mpts.inference.schema import LEVELS_FILE
+    from mpts.training.environments.lm.env import LMEnvironment, LMOptions
+
+    options = {"num_prompts": 60, "eval_prompts": 10, "max_new_tokens": 3,
+               "tiny": {"hidden_size": 64, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 128},
+               "task_options": {"digit_counts": [1, 2, 3], "level": "digits"}}
+    run = tmp_path / "run"
+    LMEnvironment(LMOptions(**options), seed=3, run_dir=run).close()
+    recorded = json.loads((run / LEVELS_FILE).read_text())["levels"]
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 3, "env": {"name": "lm", **options}}))
+    assert recomputed_levels(run, tmp_path / "unused.csv") is None  # the recorded file wins
+    (run / LEVELS_FILE).unlink()
+    table = recomputed_levels(run, tmp_path / "levels.csv")
+    import pandas as pd
+    frame = pd.read_csv(table)
+    assert list(frame["prompt_id"]) == list(range(60)) and list(frame["cluster"]) == recorded
+    assert len(set(recorded)) == 3

@@ -84,6 +84,7 @@ class FitData:
     steps: np.ndarray       # (T,) the trace's step values
     num_clusters: int
     source: str = ""
+    cluster_labels: tuple = ()  # the trace's label of cluster 0..C-1 (e.g. difficulty levels)
     run_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -103,12 +104,14 @@ def fit_data(trace: pd.DataFrame, clusters: dict[Any, int] | None = None, source
     ids, prompt_index = np.unique(frame["prompt_id"].to_numpy(), return_inverse=True)
     if clusters is None:
         cluster_of = np.zeros(len(ids), dtype=np.int64)
+        cluster_labels: tuple = ()
     else:
         missing = [i for i in ids if i not in clusters]
         if missing:
             raise ValueError(f"{source or 'trace'}: no cluster given for prompt {missing[0]!r}")
         labels = np.array([clusters[i] for i in ids])
-        _, cluster_of = np.unique(labels, return_inverse=True)
+        unique_labels, cluster_of = np.unique(labels, return_inverse=True)
+        cluster_labels = tuple(x.item() if hasattr(x, "item") else x for x in unique_labels)
     trained = frame["kept"].to_numpy(bool) if "kept" in frame.columns else np.ones(len(frame), bool)
     return FitData(step=torch.as_tensor(step_index, dtype=torch.long),
                    prompt=torch.as_tensor(prompt_index, dtype=torch.long),
@@ -117,7 +120,7 @@ def fit_data(trace: pd.DataFrame, clusters: dict[Any, int] | None = None, source
                    trained=torch.as_tensor(trained.copy()),
                    prompt_cluster=torch.as_tensor(cluster_of, dtype=torch.long),
                    prompt_ids=ids, steps=steps, num_clusters=int(cluster_of.max()) + 1,
-                   source=source, run_config=dict(run_config or {}))
+                   source=source, cluster_labels=cluster_labels, run_config=dict(run_config or {}))
 
 
 # -- the simulator's update rule, vectorised over parameter draws ------------------------------
@@ -250,14 +253,32 @@ def identification(name: str, data: FitData, sd_over_prior: float) -> str:
 
 
 def fit(data: FitData, *, max_iterations: int = 200, seed: int = 0, num_draws: int = 400,
-        threads: int | None = 1) -> FitResult:
+        threads: int | None = 1, attempts: int = 3) -> FitResult:
     """MAP of the program's global parameters, then Pyro's Laplace approximation (the Hessian at
     the mode, in unconstrained space); returns draws from it. The mode is found by L-BFGS on the
     negative log joint (AutoLaplaceApproximation's loss): the Hessian is only a covariance at a
-    true mode, which a stochastic optimiser leaves too early. Runs in its own RNG and parameter
-    scope, with `threads` intra-op threads (one is fastest on a loaded machine)."""
+    true mode, which a stochastic optimiser leaves too early. L-BFGS starts from a draw of the
+    prior (init_to_median); a start from which it stops short of a mode (Hessian not positive
+    definite) is retried from the next seed's, up to `attempts` starts. Runs in its own RNG and
+    parameter scope, with `threads` intra-op threads (one is fastest on a loaded machine)."""
     signal = step_signal(data, data.successes)
     started = time.perf_counter()
+    evaluations = []
+    for attempt in range(attempts):
+        draws, trace = _fit_once(data, signal, max_iterations, seed + attempt, num_draws, threads)
+        evaluations.append(len(trace))
+        if draws is not None:
+            return FitResult(data=data, elbo=[-x for x in trace], seconds=time.perf_counter() - started,
+                             draws=draws)
+    raise ValueError(f"{data.source or 'trace'}: the fit found no proper mode (its Hessian is not positive definite "
+                     f"from {attempts} starts, after {'/'.join(map(str, evaluations))} evaluations); the trace may "
+                     f"be too short or every group all-0 / all-k")
+
+
+def _fit_once(data: FitData, signal: Tensor, max_iterations: int, seed: int, num_draws: int,
+              threads: int | None) -> tuple[dict[str, Tensor] | None, list[float]]:
+    """One L-BFGS run from seed's start and its Laplace draws; None for the draws when the Hessian at
+    the end point is not positive definite."""
     with torch.random.fork_rng(), pyro.get_param_store().scope(), intra_op_threads(threads):
         torch.manual_seed(seed)
         guide = AutoLaplaceApproximation(model, init_loc_fn=init_to_median)
@@ -278,13 +299,10 @@ def fit(data: FitData, *, max_iterations: int = 200, seed: int = 0, num_draws: i
         try:
             laplace = guide.laplace_approximation(data, signal)
         except torch.linalg.LinAlgError:
-            raise ValueError(f"{data.source or 'trace'}: the fit found no proper mode (its Hessian is not "
-                             f"positive definite after {len(trace)} evaluations); the trace may be too short "
-                             f"or every group all-0 / all-k") from None
+            return None, trace
         with torch.no_grad():
             samples = [laplace(data, signal) for _ in range(num_draws)]
-    draws = {name: torch.stack([s[name] for s in samples]).detach() for name in samples[0]}
-    return FitResult(data=data, elbo=[-x for x in trace], seconds=time.perf_counter() - started, draws=draws)
+    return {name: torch.stack([s[name] for s in samples]).detach() for name in samples[0]}, trace
 
 
 # -- the posterior predictive check ---------------------------------------------------------------
@@ -401,6 +419,8 @@ def write_outputs(result: FitResult, check: pd.DataFrame, verdict: dict[str, Any
     write_json(fit_json, {"command": command, "trace": result.data.source, "seconds": result.seconds,
                           "groups": len(result.data.step), "steps": result.data.num_steps,
                           "prompts": len(result.data.prompt_ids), "clusters": result.data.num_clusters,
+                          # cluster_difficulties[c] in sim.yaml is the cluster labelled cluster_labels[c]
+                          "cluster_labels": list(result.data.cluster_labels),
                           "inference": "MAP (SVI, AutoLaplaceApproximation) + Laplace; prompt difficulties "
                                        "integrated out on a grid",
                           "final_elbo": -result.elbo[-1],
@@ -412,9 +432,11 @@ def write_outputs(result: FitResult, check: pd.DataFrame, verdict: dict[str, Any
 
 
 # -- reading what `mpts fit-sim` is given ------------------------------------------------------------
-def read_fit_input(path: Path, clusters_file: Path | None = None) -> FitData:
-    """FitData from an mpts run folder (its trace, config and, for the simulator, its clusters),
-    or from anything `mpts replay` reads (a trace table, a per-rollout table, a verl dump)."""
+def read_fit_input(path: Path, clusters_file: Path | None = None, use_levels: bool = True) -> FitData:
+    """FitData from an mpts run folder (its trace, config and clusters: the simulator's own, or the
+    pool's difficulty levels where the run wrote them), or from anything `mpts replay` reads (a
+    trace table, a per-rollout table, a verl dump). `clusters_file` overrides either; `use_levels`
+    False fits a run folder's trace as one cluster even where it has levels."""
     from mpts.training.logs import read_log
 
     path = Path(path)
@@ -423,6 +445,8 @@ def read_fit_input(path: Path, clusters_file: Path | None = None) -> FitData:
     if path.is_dir() and (path / "config.yaml").is_file():
         trace, run_config = _read_run_folder(path)
         clusters = _simulator_clusters(run_config)
+        if clusters is None and clusters_file is None and use_levels:
+            clusters = _level_clusters(path)
     else:
         trace, _ = read_log(path)
     if clusters_file is not None:
@@ -457,6 +481,15 @@ def _simulator_clusters(config: dict[str, Any]) -> dict[str, int] | None:
         return None
     world = build_environment(RunConfig.model_validate(config), None)
     return {str(i): int(c) for i, c in enumerate(world.pool.clusters.tolist())}
+
+
+def _level_clusters(run_dir: Path) -> dict[str, int] | None:
+    """Each pool prompt's difficulty level as its cluster (`prompt_levels.json`, written by an
+    environment with levels, e.g. the LM tasks); None when the run folder has none."""
+    from mpts.reports.levels import read_levels
+
+    levels = read_levels(run_dir)
+    return None if levels is None else {str(i): int(level) for i, level in enumerate(levels.tolist())}
 
 
 def _read_clusters(path: Path) -> dict[str, Any]:
