@@ -316,19 +316,27 @@ def test_a_policy_from_other_warm_up_settings_is_set_aside_not_deleted(tmp_path)
     assert (work / "policy").is_dir()
 
 
-def test_flawed_teacher_warm_up_teaches_the_slip_at_its_rate(monkeypatch):
-    """The warm-up's targets: the flawed answer on a `flaw_rate` share of drawn examples, else the right one."""
+def taught_targets(monkeypatch, tokenizer) -> list[str]:
+    """The list the warm-up's targets are recorded into, as it pads each batch."""
     from mpts.training.environments.lm import tiny_lm
 
-    tokenizer = tiny_lm.build_char_tokenizer()
-    model = tiny_lm.build_tiny_model(tokenizer, tiny_lm.TinyModelOptions(**TINY), seed=0)
-    taught = []
+    taught: list[str] = []
     real_pad_right = tiny_lm.pad_right
 
     def spy(sequences, prompt_lengths, pad_id):
         taught.extend(tokenizer.decode(s[n:-1]) for s, n in zip(sequences, prompt_lengths))
         return real_pad_right(sequences, prompt_lengths, pad_id)
     monkeypatch.setattr(tiny_lm, "pad_right", spy)
+    return taught
+
+
+def test_flawed_teacher_warm_up_teaches_the_slip_at_its_rate(monkeypatch):
+    """The warm-up's targets: the flawed answer on a `flaw_rate` share of drawn examples, else the right one."""
+    from mpts.training.environments.lm import tiny_lm
+
+    tokenizer = tiny_lm.build_char_tokenizer()
+    model = tiny_lm.build_tiny_model(tokenizer, tiny_lm.TinyModelOptions(**TINY), seed=0)
+    taught = taught_targets(monkeypatch, tokenizer)
     for rate, expected in ((0.0, 0.0), (0.6, 0.6), (1.0, 1.0)):
         taught.clear()
         tiny_lm.supervised_warmup(model, tokenizer, ["1+1="] * 4, ["2"] * 4, steps=20, batch_size=50, lr=1e-4,
@@ -384,13 +392,7 @@ def test_slip_rate_per_example_and_one_rate_for_all_give_the_same_slips(monkeypa
     from mpts.training.environments.lm import tiny_lm
 
     tokenizer = tiny_lm.build_char_tokenizer()
-    taught = []
-    real_pad_right = tiny_lm.pad_right
-
-    def spy(sequences, prompt_lengths, pad_id):
-        taught.extend(tokenizer.decode(s[n:-1]) for s, n in zip(sequences, prompt_lengths))
-        return real_pad_right(sequences, prompt_lengths, pad_id)
-    monkeypatch.setattr(tiny_lm, "pad_right", spy)
+    taught = taught_targets(monkeypatch, tokenizer)
 
     def teach(rate):
         taught.clear()
