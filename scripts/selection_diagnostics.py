@@ -24,6 +24,9 @@ from scipy import stats
 
 from mpts.reports.levels import read_levels
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_levels import markdown  # noqa: E402  (the scripts' one pipe-table writer; no tabulate needed)
+
 
 def arm_rows(ablation: Path) -> dict[str, list[pd.DataFrame]]:
     """Finished runs' traces (with levels) grouped by arm."""
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selection_diagnostics: {args.ablation} has no finished runs", file=sys.stderr)
         return 2
     table = pd.DataFrame({arm: arm_table(traces) for arm, traces in arms.items()}).T
-    print(table.to_markdown(floatfmt=".3f"))
+    print(markdown(table.rename_axis("arm").reset_index()))
     return 0
 
 
