@@ -43,10 +43,11 @@ def main() -> None:
         metrics = env.evaluate_metrics()
         completions, _ = env._generate_isolated(env.eval_prompt_ids, 1, env.greedy_sampling, 0)
         answers = [texts[0].strip() for texts in completions.texts]
-        try:
-            slipped = sum(a == env.task.flawed_answer(p) for a, p in zip(answers, env.eval_problems)) / len(answers)
+        try:  # a slipped answer has the arithmetic right: what GRPO can still turn into a solve
+            slips = torch.tensor([float(a == env.task.flawed_answer(p)) for a, p in zip(answers, env.eval_problems)])
         except ValueError:
-            slipped = float("nan")
+            slips = torch.full((len(answers),), float("nan"))
+        slipped = float(slips.mean())
         by_carries = collections.defaultdict(list)
         for answer, problem in zip(answers, env.eval_problems):
             by_carries[problem.meta.get("carries", problem.difficulty)].append(env.task.reward(answer, problem))
@@ -58,18 +59,20 @@ def main() -> None:
           f"{metrics.get('eval_accuracy_sampled', float('nan')):.3f}, greedy answer = flawed answer {slipped:.3f}")
     for carries, rewards in sorted(by_carries.items()):
         print(f"  carries {carries}: {len(rewards)} problems, greedy {sum(rewards) / len(rewards):.3f}")
-    print(level_table(levels, greedy, sampled, args.samples))
+    print(level_table(levels, greedy, sampled, args.samples, slips))
 
 
-def level_table(levels: torch.Tensor, greedy: torch.Tensor, sampled: torch.Tensor, k: int) -> str:
-    """Markdown table by level: greedy and sampled accuracy, shares solved by 0 of k, k of k, in between."""
-    lines = [f"| level | problems | greedy | sampled (k={k}) | 0/{k} | {k}/{k} | 0<s<{k} |", "|---|---|---|---|---|---|---|"]
+def level_table(levels: torch.Tensor, greedy: torch.Tensor, sampled: torch.Tensor, k: int, slips: torch.Tensor) -> str:
+    """Markdown table by level: greedy and sampled accuracy, shares solved by 0 of k, k of k, in between,
+    and the share whose greedy answer is the slip (right arithmetic, wrong form)."""
+    lines = [f"| level | problems | greedy | sampled (k={k}) | 0/{k} | {k}/{k} | 0<s<{k} | greedy = slip |",
+             "|---|---|---|---|---|---|---|---|"]
     for level in [*torch.unique(levels).tolist(), "all"]:
         rows = torch.ones_like(levels, dtype=torch.bool) if level == "all" else levels == level
         rate = sampled[rows]
         none, every = float((rate == 0).float().mean()), float((rate == 1).float().mean())
         lines.append(f"| {level} | {int(rows.sum())} | {float(greedy[rows].mean()):.3f} | {float(rate.mean()):.3f} "
-                     f"| {none:.3f} | {every:.3f} | {1 - none - every:.3f} |")
+                     f"| {none:.3f} | {every:.3f} | {1 - none - every:.3f} | {float(slips[rows].mean()):.3f} |")
     return "\n".join(lines)
 
 

@@ -618,12 +618,34 @@ def test_warmup_probe_script_reports_the_starting_policy(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "held-out (20 problems): greedy" in result.stdout and "greedy answer = flawed answer" in result.stdout
     assert "carries 0:" in result.stdout
-    # by level: greedy, sampled over k=8, and the 0/8, 8/8, in-between shares that sum to one per row
-    assert "| level | problems | greedy | sampled (k=8) | 0/8 | 8/8 | 0<s<8 |" in result.stdout
+    # by level: greedy, sampled over k=8, the 0/8, 8/8, in-between shares that sum to one per row, and the
+    # share of greedy answers that are the slip (the overall figure is their problem-weighted mean)
+    assert "| level | problems | greedy | sampled (k=8) | 0/8 | 8/8 | 0<s<8 | greedy = slip |" in result.stdout
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "level" not in line]
     assert rows[-1][0].strip() == "all" and int(rows[-1][1]) == 20
     assert sum(int(row[1]) for row in rows[:-1]) == 20
     for row in rows:
-        assert sum(float(cell) for cell in row[4:]) == pytest.approx(1.0, abs=2e-3)
+        assert sum(float(cell) for cell in row[4:7]) == pytest.approx(1.0, abs=2e-3)
+    overall = float(result.stdout.split("greedy answer = flawed answer ")[1].split()[0])
+    assert float(rows[-1][7]) == pytest.approx(overall, abs=1e-3)
+    assert sum(int(row[1]) * float(row[7]) for row in rows[:-1]) / 20 == pytest.approx(overall, abs=2e-3)
     refused = subprocess.run([sys.executable, str(script), "--samples", "0"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--samples must be >= 1" in refused.stderr
+
+
+def test_warmup_probe_level_table_counts_each_level_on_its_own_rows():
+    """The by-level table's columns are computed on that level's problems only (hand-counted case)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "warmup_probe.py"
+    spec = importlib.util.spec_from_file_location("warmup_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    table = probe.level_table(torch.tensor([1, 1, 2]), greedy=torch.tensor([1.0, 0.0, 0.0]),
+                              sampled=torch.tensor([1.0, 0.0, 0.5]), k=2, slips=torch.tensor([0.0, 1.0, 1.0]))
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in table.splitlines()[2:]}
+    assert rows["1"] == ["2", "0.500", "0.500", "0.500", "0.500", "0.000", "0.500"]
+    assert rows["2"] == ["1", "0.000", "0.500", "0.000", "0.000", "1.000", "1.000"]
+    assert rows["all"] == ["3", "0.333", "0.500", "0.333", "0.333", "0.333", "0.667"]
