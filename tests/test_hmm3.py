@@ -15,7 +15,8 @@ from scipy import stats
 from mpts.inference import StreamingSVI
 from mpts.models import PromptPool
 from mpts.models.hmm3 import (WAITED, ThreeStateHMM, ThreeStateHMMOptions, ThreeStateMixturePosterior, Guide,
-                              model, propagate, row_normalise, soft_counts, state_chain, transition_model)
+                              model, outcome_likelihood, propagate, row_normalise, soft_counts, state_chain,
+                              transition_model)
 from mpts.models.registry import get_predictor_class
 
 K = 8
@@ -194,7 +195,7 @@ def test_soft_counts_are_the_enumerated_posterior_of_the_previous_state():
     concentration = torch.rand(n, 3, 3) * 3 + 0.5
     states = torch.randint(0, 3, (n,))
     expected_transition = row_normalise(concentration)
-    xi, predictive = soft_counts(previous, expected_transition, states)
+    xi, predictive = soft_counts(previous, expected_transition, torch.nn.functional.one_hot(states, 3).float())
     conditioned = poutine.condition(transition_model, data={"transition": expected_transition})
     marginals = TraceEnum_ELBO(max_plate_nesting=1).compute_marginals(
         conditioned, lambda *args: None, previous, concentration, states)
@@ -204,13 +205,45 @@ def test_soft_counts_are_the_enumerated_posterior_of_the_previous_state():
     assert torch.allclose(predictive, torch.bmm(previous.unsqueeze(1), expected_transition).squeeze(1))
 
 
+def test_outcome_likelihood_is_the_predictives_own_emission():
+    """posterior reading: P(s | state) = [s = 0, Beta-Binomial(k, a, b), s = k] up to a factor per
+    prompt; bucket reading: one-hot of the bucket."""
+    successes, trials, a, b = torch.tensor([0.0, 3.0, 8.0, 0.0, 1.0]), torch.tensor([8.0, 8.0, 8.0, 1.0, 1.0]), 1.7, 2.9
+    likelihood = outcome_likelihood(successes, trials, a, b, "posterior").double()
+    partial = torch.from_numpy(stats.betabinom.pmf(successes.numpy(), trials.numpy(), a, b))
+    expected = torch.stack([(successes == 0).double(), partial, (successes == trials).double()], -1)
+    torch.testing.assert_close(likelihood, expected / expected.amax(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+    bucket = outcome_likelihood(successes, trials, a, b, "bucket")
+    assert bucket.argmax(-1).tolist() == [0, 1, 2, 0, 2] and bucket.sum(-1).eq(1).all()
+
+
+def test_soft_counts_with_an_outcome_likelihood_are_the_enumerated_posterior_of_both_states():
+    """With the current state latent (posterior reading), xi's margins are Pyro's enumerated
+    marginals of the previous and the current state in `transition_model`."""
+    torch.manual_seed(6)
+    n = 6
+    previous = torch.distributions.Dirichlet(torch.ones(3)).sample((n,))
+    concentration = torch.rand(n, 3, 3) * 3 + 0.5
+    successes, trials = torch.tensor([0.0, 0.0, 4.0, 8.0, 8.0, 1.0]), torch.full((n,), 8.0)
+    likelihood = outcome_likelihood(successes, trials, 0.8, 1.2, "posterior")
+    expected_transition = row_normalise(concentration)
+    xi, _ = soft_counts(previous, expected_transition, likelihood)
+    conditioned = poutine.condition(transition_model, data={"transition": expected_transition})
+    marginals = TraceEnum_ELBO(max_plate_nesting=1).compute_marginals(
+        conditioned, lambda *args: None, previous, concentration, None, likelihood)
+    support = torch.arange(3).view(3, 1)
+    assert torch.allclose(xi.sum(-1), marginals["previous_state"].log_prob(support).exp().T, atol=1e-5)
+    assert torch.allclose(xi.sum(-2), marginals["state"].log_prob(support).exp().T, atol=1e-5)
+    assert 0.0 < float(xi.sum(-2)[0, 1]) < 1.0  # s = 0 leaves the partial state possible
+
+
 def test_dirichlet_update_is_the_exact_posterior_when_the_previous_state_is_known():
     """log p(P, y) from the Pyro program minus log Dir(P | alpha + xi) is the same for every P."""
     torch.manual_seed(5)
     concentration = torch.rand(1, 3, 3) * 2 + 0.5
     previous = torch.tensor([[0.0, 1.0, 0.0]])
     state = torch.tensor([2])
-    xi, _ = soft_counts(previous, row_normalise(concentration), state)
+    xi, _ = soft_counts(previous, row_normalise(concentration), torch.nn.functional.one_hot(state, 3).float())
     gaps = []
     for draw in torch.distributions.Dirichlet(concentration).sample((6,)):
         conditioned = poutine.condition(transition_model, data={"transition": draw})

@@ -112,7 +112,8 @@ def test_hmm3_pooled_falls_back_to_global_pooling_with_a_warning(tmp_path):
     trace, texts = rollouts_to_trace(rollout_table(), "log")
     with pytest.warns(UserWarning, match="no clusters.*pooling='global'"):
         fallback, fallback_table = replay(trace, "hmm3_pooled", pool=replay_pool(trace, texts))
-    _, global_table = replay(trace, "hmm3", {"pooling": "global", "pool_strength": 3.0}, pool=replay_pool(trace, texts))
+    _, global_table = replay(trace, "hmm3", {"pooling": "global", "pool_strength": 3.0, "state_reading": "posterior"},
+                             pool=replay_pool(trace, texts))
     np.testing.assert_allclose(fallback_table["pred_log_prob"], global_table["pred_log_prob"])
 
 
