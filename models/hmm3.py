@@ -24,7 +24,7 @@ The fast path is the DPS filter, per prompt and step t (rows are "from", columns
     waited:   alpha_t = lam * alpha_{t-1} + (1 - lam) * prior,        b_t = w_t
 
 Waiting steps are never swept. A prompt stores its excess counts E = alpha - prior, its state
-belief after its last update (all zero: never rolled out) and the step of that update; when it is next looked at after m steps,
+belief after its last update and the step of that update (NEVER: never rolled out); when it is next looked at after m steps,
 alpha = prior + lam**(m) E in closed form and the belief is the product of the m waited steps'
 matrices, computed by `propagate` (an exact batched recurrence while lam**d E still matters,
 then a batched matrix power).
@@ -71,6 +71,7 @@ from .base import PredictorOptions, Program, PromptPool, RiskPredictor, Rows, Su
 from .distributions import ThreeStateCount, log_beta
 
 NUM_STATES = 3
+NEVER = -2**31  # last step of a prompt never rolled out (below every step the predictor accepts)
 WAITED = 3  # observation symbol of a step the prompt was not rolled out
 
 
@@ -256,16 +257,21 @@ def soft_counts(previous_belief: Tensor, transition: Tensor, likelihood: Tensor)
 def outcome_likelihood(successes: Tensor, trials: Tensor, a: float, b: float, reading: str) -> Tensor:
     """L [n, 3] proportional to P(outcome | state): one-hot of the bucket ("bucket"), or the
     predictive's own emission ("posterior"): s = 0 if unsolved, Beta-Binomial(trials, a, b) if
-    partial, s = trials if solved. Each row is scaled to max 1 (the posterior does not change), so
-    a tiny Beta-Binomial mass never underflows float32."""
+    partial, s = trials if solved. Each row is scaled to max 1 (the posterior does not change): a
+    group with 0 < s < k is [0, 1, 0], s = 0 gives [1, BB(0), 0], s = k gives [0, BB(k), 1]."""
+    s, k = successes.numpy(), trials.numpy()
+    zero, full = s == 0, s == k
+    likelihood = np.zeros((s.shape[0], NUM_STATES), dtype=np.float32)  # NumPy: a few µs for a batch
+    likelihood[:, 0], likelihood[:, 2] = zero, full
     if reading == "bucket":
-        return torch.nn.functional.one_hot(states_of(successes, trials), NUM_STATES).float()
-    s, k = successes.double(), trials.double()
-    partial = dist.BetaBinomial(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
-                                total_count=k, validate_args=False).log_prob(s)
-    zero = torch.zeros_like(s)
-    log_like = torch.stack([torch.where(s == 0, zero, -math.inf), partial, torch.where(s == k, zero, -math.inf)], -1)
-    return (log_like - log_like.amax(-1, keepdim=True)).exp().float()
+        likelihood[:, 1] = ~(zero | full)
+    else:
+        k = k.astype(np.float64)
+        total = special.gammaln(a + b + k)
+        at_zero = np.exp(special.gammaln(b + k) - total + (math.lgamma(a + b) - math.lgamma(b)))
+        at_all = np.exp(special.gammaln(a + k) - total + (math.lgamma(a + b) - math.lgamma(a)))
+        likelihood[:, 1] = np.where(zero, at_zero, np.where(full, at_all, 1.0))
+    return torch.from_numpy(likelihood)
 
 
 def states_of(successes: Tensor, trials: Tensor) -> Tensor:
@@ -417,8 +423,8 @@ _FIRST_STATES = slice(4, 7)
 @dataclasses.dataclass(frozen=True)
 class HMMState:
     excess: Tensor  # float32 [N, 3, 3]: alpha - prior as of each prompt's last update
-    last_belief: Tensor  # float32 [N, 3]: state belief after the last update (all zero: never rolled out)
-    last_step: Tensor  # int32 [N]
+    last_belief: Tensor  # float32 [N, 3]: state belief after the last update (zero: never rolled out)
+    last_step: Tensor  # int32 [N]: step of the last update (NEVER: never rolled out)
     fit_sums: Tensor  # float64 [7]: running sums of the online fits
     fit_step: Tensor  # int64 scalar, -1 before the first update
     pool_excess: Tensor | None  # float32 [pools, 3, 3] (pooling only)
@@ -437,9 +443,11 @@ class ThreeStateHMM(RiskPredictor):
         self.rates = decay_rates(o.decay, DECAY_PARTS)
         self.prior = torch.as_tensor(o.prior_alpha, dtype=torch.float32).expand(NUM_STATES, NUM_STATES).clone()
         self.cluster_index, num_pools = self._pools(pool)
+        self._beta_memo: tuple[tuple[float, ...], tuple[float, float]] | None = None
         self.state = HMMState(
             excess=torch.zeros(n, NUM_STATES, NUM_STATES, dtype=torch.float32),
-            last_belief=torch.zeros(n, NUM_STATES, dtype=torch.float32), last_step=torch.zeros(n, dtype=torch.int32),
+            last_belief=torch.zeros(n, NUM_STATES, dtype=torch.float32),
+            last_step=torch.full((n,), NEVER, dtype=torch.int32),
             fit_sums=torch.zeros(7, dtype=torch.float64), fit_step=torch.tensor(-1, dtype=torch.int64),
             pool_excess=torch.zeros(num_pools, NUM_STATES, NUM_STATES, dtype=torch.float32) if num_pools else None,
             pool_step=torch.tensor(-1, dtype=torch.int64) if num_pools else None)
@@ -494,8 +502,13 @@ class ThreeStateHMM(RiskPredictor):
         truncated Beta-Binomial instead: with P0, Pn its end masses, the untruncated moments are
         (1 - P0 - Pn) m_truncated + Pn, iterated to a fixed point (E[S(S-1)] / (n(n-1)) = E[p^2]
         corrects for binomial noise; n is the partial groups' mean trial count)."""
-        o = self.options
-        sums, w0 = self.state.fit_sums.tolist(), o.fit_prior_weight
+        sums = tuple(self.state.fit_sums.tolist())
+        if self._beta_memo is None or self._beta_memo[0] != sums:  # the fixed point is the costly part
+            self._beta_memo = (sums, self._fit_rate_beta(sums))
+        return self._beta_memo[1]
+
+    def _fit_rate_beta(self, sums: tuple[float, ...]) -> tuple[float, float]:
+        w0 = self.options.fit_prior_weight
         first = (0.5 * w0 + sums[_RATE_SUM]) / (w0 + sums[_PARTIAL_GROUPS])  # prior: Beta(1, 1)
         second = (w0 / 3.0 + sums[_PAIR_SUM]) / (w0 + sums[_PARTIAL_GROUPS])
         a, b = _beta_from_moments(first, second)
@@ -511,11 +524,11 @@ class ThreeStateHMM(RiskPredictor):
     def _history(self, ids: Tensor, step: int):
         """Per prompt: belief after its last update, row prior, excess counts, steps since, unseen."""
         state = self.state
-        start = state.last_belief.index_select(0, ids)
-        unseen = start.sum(-1) == 0
-        if bool(unseen.any()):
-            start = torch.where(unseen.unsqueeze(-1), self.initial_belief(), start)
-        since = (step - state.last_step.index_select(0, ids).long()).masked_fill_(unseen, 0)
+        last = state.last_step.index_select(0, ids)
+        unseen = last == NEVER
+        # a never-seen prompt's stored belief is zero: adding the initial belief there is the cheapest select
+        start = torch.addcmul(state.last_belief.index_select(0, ids), unseen.unsqueeze(-1).float(), self.initial_belief())
+        since = (step - last.long()).masked_fill_(unseen, 0)
         return start, self.prior_for(ids, step), state.excess.index_select(0, ids), since, unseen
 
     def _previous(self, ids: Tensor, step: int):
@@ -549,13 +562,12 @@ class ThreeStateHMM(RiskPredictor):
         o, state = self.options, self.state
         if not -2**31 < step < 2**31 - 1:
             raise ValueError(f"step {step} is outside the int32 range the predictor stores")
-        seen_since = state.last_step.index_select(0, ids).long()
-        stale = (state.last_belief.index_select(0, ids).sum(-1) > 0) & (seen_since >= step)
+        previous, concentration, _, since, unseen, excess = self._previous(ids, step)
+        stale = ~unseen & (since <= 0)
         if bool(stale.any()):
             i = int(torch.nonzero(stale)[0])
             raise ValueError(f"step {step} is not after the last update of prompt id {int(ids[i])} "
-                             f"(step {int(seen_since[i])}); steps must increase")
-        previous, concentration, _, since, unseen, excess = self._previous(ids, step)
+                             f"(step {step - int(since[i])}); steps must increase")
         likelihood = outcome_likelihood(successes, trials, *self.rate_beta(), o.state_reading)
         xi, predictive = soft_counts(previous, row_normalise(concentration), likelihood)
         belief = xi.sum(-2)
