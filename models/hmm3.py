@@ -24,10 +24,13 @@ The fast path is the DPS filter, per prompt and step t (rows are "from", columns
     waited:   alpha_t = lam * alpha_{t-1} + (1 - lam) * prior,        b_t = w_t
 
 Waiting steps are never swept. A prompt stores its excess counts E = alpha - prior, its state
-belief after its last update and the step of that update (NEVER: never rolled out); when it is next looked at after m steps,
-alpha = prior + lam**(m) E in closed form and the belief is the product of the m waited steps'
-matrices, computed by `propagate` (an exact batched recurrence while lam**d E still matters,
-then a batched matrix power).
+belief after its last update and the step of that update; when it is next looked at after m
+steps, alpha = prior + lam**(m) E in closed form and the belief is the product of the m waited
+steps' matrices, computed by `propagate` (an exact batched recurrence while lam**d E still
+matters, then a batched matrix power). The belief after an update, b ∝ w_t L, is one-hot for
+0 < s < k, and with s = 0 (or k) only unsolved (solved) and partial are possible, so one float
+holds it: r = b1 + 2 b2, the expected state index, and b_j = max(0, 1 - |r - j|) (r = -1: never
+rolled out).
 
 Pooling (`pooling="cluster"|"global"`), which none of the references has: the prior of each
 prompt's rows is no longer the fixed alpha0 but `pool_strength` times the shared transition
@@ -71,7 +74,8 @@ from .base import PredictorOptions, Program, PromptPool, RiskPredictor, Rows, Su
 from .distributions import ThreeStateCount, log_beta
 
 NUM_STATES = 3
-NEVER = -2**31  # last step of a prompt never rolled out (below every step the predictor accepts)
+UNSEEN = -1.0  # stored state of a prompt never rolled out
+STATE_INDEX = torch.arange(NUM_STATES, dtype=torch.float32)
 WAITED = 3  # observation symbol of a step the prompt was not rolled out
 
 
@@ -266,12 +270,23 @@ def outcome_likelihood(successes: Tensor, trials: Tensor, a: float, b: float, re
     if reading == "bucket":
         likelihood[:, 1] = ~(zero | full)
     else:
-        k = k.astype(np.float64)
-        total = special.gammaln(a + b + k)
-        at_zero = np.exp(special.gammaln(b + k) - total + (math.lgamma(a + b) - math.lgamma(b)))
-        at_all = np.exp(special.gammaln(a + k) - total + (math.lgamma(a + b) - math.lgamma(a)))
+        if k.size and k.min() == k.max():  # one k for the batch (the usual case): scalars
+            k = float(k[0])
+            gammaln, total = math.lgamma, math.lgamma(a + b + k)
+        else:
+            k = k.astype(np.float64)
+            gammaln, total = special.gammaln, special.gammaln(a + b + k)
+        at_zero = np.exp(gammaln(b + k) - total + (math.lgamma(a + b) - math.lgamma(b)))
+        at_all = np.exp(gammaln(a + k) - total + (math.lgamma(a + b) - math.lgamma(a)))
         likelihood[:, 1] = np.where(zero, at_zero, np.where(full, at_all, 1.0))
     return torch.from_numpy(likelihood)
+
+
+def stored_state(belief: Tensor, buckets: Tensor) -> Tensor:
+    """b1 + 2 b2 of a belief after an update (zero on the state(s) its bucket rules out), exact at
+    0, 1, 2 where the belief is one-hot: b1 for s = 0, 1 for 0 < s < k, 2 - b1 for s = k."""
+    partial = belief[:, 1]
+    return torch.where(buckets == 1, 1.0, torch.where(buckets == 2, 2.0 - partial, partial))
 
 
 def states_of(successes: Tensor, trials: Tensor) -> Tensor:
@@ -423,8 +438,8 @@ _FIRST_STATES = slice(4, 7)
 @dataclasses.dataclass(frozen=True)
 class HMMState:
     excess: Tensor  # float32 [N, 3, 3]: alpha - prior as of each prompt's last update
-    last_belief: Tensor  # float32 [N, 3]: state belief after the last update (zero: never rolled out)
-    last_step: Tensor  # int32 [N]: step of the last update (NEVER: never rolled out)
+    last_state: Tensor  # float32 [N]: belief after the last update as b1 + 2 b2 (UNSEEN: never rolled out)
+    last_step: Tensor  # int32 [N]
     fit_sums: Tensor  # float64 [7]: running sums of the online fits
     fit_step: Tensor  # int64 scalar, -1 before the first update
     pool_excess: Tensor | None  # float32 [pools, 3, 3] (pooling only)
@@ -443,11 +458,11 @@ class ThreeStateHMM(RiskPredictor):
         self.rates = decay_rates(o.decay, DECAY_PARTS)
         self.prior = torch.as_tensor(o.prior_alpha, dtype=torch.float32).expand(NUM_STATES, NUM_STATES).clone()
         self.cluster_index, num_pools = self._pools(pool)
-        self._beta_memo: tuple[tuple[float, ...], tuple[float, float]] | None = None
+        self._fit_memo: tuple[tuple[float, ...], tuple[tuple[float, float], Tensor]] | None = None
         self.state = HMMState(
             excess=torch.zeros(n, NUM_STATES, NUM_STATES, dtype=torch.float32),
-            last_belief=torch.zeros(n, NUM_STATES, dtype=torch.float32),
-            last_step=torch.full((n,), NEVER, dtype=torch.int32),
+            last_state=torch.full((n,), UNSEEN, dtype=torch.float32),
+            last_step=torch.zeros(n, dtype=torch.int32),
             fit_sums=torch.zeros(7, dtype=torch.float64), fit_step=torch.tensor(-1, dtype=torch.int64),
             pool_excess=torch.zeros(num_pools, NUM_STATES, NUM_STATES, dtype=torch.float32) if num_pools else None,
             pool_step=torch.tensor(-1, dtype=torch.int64) if num_pools else None)
@@ -488,10 +503,21 @@ class ThreeStateHMM(RiskPredictor):
         return o.pool_strength * row_normalise(torch.add(self.prior, shared, alpha=fade))
 
     def initial_belief(self) -> Tensor:
+        return self._fitted()[1]
+
+    def _fitted(self) -> tuple[tuple[float, float], Tensor]:
+        """(rate_beta, initial_belief) of the running fits, memoised per fit state (both are read
+        by every predict and observe; the Beta's fixed point is the costly part)."""
+        sums = tuple(self.state.fit_sums.tolist())
+        if self._fit_memo is None or self._fit_memo[0] != sums:
+            self._fit_memo = (sums, (self._fit_rate_beta(sums), self._fit_initial_belief(sums)))
+        return self._fit_memo[1]
+
+    def _fit_initial_belief(self, sums: tuple[float, ...]) -> Tensor:
         o = self.options
         if o.initial_belief is not None:
             return torch.tensor(o.initial_belief, dtype=torch.float32)
-        first = self.state.fit_sums[_FIRST_STATES]
+        first = torch.tensor(sums[_FIRST_STATES], dtype=torch.float64)
         return ((o.fit_prior_weight / NUM_STATES + first) / (o.fit_prior_weight + first.sum())).float()
 
     def rate_beta(self) -> tuple[float, float]:
@@ -502,10 +528,7 @@ class ThreeStateHMM(RiskPredictor):
         truncated Beta-Binomial instead: with P0, Pn its end masses, the untruncated moments are
         (1 - P0 - Pn) m_truncated + Pn, iterated to a fixed point (E[S(S-1)] / (n(n-1)) = E[p^2]
         corrects for binomial noise; n is the partial groups' mean trial count)."""
-        sums = tuple(self.state.fit_sums.tolist())
-        if self._beta_memo is None or self._beta_memo[0] != sums:  # the fixed point is the costly part
-            self._beta_memo = (sums, self._fit_rate_beta(sums))
-        return self._beta_memo[1]
+        return self._fitted()[0]
 
     def _fit_rate_beta(self, sums: tuple[float, ...]) -> tuple[float, float]:
         w0 = self.options.fit_prior_weight
@@ -524,11 +547,11 @@ class ThreeStateHMM(RiskPredictor):
     def _history(self, ids: Tensor, step: int):
         """Per prompt: belief after its last update, row prior, excess counts, steps since, unseen."""
         state = self.state
-        last = state.last_step.index_select(0, ids)
-        unseen = last == NEVER
-        # a never-seen prompt's stored belief is zero: adding the initial belief there is the cheapest select
-        start = torch.addcmul(state.last_belief.index_select(0, ids), unseen.unsqueeze(-1).float(), self.initial_belief())
-        since = (step - last.long()).masked_fill_(unseen, 0)
+        stored = state.last_state.index_select(0, ids)
+        unseen = stored < 0  # b_j = max(0, 1 - |r - j|), zero where unseen; there the initial belief
+        start = stored.unsqueeze(-1) - STATE_INDEX
+        start.abs_().neg_().add_(1.0).clamp_min_(0.0).addcmul_(unseen.unsqueeze(-1).float(), self.initial_belief())
+        since = (step - state.last_step.index_select(0, ids).long()).masked_fill_(unseen, 0)
         return start, self.prior_for(ids, step), state.excess.index_select(0, ids), since, unseen
 
     def _previous(self, ids: Tensor, step: int):
@@ -570,14 +593,14 @@ class ThreeStateHMM(RiskPredictor):
                              f"(step {step - int(since[i])}); steps must increase")
         likelihood = outcome_likelihood(successes, trials, *self.rate_beta(), o.state_reading)
         xi, predictive = soft_counts(previous, row_normalise(concentration), likelihood)
-        belief = xi.sum(-2)
+        belief, buckets = xi.sum(-2), states_of(successes, trials)
         # alpha_t = lam alpha_{t-1} + (1 - lam) prior + xi  <=>  E_t = lam**since E + xi
         changes = {"excess": Rows(ids, decay_factor(self.rates["transitions"], since) * excess + xi),
-                   "last_belief": Rows(ids, belief),
+                   "last_state": Rows(ids, stored_state(belief, buckets)),
                    "last_step": Rows(ids, torch.full_like(ids, step, dtype=torch.int32))}
         if state.pool_excess is not None:
             changes["pool_excess"], changes["pool_step"] = self._pooled(ids, xi, step)
-        changes["fit_sums"], changes["fit_step"] = self._fits(successes.double(), trials.double(), belief, unseen, step)
+        changes["fit_sums"], changes["fit_step"] = self._fits(successes.double(), trials.double(), buckets, belief, unseen, step)
         # log sum_j w_j L_j (bucket reading: the predicted probability of the observed state)
         chosen = (predictive * likelihood).sum(-1)
         return changes, {"state_log_prob": float(chosen.clamp_min(1e-30).log().mean())}
@@ -592,16 +615,17 @@ class ThreeStateHMM(RiskPredictor):
             pooled.index_add_(0, self.cluster_index.index_select(0, ids).long(), xi)
         return pooled, torch.tensor(step, dtype=torch.int64)
 
-    def _fits(self, successes: Tensor, trials: Tensor, belief: Tensor, unseen: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    def _fits(self, successes: Tensor, trials: Tensor, buckets: Tensor, belief: Tensor, unseen: Tensor,
+              step: int) -> tuple[Tensor, Tensor]:
         state = self.state
         fade = factor(self.rates["fits"], max(step - int(state.fit_step), 0)) if int(state.fit_step) >= 0 else 1.0
         sums = state.fit_sums * fade
-        partial = states_of(successes, trials) == 1  # 0 < s < n, so n >= 2
+        partial = buckets == 1  # 0 < s < n, so n >= 2
         rate = successes[partial] / trials[partial]
         pair_rate = successes[partial] * (successes[partial] - 1) / (trials[partial] * (trials[partial] - 1))
         batch = torch.stack([partial.sum().double(), rate.sum(), pair_rate.sum(), trials[partial].sum()])
         sums[:_FIRST_STATES.start] += batch
-        sums[_FIRST_STATES] += belief[unseen].double().sum(0)
+        sums[_FIRST_STATES] += (unseen.to(belief.dtype) @ belief).double()  # first rollouts' states
         return sums, torch.tensor(step, dtype=torch.int64)
 
     # -- the declared program -----------------------------------------------------------------------

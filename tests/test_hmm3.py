@@ -209,10 +209,11 @@ def test_outcome_likelihood_is_the_predictives_own_emission():
     """posterior reading: P(s | state) = [s = 0, Beta-Binomial(k, a, b), s = k] up to a factor per
     prompt; bucket reading: one-hot of the bucket."""
     successes, trials, a, b = torch.tensor([0.0, 3.0, 8.0, 0.0, 1.0]), torch.tensor([8.0, 8.0, 8.0, 1.0, 1.0]), 1.7, 2.9
-    likelihood = outcome_likelihood(successes, trials, a, b, "posterior").double()
-    partial = torch.from_numpy(stats.betabinom.pmf(successes.numpy(), trials.numpy(), a, b))
-    expected = torch.stack([(successes == 0).double(), partial, (successes == trials).double()], -1)
-    torch.testing.assert_close(likelihood, expected / expected.amax(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+    for batch in (slice(None), slice(0, 3)):  # trials that differ, and one k for the batch
+        likelihood = outcome_likelihood(successes[batch], trials[batch], a, b, "posterior").double()
+        partial = torch.from_numpy(stats.betabinom.pmf(successes[batch].numpy(), trials[batch].numpy(), a, b))
+        expected = torch.stack([(successes[batch] == 0).double(), partial, (successes[batch] == trials[batch]).double()], -1)
+        torch.testing.assert_close(likelihood, expected / expected.amax(-1, keepdim=True), rtol=1e-5, atol=1e-7)
     bucket = outcome_likelihood(successes, trials, a, b, "bucket")
     assert bucket.argmax(-1).tolist() == [0, 1, 2, 0, 2] and bucket.sum(-1).eq(1).all()
 
