@@ -9,7 +9,7 @@ Generative model (whitened inducing values, logit link; the logit drifts at the 
     s_j ~ Binomial(k_j, sigmoid(f_{t_j}(x_j) + e_j))           outcome j, seen at step t_j
 
 Forgetting (`decay` = lam) is this drift: f_t - m keeps the GP prior N(0, K) at every step and
-corr(f_t(x), f_s(x)) = lam**(|t - s| / 2). With whitened u it is exactly an AR(1) whose stationary
+corr(f_t(x), f_s(x)) = lam**(abs(t - s) / 2). With whitened u it is exactly an AR(1) whose stationary
 law is u's prior, so the posterior moves forward in closed form: d steps later q(u) = N(mu, S)
 becomes N(lam**(d/2) mu, lam**d S + (1 - lam**d) I). `predict(ids, step)` applies it for the step
 asked about; an update starts from q(u) aged to its step as the prior and folds in that step's
@@ -148,7 +148,7 @@ class LogitGP(gpytorch.models.ApproximateGP):
 def linear_map(gp: LogitGP, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(offset [n], design [n, M], noise variance [n]) with f(x) = offset + design @ u + (what Z
     misses): offset m(x), design K_xZ L^-T (L L^T = K_ZZ + jitter), and the noise variance of an
-    outcome's logit around offset + design @ u: what Z misses, k(x, x) + jitter - |design|^2, plus
+    outcome's logit around offset + design @ u: what Z misses, k(x, x) + jitter - (design row)^2 summed, plus
     sigma^2. Differentiable in the hyperparameters."""
     strategy = gp.variational_strategy
     inducing, jitter = strategy.inducing_points, strategy.jitter_val
