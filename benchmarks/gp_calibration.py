@@ -61,7 +61,7 @@ def prequential(seed: int, steps: int = 30, k: int = 8) -> dict[str, float]:
     from mpts.training.environments.simulator import SimulatedLearner, SimulatorOptions
 
     env = SimulatedLearner(SimulatorOptions(num_prompts=600, num_clusters=4, jump_step=12, jump_size=-1.5), seed=seed)
-    predictor = EmbeddingGP(env.pool, EmbeddingGPOptions(num_inducing=64, minibatch_size=256, svi_steps=10), seed=0)
+    predictor = EmbeddingGP(env.pool, EmbeddingGPOptions(num_inducing=64, svi_steps=10), seed=0)
     g = torch.Generator().manual_seed(11)
     pits, inside = [], []
     for step in range(steps):

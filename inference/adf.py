@@ -198,3 +198,52 @@ def _coordinates(u: dict[str, Tensor], beliefs: dict[str, Belief]):
         else:
             for index in range(value.numel()):
                 yield name, (lambda t, i=index: t.view(-1)[i])
+
+
+def laplace_linear_gaussian(prior_loc: Tensor, prior_scale_tril: Tensor, design: Tensor, offset: Tensor,
+                            log_likelihood: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
+                            iterations: int = 50, tolerance: float = 1e-8
+                            ) -> tuple[tuple[Tensor, Tensor] | None, dict]:
+    """The Laplace projection of a multivariate Normal latent u ~ N(prior_loc, prior_scale_tril
+    prior_scale_tril^T) seen through a linear map, f = offset + design @ u, by outcomes that each
+    depend on one f_j (log-concave in it): Newton's method on the log joint to its mode, with the
+    exact Hessian prior precision + design^T diag(-d2) design, in float64.
+
+    `log_likelihood(f)` returns (log p(s_j | f_j), its first and second derivative in f_j) per
+    outcome. Returns ((posterior loc, its covariance's lower Cholesky factor), {"elbo": [the Laplace
+    approximation of -log p(batch)]}), or (None, {"failed": reason}) when no finite mode is found.
+    """
+    loc0, chol0 = prior_loc.double(), prior_scale_tril.double()
+    design, offset = design.double(), offset.double()
+    try:
+        precision0 = torch.cholesky_inverse(chol0)
+
+        def log_joint(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            value, d1, d2 = log_likelihood(offset + design @ u)
+            gap = u - loc0
+            return value.sum() - 0.5 * gap @ (precision0 @ gap), d1, d2
+
+        u = loc0.clone()
+        current, d1, d2 = log_joint(u)
+        for _ in range(iterations):
+            hessian = precision0 + design.T @ (-d2.unsqueeze(-1) * design)
+            gradient = design.T @ d1 - precision0 @ (u - loc0)
+            move = torch.cholesky_solve(gradient.unsqueeze(-1), torch.linalg.cholesky(hessian)).squeeze(-1)
+            for _ in range(30):  # halve the step until the log joint rises (it is concave: it will)
+                proposal, (value, p1, p2) = u + move, log_joint(u + move)
+                if bool(value >= current - 1e-12 * abs(float(current))):
+                    break
+                move = move / 2
+            u, current, d1, d2 = proposal, value, p1, p2
+            if float(move.abs().max()) < tolerance:
+                break
+        chol_h = torch.linalg.cholesky(precision0 + design.T @ (-d2.unsqueeze(-1) * design))
+        covariance = torch.cholesky_inverse(chol_h)
+        scale_tril = torch.linalg.cholesky(0.5 * (covariance + covariance.T))
+        if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(scale_tril).all()) and math.isfinite(current)):
+            raise FloatingPointError("the log joint has no finite mode")
+    except (RuntimeError, FloatingPointError, ArithmeticError) as error:  # torch.linalg errors are RuntimeErrors
+        return None, {"failed": f"{type(error).__name__}: {error}"}
+    # log p(batch) ~ log joint at the mode + log|S_post|/2 - log|S_prior|/2 (the Gaussian integral)
+    log_evidence = (float(current) + float(scale_tril.diagonal().log().sum()) - float(chol0.diagonal().log().sum()))
+    return (u, scale_tril), {"elbo": [-log_evidence]}

@@ -1,72 +1,78 @@
-"""Sparse variational GP over prompt embeddings: predicts prompts it has never rolled out.
+"""Sparse GP over prompt embeddings, filtered step by step: predicts prompts it has never rolled out.
 
-Generative model (Hensman et al. 2015, whitened inducing values, logit link):
+Generative model (whitened inducing values, logit link; the logit drifts at the forgetting rate):
 
-    u ~ Normal(0, I_M)                                   inducing values at Z (M prompts)
-    f(x) = m + K_xZ K_ZZ^{-1/2} u (+ what Z misses)     smooth logit over the embedding
-    e_j ~ Normal(0, sigma^2)                              what the embedding does not explain
-    s_j ~ Binomial(k_j, sigmoid(f(x_j) + e_j))  ** w_j    w_j = lam ** (step - step_j)
+    u_0 ~ Normal(0, I_M)                                      inducing values at Z (M prompts)
+    u_t = sqrt(lam) u_{t-1} + sqrt(1 - lam) w_t,  w_t ~ N(0, I_M)     the drift, per step
+    f_t(x) = m + K_xZ K_ZZ^{-1/2} u_t (+ what Z misses)       smooth logit over the embedding at step t
+    e_j ~ Normal(0, sigma^2)                                   what the embedding does not explain
+    s_j ~ Binomial(k_j, sigmoid(f_{t_j}(x_j) + e_j))           outcome j, seen at step t_j
+
+Forgetting (`decay` = lam) is this drift: f_t - m keeps the GP prior N(0, K) at every step and
+corr(f_t(x), f_s(x)) = lam**(abs(t - s) / 2). With whitened u it is exactly an AR(1) whose stationary
+law is u's prior, so the posterior moves forward in closed form: d steps later q(u) = N(mu, S)
+becomes N(lam**(d/2) mu, lam**d S + (1 - lam**d) I). `predict(ids, step)` applies it for the step
+asked about; an update starts from q(u) aged to its step as the prior and folds in that step's
+outcomes only (assumed-density filtering: Bayes' rule for the batch, projected back to a Gaussian
+by Laplace's method: Newton's method to the mode with the exact Hessian, `inference.adf.laplace_linear_gaussian`;
+the likelihood is log-concave in f). Nothing but q(u) carries the past, so old outcomes count
+once, through the drift. lam = 1: a fixed logit, and filtering is plain sequential Bayes.
 
 The residual e: prompts that sit close together in embedding space can still differ a lot in
 difficulty (on the simulator's features a linear fit on features and true cluster leaves a
 logit residual of sd ~1.3-1.5). Without it the model explains every outcome by the smooth f,
 whose posterior is rightly sure of the *local average*, so its intervals for one prompt's p
 were ~6x too narrow (90% predictive intervals covered ~0.55). e is integrated out in the
-likelihood (`BinomialLogitNormal`, an over-dispersed Binomial) and sigma is fitted by the same
-ELBO; the predictive for a prompt is then LogitNormal(mean_f, var_f + sigma^2). Each visit gets
-its own e (a prompt's earlier outcomes inform it only through f), which keeps the model
-stateless per prompt and its predictive calibrated; `residual_scale_init=0` drops the term.
+likelihood (`BinomialLogitNormal`, an over-dispersed Binomial), together with the part of f the
+inducing points miss (its Nystrom residual variance, independent per outcome as in FITC); the
+predictive for a prompt is LogitNormal(mean_f, var_f + sigma^2). Each visit gets its own e (a
+prompt's earlier outcomes inform it only through f), which keeps the model stateless per prompt;
+`residual_scale_init=0` drops the term.
 
-Pyro integration: GPyTorch's own `ApproximateGP.pyro_model` / `pyro_guide`. The inducing values
-are then an ordinary Pyro sample site ("gp.u", KL to the prior analytic under
-`TraceMeanField_ELBO`), the Binomial likelihood is an ordinary observe statement, and age
-weights and minibatching are Pyro's own `poutine.scale` and `plate(subsample_size=...)`. The
-kernel, mean and variational parameters are the GP module's own parameters, fitted by the
-shared functional engine (`inference.streaming.StreamingSVI`, no global parameter store), so
-this predictor gets the same warm start, clipped Adam and rollback-on-failure as every other
-one. (GPyTorch's `VariationalELBO` would have needed a custom GPyTorch likelihood and a second
-optimiser loop outside the engine.)
+Hyperparameters (kernel lengthscale and output scale, constant mean, sigma; inducing locations if
+asked) are point estimates, fitted unless `learn_hyperparameters=False` by `svi_steps` Adam steps
+per update on the shared engine (`inference.streaming.StreamingSVI`: warm start, clipped Adam,
+rollback on failure) before the batch is folded in. Their objective is the batch's log predictive
+under the prior the update starts from, sum_j log BinomialLogitNormal(s_j | k_j, mean_j, var_j +
+sigma^2) (each outcome's marginal, exact; their correlation through u left out): the prequential
+score of the prediction made just before the batch, the empirical-Bayes choice that makes the
+model's stated spread match its errors. It is a Pyro program with no latent site
+(`hyperparameter_model`), so its negative ELBO is exactly that negative log predictive.
 
-Non-stationarity: exponential forgetting through a bounded replay buffer of recent
-observations (prompt id, s, k, step), each weighted lam ** age in the likelihood. For a
-Beta-Bernoulli model this is exactly MoPPS' decay toward the prior, so the GP forgets at the
-rate the other predictors do, and `decay` means the same thing across predictors. A time
-kernel (step as an input) was the alternative; it needs inducing points that move forward in
-time and extrapolates the time trend at the edge of the data, where a stationary kernel
-reverts to the mean; weighting old outcomes down is simpler, bounded and easy to check.
-Every update refits the whole buffer (minibatched), so the GP does not drift toward whatever
-the latest batch happened to contain.
+`program()` declares the batch's model with the fitted hyperparameters (`batch_model`: u from the
+aged prior, the outcomes through the linear map) and an `AutoMultivariateNormal` guide;
+`tests/test_programs.py` checks the Laplace update against SVI on it.
 
 Inputs: the pool's feature rows, centred and projected onto their top `pca_dim` principal
 components (fitted once on a sample of the pool). This keeps kernel evaluations cheap and puts
 a stationary kernel on the directions where the prompts actually differ. Inducing points are a
 seeded random subset of the pool's prompts (fixed by default: the pool is known in advance).
-Kernel lengthscale, output scale and constant mean are fitted by the same ELBO unless
-`learn_hyperparameters=False`.
-
-`predict` reads the GP as the last `observe` left it (its `step` is not used: forgetting acts
-when outcomes are folded in). Prompts never rolled out get the GP's prediction at their
-embedding, reverting to the fitted mean far from any observed prompt.
+GPyTorch supplies the kernel, mean and inducing points (`LogitGP`); its variational distribution
+mirrors q(u) so that GPyTorch's own predictive can be checked against `latent`. Prompts never
+rolled out get the GP's prediction at their embedding, reverting to the fitted mean far from any
+observed prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pydantic import Field
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoMultivariateNormal, init_to_mean
 from torch import Tensor
 
+from mpts.inference.adf import laplace_linear_gaussian
 from mpts.inference.forgetting import factor
 from mpts.inference.streaming import StreamingSVI, SVIState, WithModule
 
 from .base import PredictorOptions, Program, PromptPool, RiskPredictor, TensorDict
-from .distributions import BinomialLogitNormal
+from .distributions import BinomialLogitNormal, binomial_logit_normal
 from .extras import import_extra
 from .posteriors import LogitNormalPosterior
 
@@ -76,6 +82,7 @@ psd_safe_cholesky = import_extra("linear_operator.utils.cholesky", "gp").psd_saf
 _PCA_SAMPLE = 20_000  # rows of the pool used to fit the projection
 _PREDICT_CHUNK = 8192  # candidates per GP evaluation, bounds memory for huge candidate sets
 _MODULE_NAME = "gp"
+_VARIATIONAL = "variational_strategy._variational_distribution."  # GPyTorch's copy of q(u), not state
 
 
 class EmbeddingGPOptions(PredictorOptions):
@@ -88,14 +95,15 @@ class EmbeddingGPOptions(PredictorOptions):
         "fitted with the kernel; 0: no residual term"))
     ard: bool = Field(False, description="one lengthscale per input dimension")
     learn_inducing_locations: bool = False
-    learn_hyperparameters: bool = Field(True, description="fit kernel and mean by the ELBO; False: keep their initial values")
+    learn_hyperparameters: bool = Field(True, description=(
+        "fit kernel, mean and sigma to each batch's log predictive; False: keep their initial values"))
     pca_dim: int | None = Field(64, ge=1, description="project features on this many principal components; None: raw")
-    svi_steps: int = Field(4, ge=1, description="SVI steps per observe() call (warm-started)")
+    svi_steps: int = Field(4, ge=1, description="Adam steps on the hyperparameters per observe() call (warm-started)")
     lr: float = Field(0.1, gt=0.0, le=1.0, description="Adam step size (ClippedAdam, as the engine sets it up), (0, 1]")
-    num_particles: int = Field(1, ge=1, description="Monte Carlo draws of f per SVI step")
-    decay: float = Field(0.9, gt=0.0, le=1.0, description="lam: an outcome `age` steps old has weight lam**age")
-    buffer_size: int = Field(8192, ge=1, description="most recent observations kept for refitting")
-    minibatch_size: int = Field(512, ge=1, description="buffer rows per SVI step")
+    decay: float = Field(0.9, gt=0.0, le=1.0, description=(
+        "lam: per step the logit keeps a share lam of its variance about the mean and gains (1 - lam) of a fresh "
+        "GP draw's (u_t = sqrt(lam) u_{t-1} + sqrt(1 - lam) w_t); 1: a fixed logit"))
+    newton_iterations: int = Field(50, ge=1, le=10_000, description="most Newton steps to the batch posterior's mode")
     seed: int | None = Field(None, description="overrides the run seed for this predictor's randomness")
 
 
@@ -108,6 +116,7 @@ class LogitGP(gpytorch.models.ApproximateGP):
         strategy = gpytorch.variational.VariationalStrategy(
             self, inducing_points, variational, learn_inducing_locations=learn_inducing_locations)
         super().__init__(strategy)
+        variational.requires_grad_(False)  # q(u) is set by the filter, not by gradients
         ard_dims = inducing_points.shape[1] if ard else None
         if kernel == "rbf":
             base = gpytorch.kernels.RBFKernel(ard_num_dims=ard_dims)
@@ -123,7 +132,7 @@ class LogitGP(gpytorch.models.ApproximateGP):
             self.raw_residual_scale = torch.nn.Parameter(
                 torch.tensor(residual_scale).expm1().log() if residual_scale < 20 else torch.tensor(residual_scale),
                 requires_grad=learn_hyperparameters)
-        if not learn_hyperparameters:  # frozen: SVI fits only q(u) (and inducing locations if asked)
+        if not learn_hyperparameters:  # frozen: only inducing locations (if asked) are fitted
             for module in (self.mean_module, self.covar_module):
                 module.requires_grad_(False)
 
@@ -136,31 +145,69 @@ class LogitGP(gpytorch.models.ApproximateGP):
         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
-def model(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, weights: Tensor,
-          minibatch_size: int | None) -> None:
-    observations = pyro.plate("observations", x.shape[0], subsample_size=minibatch_size, dim=-1)
-    idx = observations.indices
-    f_prior = gp.pyro_model(x[idx], name_prefix=_MODULE_NAME)  # samples "gp.u" ~ p(u)
-    with observations, pyro.poutine.scale(scale=weights[idx]):
-        f = pyro.sample(f"{_MODULE_NAME}.f", f_prior)  # masked: q(f) is implied by q(u)
-        pyro.sample(f"{_MODULE_NAME}.s", likelihood(gp, trials[idx], f), obs=successes[idx])
-
-
-def likelihood(gp: LogitGP, trials: Tensor, f: Tensor) -> dist.TorchDistribution:
-    """p(s | f): Binomial(k, sigmoid(f + e)) with the residual e ~ Normal(0, sigma^2) integrated out."""
+def linear_map(gp: LogitGP, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(offset [n], design [n, M], noise variance [n]) with f(x) = offset + design @ u + (what Z
+    misses): offset m(x), design K_xZ L^-T (L L^T = K_ZZ + jitter), and the noise variance of an
+    outcome's logit around offset + design @ u: what Z misses, k(x, x) + jitter - (design row)^2 summed, plus
+    sigma^2. Differentiable in the hyperparameters."""
+    strategy = gp.variational_strategy
+    inducing, jitter = strategy.inducing_points, strategy.jitter_val
+    chol = psd_safe_cholesky(gp.covar_module(inducing).add_jitter(jitter).to_dense())
+    cross = gp.covar_module(x, inducing).to_dense()  # K_xZ
+    design = torch.linalg.solve_triangular(chol, cross.T, upper=False).T
+    missed = (gp.covar_module(x, diag=True) + jitter - design.square().sum(-1)).clamp_min(0.0)
     sigma = gp.residual_scale
-    if sigma is None:
-        return dist.Binomial(trials, logits=f)
-    return BinomialLogitNormal(trials, f, sigma.expand_as(f), validate_args=False)
+    noise = missed if sigma is None else missed + sigma.square()
+    return gp.mean_module(x), design, noise
 
 
-def guide(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, weights: Tensor,
-          minibatch_size: int | None) -> None:
-    gp.train()  # drops GPyTorch's memo of q(u), whose graph the previous step's backward freed
-    observations = pyro.plate("observations", x.shape[0], subsample_size=minibatch_size, dim=-1)
-    f_posterior = gp.pyro_guide(x[observations.indices], name_prefix=_MODULE_NAME)  # samples "gp.u" ~ q(u)
-    with observations:
-        pyro.sample(f"{_MODULE_NAME}.f", f_posterior)
+def hyperparameter_model(gp: LogitGP, x: Tensor, successes: Tensor, trials: Tensor, prior_loc: Tensor,
+                         prior_scale_tril: Tensor) -> None:
+    """The batch's outcomes under the prior the update starts from, u integrated out per outcome:
+    s_j ~ BinomialLogitNormal(k_j, offset_j + design_j . mu, design_j S design_j^T + noise_j)."""
+    offset, design, noise = linear_map(gp, x)
+    loc = offset + design @ prior_loc
+    variance = (design @ prior_scale_tril).square().sum(-1) + noise
+    with pyro.plate("observations", x.shape[0], dim=-1):
+        pyro.sample(f"{_MODULE_NAME}.s", BinomialLogitNormal(trials, loc, variance.clamp_min(1e-10).sqrt(),
+                                                             validate_args=False), obs=successes)
+
+
+def no_latents(gp: LogitGP, *args) -> None:
+    """The hyperparameter program's guide: it has no latent site (its negative ELBO is -log p(s))."""
+
+
+def batch_model(prior_loc: Tensor, prior_scale_tril: Tensor, offset: Tensor, design: Tensor, noise: Tensor,
+                successes: Tensor, trials: Tensor) -> None:
+    """One update's program: u from the aged posterior (the drift's prior at this step), each
+    outcome through f = offset + design @ u and its noise (sigma^2 and what Z misses) integrated out."""
+    u = pyro.sample(f"{_MODULE_NAME}.u", dist.MultivariateNormal(prior_loc, scale_tril=prior_scale_tril))
+    with pyro.plate("observations", offset.shape[0], dim=-1):
+        f = offset + (design * u).sum(-1)  # u's batch dims (vectorised particles) end in this plate's dim
+        pyro.sample(f"{_MODULE_NAME}.s", BinomialLogitNormal(trials, f, noise.sqrt(),
+                                                             validate_args=False), obs=successes)
+
+
+def outcome_log_likelihood(successes: Tensor, trials: Tensor, noise: Tensor):
+    """f -> (log p(s_j | f_j), d/df, d2/df2) with the noise N(0, noise_j) integrated out: the
+    derivatives from the exact posterior moments of g = f + noise given s (Gaussian identities:
+    d log p/df = (E[g|s] - f) / v, d2 = (Var[g|s] - v) / v^2)."""
+    noise = noise.double()
+    scale = noise.sqrt()
+
+    def log_likelihood(f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        value, mean, variance = binomial_logit_normal(f, scale, successes, trials, moments=True)
+        return value, (mean - f) / noise, (variance - noise) / noise.square()
+
+    return log_likelihood
+
+
+def aged(loc: Tensor, scale_tril: Tensor, retained: float) -> tuple[Tensor, Tensor]:
+    """q(u) moved on by the drift: N(sqrt(r) mu, r S + (1 - r) I), r = lam**steps (float64)."""
+    if retained == 1.0:
+        return loc, scale_tril
+    covariance = retained * scale_tril @ scale_tril.T + (1 - retained) * torch.eye(loc.shape[0], dtype=loc.dtype)
+    return math.sqrt(retained) * loc, torch.linalg.cholesky(covariance)
 
 
 def principal_projection(features: Tensor, dim: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -178,16 +225,11 @@ def principal_projection(features: Tensor, dim: int | None, generator: torch.Gen
 
 @dataclasses.dataclass(frozen=True)
 class GPState:
-    engine: SVIState  # kernel, mean and variational parameters with their Adam moments
+    engine: SVIState  # kernel, mean and residual parameters (and inducing locations if learned) with Adam moments
     fixed: TensorDict  # the GP's other tensors: inducing points, frozen hyperparameters, flags
-    generator: Tensor  # uint8: state of the generator that seeds each update's subsamples and draws
-    buffer_ids: Tensor  # int64 [buffer_size]
-    buffer_successes: Tensor  # float32 [buffer_size]
-    buffer_trials: Tensor
-    buffer_steps: Tensor  # int64 [buffer_size]: step each outcome was observed at
-    buffer_inputs: Tensor  # float32 [buffer_size, q]: its GP input
-    buffer_count: Tensor  # int64 scalar: rows filled
-    buffer_head: Tensor  # int64 scalar: next row to overwrite
+    u_loc: Tensor  # float64 [M]: mean of q(u), the whitened inducing values at step `fit_step`
+    u_scale_tril: Tensor  # float64 [M, M]: lower Cholesky factor of q(u)'s covariance
+    fit_step: Tensor  # int64 scalar: the step q(u) describes (the latest update's)
 
 
 class EmbeddingGP(RiskPredictor):
@@ -210,21 +252,16 @@ class EmbeddingGP(RiskPredictor):
             torch.manual_seed(seed)
             self.gp = LogitGP(inducing_points, o.kernel, lengthscale, o.outputscale_init, o.residual_scale_init,
                               o.ard, o.learn_inducing_locations, o.learn_hyperparameters)
-            with torch.no_grad():  # initialise q(u) to the prior now, so every parameter exists from the start
+            with torch.no_grad():  # initialise GPyTorch's q(u) now, so every tensor exists from the start
                 self.gp.train()
                 self.gp(inducing_points[:1])
 
-        loss = TraceMeanField_ELBO(num_particles=o.num_particles, vectorize_particles=o.num_particles > 1,
-                                   max_plate_nesting=1)
-        self.engine = StreamingSVI(WithModule(model, self.gp), WithModule(guide, self.gp), steps=o.svi_steps,
-                                   lr=o.lr, loss=loss)
-        size, width = o.buffer_size, self.projection.shape[1]
+        self.engine = StreamingSVI(WithModule(hyperparameter_model, self.gp), WithModule(no_latents, self.gp),
+                                   steps=o.svi_steps, lr=o.lr, loss=Trace_ELBO(max_plate_nesting=1))
         self.state = GPState(
-            engine=self.engine.init(), fixed=self._fixed_tensors(), generator=generator.get_state(),
-            # Replay buffer: a ring of the most recent observations, with their GP inputs (no re-projection per refit)
-            buffer_ids=torch.zeros(size, dtype=torch.int64), buffer_successes=torch.zeros(size),
-            buffer_trials=torch.zeros(size), buffer_steps=torch.zeros(size, dtype=torch.int64),
-            buffer_inputs=torch.zeros(size, width), buffer_count=torch.tensor(0), buffer_head=torch.tensor(0))
+            engine=self.engine.init(), fixed=self._fixed_tensors(),
+            u_loc=torch.zeros(num_inducing, dtype=torch.float64),
+            u_scale_tril=torch.eye(num_inducing, dtype=torch.float64), fit_step=torch.tensor(0))
         self._state_changed()
 
     # -- inputs -----------------------------------------------------------------------------
@@ -234,23 +271,30 @@ class EmbeddingGP(RiskPredictor):
 
     # -- predict ----------------------------------------------------------------------------
     def _predict(self, ids: Tensor, step: int) -> LogitNormalPosterior:
-        """p = sigmoid(f + e): the GP's posterior of f plus the residual's variance."""
-        loc, scale = self.latent(ids)
+        """p = sigmoid(f_step + e): the GP's posterior of f aged to `step`, plus the residual's variance."""
+        loc, scale = self.latent(ids, step)
         sigma = self.gp.residual_scale
         if sigma is not None:
             scale = (scale.square() + float(sigma.detach()) ** 2).sqrt()
         return LogitNormalPosterior(loc=loc, scale=scale)
 
-    def latent(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior mean and standard deviation of the smooth logit f (no residual) for these prompts.
+    def retained(self, step: int | None) -> float:
+        """lam**(steps from the latest update to `step`): the share of q(u)'s information the drift leaves."""
+        wait = 0 if step is None else max(int(step) - int(self.state.fit_step), 0)
+        return float(factor(self.options.decay, wait))
 
-        Same numbers as GPyTorch's eval-mode `gp(x)` (a test checks), with everything that does
-        not depend on x folded once per update into `self._predictive` (float64):
-        mean = m(x) + K_xZ L^-T mu and var = k(x, x) + K_xZ L^-T (S - I) L^-1 K_Zx, so a batch
-        of candidates costs one [n, M] x [M, M] product instead of a triangular solve and two
-        products.
+    def latent(self, ids: Tensor, step: int | None = None) -> tuple[Tensor, Tensor]:
+        """Posterior mean and standard deviation of the smooth logit f (no residual) for these prompts
+        at `step` (None: the step of the latest update; later steps add the drift's variance).
+
+        Same numbers as GPyTorch's eval-mode `gp(x)` at the latest update's step (a test checks),
+        with everything that does not depend on x folded once per update into `self._predictive`
+        (float64): mean = m(x) + K_xZ L^-T mu and var = k(x, x) + K_xZ L^-T (S - I) L^-1 K_Zx, so a
+        batch of candidates costs one [n, M] x [M, M] product instead of a triangular solve and two
+        products. Aged by r = lam**wait: mu -> sqrt(r) mu and S - I -> r (S - I).
         """
         mean_weights, middle = self._predictive
+        retained = self.retained(step)
         gp, inducing = self.gp, self.gp.variational_strategy.inducing_points
         jitter = self.gp.variational_strategy.jitter_val
         locs, scales = [], []
@@ -258,15 +302,15 @@ class EmbeddingGP(RiskPredictor):
             for chunk in ids.split(_PREDICT_CHUNK):
                 x = self.inputs(chunk)
                 cross = gp.covar_module(x, inducing).to_dense().double()  # K_xZ [n, M]
-                loc = gp.mean_module(x).double() + cross @ mean_weights
+                loc = gp.mean_module(x).double() + math.sqrt(retained) * (cross @ mean_weights)
                 prior_var = gp.covar_module(x, diag=True).double() + jitter
-                var = prior_var + ((cross @ middle) * cross).sum(-1)
+                var = prior_var + retained * ((cross @ middle) * cross).sum(-1)
                 locs.append(loc.float())
                 scales.append(var.clamp_min(1e-10).sqrt().float())
         return torch.cat(locs), torch.cat(scales)
 
     def _predictive_terms(self) -> tuple[Tensor, Tensor]:
-        """(L^-T mu, L^-T (S - I) L^-1) in float64, from the GP's current parameters."""
+        """(L^-T mu, L^-T (S - I) L^-1) in float64, from the kernel and q(u) in the state."""
         strategy = self.gp.variational_strategy
         with torch.no_grad():
             inducing = strategy.inducing_points
@@ -274,66 +318,76 @@ class EmbeddingGP(RiskPredictor):
             chol = psd_safe_cholesky(k_zz)
             identity = torch.eye(k_zz.shape[0], dtype=torch.float64)
             chol_inv = torch.linalg.solve_triangular(chol, identity, upper=False)  # L^-1
-            q_u = strategy.variational_distribution
-            mean_weights = chol_inv.T @ q_u.mean.double()
-            middle = chol_inv.T @ (q_u.covariance_matrix.double() - identity) @ chol_inv
+            scale_tril = self.state.u_scale_tril
+            mean_weights = chol_inv.T @ self.state.u_loc
+            middle = chol_inv.T @ (scale_tril @ scale_tril.T - identity) @ chol_inv
         return mean_weights, 0.5 * (middle + middle.T)
 
     # -- observe ----------------------------------------------------------------------------
     def program(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> Program:
-        return self.program_and_buffer(ids, successes, trials, step)[0]
+        """The batch's model with the hyperparameters this update fits, an AutoMultivariateNormal
+        guide over u, and `posterior(guide)`: the batch's predictive at the next step from a fitted guide."""
+        ids = self.check_ids(ids)
+        args, _, _ = self._batch(ids, successes, trials, int(step))
+        guide = AutoMultivariateNormal(batch_model, init_loc_fn=init_to_mean)
+        StreamingSVI(batch_model, guide, steps=1).prepare(*args, seed=self.seed)  # the autoguide builds its parameters
 
-    def program_and_buffer(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> tuple[Program, dict]:
-        """The buffer with this batch written in, each outcome weighted decay**age (forgetting),
-        and the buffer and generator state the update commits."""
-        o, ids, step = self.options, self.check_ids(ids), int(step)
-        buffer = self._appended(ids, successes, trials, step)
-        count = int(buffer["buffer_count"])
-        age = (step - buffer["buffer_steps"][:count]).clamp_min(0).to(torch.float32)
-        weights = factor(o.decay, age, torch.float32)
-        minibatch = o.minibatch_size if o.minibatch_size < count else None
-        args = (buffer["buffer_inputs"][:count], buffer["buffer_successes"][:count], buffer["buffer_trials"][:count],
-                weights, minibatch)
-        generator = torch.Generator()
-        generator.set_state(self.state.generator)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # subsamples and draws follow this seed
-        objective = self.engine.objective
-        return Program(objective.model, objective.guide, args, "svi", engine=self.engine, state=self.state.engine,
-                       seed=seed), {**buffer, "generator": generator.get_state()}
+        def posterior(fitted: AutoMultivariateNormal) -> LogitNormalPosterior:
+            q_u = fitted.get_posterior()
+            loc, scale_tril = aged(q_u.loc.detach().double(), q_u.scale_tril.detach().double(),
+                                   float(factor(self.options.decay, 1)))
+            offset, design, noise = (a.double() for a in args[2:5])
+            return LogitNormalPosterior(loc=(offset + design @ loc).float(),
+                                        scale=((design @ scale_tril).square().sum(-1) + noise).sqrt().float())
+
+        return Program(batch_model, guide, args, "laplace", posterior)
+
+    def _batch(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> tuple[tuple, SVIState, list]:
+        """(batch_model's arguments, the engine state with the hyperparameters fitted to this batch,
+        the fit's losses). Leaves the GP module holding the state's parameters."""
+        prior = aged(self.state.u_loc, self.state.u_scale_tril, self.retained(step))
+        x = self.inputs(ids)
+        engine, losses = self.state.engine, []
+        if self.engine.named_parameters():
+            engine, info = self.engine.update(self.state.engine, x, successes, trials,
+                                              prior[0].float(), prior[1].float(), seed=self.seed)
+            if "failed" in info:
+                raise RuntimeError(f"gp hyperparameter update failed, state unchanged: {info['failed']}")
+            losses = info["elbo"]
+        try:
+            with torch.no_grad():
+                self.engine.write(engine)
+                terms = tuple(t.double() for t in linear_map(self.gp, x))  # copies, before the write below
+        finally:
+            self.engine.write(self.state.engine)
+        terms = (*terms, successes.double(), trials.double())
+        return (*prior, *terms), engine, losses
 
     def _observe(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int):
-        """Add the batch to the buffer and refit; returns {"elbo": [negative ELBO per SVI step]}."""
-        program, changes = self.program_and_buffer(ids, successes, trials, step)
-        self.gp.train()
-        engine, info = self.engine.update(program.state, *program.args, seed=program.seed)
-        if "failed" in info:
-            self._state_changed()  # the engine put the old parameters back; refresh GPyTorch's caches
+        """Fit the hyperparameters to the batch, then condition q(u), aged to this step, on it
+        (Laplace); returns {"elbo": [the batch's negative log predictive per hyperparameter step,
+        then the Laplace approximation of its negative log evidence]}."""
+        args, engine, losses = self._batch(ids, successes, trials, step)
+        prior_loc, prior_scale_tril, offset, design, noise = args[:5]
+        posterior, info = laplace_linear_gaussian(
+            prior_loc, prior_scale_tril, design, offset, outcome_log_likelihood(successes, trials, noise),
+            iterations=self.options.newton_iterations)
+        if posterior is None:
             raise RuntimeError(f"gp update failed, state unchanged: {info['failed']}")
-        return {**changes, "engine": engine}, {"elbo": info["elbo"]}
-
-    def _appended(self, ids: Tensor, successes: Tensor, trials: Tensor, step: int) -> dict[str, Tensor]:
-        """The buffer with this batch written in (new tensors; committed only if the update succeeds)."""
-        state, size = self.state, self.options.buffer_size
-        n = ids.shape[0]
-        if n > size:  # a batch larger than the buffer: keep its last `size` rows
-            ids, successes, trials, n = ids[-size:], successes[-size:], trials[-size:], size
-        rows = (int(state.buffer_head) + torch.arange(n)) % size
-        out = {name: getattr(state, name).index_put((rows,), value) for name, value in (
-            ("buffer_ids", ids), ("buffer_successes", successes), ("buffer_trials", trials),
-            ("buffer_steps", torch.full((n,), step, dtype=torch.int64)), ("buffer_inputs", self.inputs(ids)))}
-        out["buffer_count"] = torch.tensor(min(int(state.buffer_count) + n, size))
-        out["buffer_head"] = torch.tensor((int(state.buffer_head) + n) % size)
-        return out
+        return ({"engine": engine, "u_loc": posterior[0], "u_scale_tril": posterior[1],
+                 "fit_step": torch.tensor(max(step, int(self.state.fit_step)))}, {"elbo": losses + info["elbo"]})
 
     def _fixed_tensors(self) -> TensorDict:
         trained = {name for name, p in self.gp.named_parameters() if p.requires_grad}
         return TensorDict({name: value.detach().clone() for name, value in self.gp.state_dict().items()
-                           if name not in trained})
+                           if name not in trained and not name.startswith(_VARIATIONAL)})
 
     def _state_changed(self) -> None:
-        """The GP computes with the state's tensors; GPyTorch's cached solves and the predictive
-        terms are refreshed from them."""
-        self.gp.load_state_dict(self.state.fixed, strict=False)
+        """The GP computes with the state's tensors; GPyTorch's q(u) and cached solves and the
+        predictive terms are refreshed from them."""
+        q_u = {_VARIATIONAL + "variational_mean": self.state.u_loc.float(),
+               _VARIATIONAL + "chol_variational_covar": self.state.u_scale_tril.float()}
+        self.gp.load_state_dict({**self.state.fixed, **q_u}, strict=False)
         self.engine.write(self.state.engine)
         self.gp.train()
         self.gp.eval()

@@ -10,7 +10,7 @@ eagerly, step by step, and the posterior is computed another way:
   state's Beta checked with scipy's Beta-Binomial (`reference_hmm3`);
 - id_vae: the code rows' exact posterior through a dense grid over the 1-D logit term, and the
   predictive with autograd's Jacobian in z (`reference_id_vae`);
-- gp: the maximiser of its variational objective by L-BFGS, kernel and quadrature written out
+- gp: the exact posterior of its space-time model by importance sampling, kernel and quadrature written out
   (`reference_gp`).
 
 A predictor registered without an entry in REFERENCES fails here. The mutation tests at the end
@@ -87,5 +87,5 @@ def test_gp_check_catches_an_update_that_forgets_twice(monkeypatch):
     exact = gp_embed.factor
     monkeypatch.setattr(gp_embed, "factor", lambda lam, delta=1, *rest, **kw: exact(lam, 2 * torch.as_tensor(delta),
                                                                                      *rest, **kw))
-    with pytest.raises(AssertionError, match="from the objective's optimum"):
+    with pytest.raises(AssertionError, match="from the exact posterior"):
         reference_gp.check("gp")

@@ -14,7 +14,7 @@ PREDICTORS = {
     "hmm3": "{name: hmm3}",
     "hmm3_pooled": "{name: hmm3_pooled}",
     "id_vae": "{name: id_vae, svi_steps: 3}",
-    "gp": "{name: gp, svi_steps: 2, minibatch_size: 256, num_inducing: 64}",
+    "gp": "{name: gp, svi_steps: 2, num_inducing: 64}",
 }
 
 

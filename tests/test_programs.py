@@ -1,8 +1,8 @@
 """One test for every registered predictor: its production update against inference on the Pyro
 program it declares, with forgetting and lazy catch-up in play (prompts wait between updates).
 
-- "conjugate" / "filter": the closed-form or filtering update against SVI on the same program
-  (TraceEnum_ELBO where the program enumerates a discrete state).
+- "conjugate" / "filter" / "laplace": the closed-form, filtering or Laplace update against SVI on
+  the same program (TraceEnum_ELBO where the program enumerates a discrete state).
 - "svi": production must be exactly streaming SVI on the declared program from the predictor's
   engine state (nothing else moves the parameters, the prior carries the forgetting).
 """
@@ -21,7 +21,7 @@ SMALL = {  # options that keep each predictor tiny; forgetting strong enough to 
     "hmm3": {"decay": 0.8},
     "hmm3_pooled": {"decay": 0.8},
     "id_vae": {"hash_buckets": 64, "hidden_dim": 8, "latent_dim": 2, "replay_batches": 2},
-    "gp": {"num_inducing": 8, "buffer_size": 64, "pca_dim": 4, "decay": 0.8},
+    "gp": {"num_inducing": 8, "pca_dim": 4, "decay": 0.8},
 }
 K = 8
 
@@ -65,7 +65,7 @@ def check_against_the_program(name):
     successes = torch.binomial(trials, truth[ids], generator=generator)
     step = 7
     program = predictor.program(ids, successes, trials, step)
-    assert program.update in {"conjugate", "filter", "svi"}
+    assert program.update in {"conjugate", "filter", "laplace", "svi"}
 
     if program.update == "svi":
         reference, info = program.engine.update(program.state, *program.args, seed=program.seed)
@@ -89,7 +89,9 @@ def check_against_the_program(name):
     predictor.observe(ids, successes, trials, step)
     produced = predictor.predict(ids, step + 1)
     reference = program.posterior(program.guide)  # after the update: pooled priors and rate fits as they are then
-    # filters project a mixture of Dirichlets by soft counts, SVI by reverse KL: close, not equal
-    tolerance = 0.02 if program.update == "conjugate" else 0.03
+    # filters project a mixture of Dirichlets by soft counts, SVI by reverse KL: close, not equal; Laplace
+    # centres on the mode with the curvature's spread, SVI's full-covariance Gaussian under-disperses
+    # (gp, measured: means 0.030-0.032 apart at 600 and 3000 SVI steps, predictive sd 9-12% wider)
+    tolerance = {"conjugate": 0.02, "laplace": 0.04}.get(program.update, 0.03)
     assert (produced.mean - reference.mean).abs().max().item() < tolerance
     assert (produced.p_informative(K) - reference.p_informative(K)).abs().max().item() < tolerance

@@ -35,7 +35,7 @@ PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, database=N
 # on purpose among the refused values below.
 BASE = {"steps": 3, "batch_size": 8, "candidate_ratio": 2, "checkpoint_every": 2, "posterior_draws_prompts": 4}
 SMALL_ENV = {"num_prompts": 60, "eval_prompts": 20}
-SMALL_PREDICTORS = {"gp": {"num_inducing": 8, "svi_steps": 1, "minibatch_size": 16, "buffer_size": 64},
+SMALL_PREDICTORS = {"gp": {"num_inducing": 8, "svi_steps": 1},
                     "id_vae": {"svi_steps": 1, "hash_buckets": 256, "replay_batches": 0}}
 SKIP_FIELDS = {"name", "plugins", "ablation", "env", "predictor", "acquisition", "steps", "seed"}
 REFUSED = [True, False, float("nan"), float("inf"), -float("inf"), "many", 10**13]

@@ -62,14 +62,14 @@ def gp_world(n: int, lengthscale: float, generator: torch.Generator) -> tuple[to
     return x, torch.linalg.cholesky(kernel)
 
 
-def gp_calibration(decay: float, drift: bool, worlds: int = 40, n: int = 30):
+def gp_calibration(decay: float, drift: bool, worlds: int = 40, n: int = 30, seed: int = 1):
     """Ranks of the next visit's p = sigmoid(f + e) under gp's predictive, and interval hits, with
     the kernel, mean and residual sd held at the world's (the predictor is told them and does not
     fit them). `drift`: f moves as f <- sqrt(decay) f + sqrt(1 - decay) f' between steps (f' a fresh
-    draw of the same GP), the stationary drift that forgetting at rate `decay` stands for."""
+    draw of the same GP): gp's own stated model of forgetting (models/gp_embed.py's docstring)."""
     cls = PREDICTORS.get("gp")
     lengthscale, sigma = 1.0, 0.7
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     ranks, covered = [], {0.5: [], 0.9: []}
     for world in range(worlds):
         x, chol = gp_world(n, lengthscale, generator)
@@ -100,18 +100,27 @@ def gp_calibration(decay: float, drift: bool, worlds: int = 40, n: int = 30):
 
 
 def test_gp_is_calibrated_on_its_own_generative_model():
-    """A fixed smooth logit, a fresh residual per visit; default forgetting (0.9). Measured: 50%/90%
-    coverage 0.481/0.876 of 1200 (within 3 standard errors, the 90% one narrowly), rank chi-square
-    p 0.31; the 30 prompts of a world share the GP's error, so these ranks are not independent."""
+    """A fixed smooth logit, a fresh residual per visit; default forgetting (0.9), which states a
+    drift this world does not have, so the intervals run wide. Measured (filtered gp): 50%/90%
+    coverage 0.527/0.915 of 1200, rank chi-square p 0.03; over seeds 1-15 of this world (`seed`) 0.533/0.925
+    (p 2e-29 on 18,000 ranks: too wide, inverted-U), and at decay 1 (then this world is gp's own
+    model) 0.499/0.897, p 0.4. The 30 prompts of a world share the GP's error, so these ranks are
+    not independent."""
     assert_calibrated(*gp_calibration(decay=0.9, drift=False))
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "gp is overconfident when the logit drifts at the rate its forgetting stands for (decay 0.8, 40 worlds x 30 "
-    "prompts): 50%/90% intervals for the next visit's p cover 0.405/0.785, ranks U-shaped (deciles 163 102 106 95 95 "
-    "96 85 100 124 234, chi-square p 3e-29). "
-    "Forgetting tempers old outcomes (their likelihood weight lam**age) but adds no drift variance: a sharp "
-    "posterior stays sharp, and predict() does not age the posterior to the step it is asked about. A fix is a "
-    "model change (issue 20 item 4)"))
+    "gp filters its stated drift (q(u) aged as an AR(1), Laplace per batch) and is calibrated on this world in "
+    "aggregate, but not on this test's draw (decay 0.8, 40 worlds x 30 prompts, seed 1): 50%/90% coverage "
+    "0.466/0.873, rank deciles 117 107 112 102 125 102 107 145 115 168, chi-square p 1e-4 (before the filter: "
+    "0.405/0.785, p 3e-29). Seeds 1-15 of the same world (gp_calibration(0.8, True, seed=s), s = 1..15) "
+    "cover 0.496/0.900 together, chi-square p 0.16 on 18,000 ranks, and seeds 2-15 "
+    "each pass assert_calibrated; expectation propagation in place of Laplace gives the same figures "
+    "(0.465/0.875 on seed 1), and the filter is within 0.05 of the exact posterior (tests/reference_gp.py). "
+    "Across seeds the 90% (50%) coverage has sd 0.012 (0.021) against the 0.0087 (0.014) binomial standard "
+    "error the check assumes: a world's 30 prompts share its error (on seed 1 the per-world mean of the normal "
+    "scores has sd 0.385, against 0.183 for independent ranks), so 3 naive standard errors are ~2 real ones "
+    "and a calibrated predictor fails this check on some draws; seed 1 is one (a cluster-robust standard error, "
+    "e.g. from per-world coverage, would be the fix of the check, not of gp)"))
 def test_gp_is_calibrated_when_the_logit_drifts_at_its_forgetting_rate():
     assert_calibrated(*gp_calibration(decay=0.8, drift=True))

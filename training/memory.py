@@ -1,7 +1,7 @@
 """Up-front memory check: a run, a bench or a replay that cannot fit is refused before it starts.
 
 Without it a size typed one digit too long (`k=1000000000000`, `env.num_prompts=10**12`,
-`gp.buffer_size=...`) ends in an allocator traceback, or worse in the kernel's OOM killer halfway
+`id_vae.hash_buckets=...`) ends in an allocator traceback, or worse in the kernel's OOM killer halfway
 through a run. The predictor's own state is measured, not guessed: the predictor is built on
 the `meta` device (shapes only, no memory) at two pool sizes, and its `state_nbytes` gives bytes
 per prompt and fixed bytes exactly for the options given. A predictor that cannot be built on
