@@ -29,7 +29,7 @@ steps, alpha = prior + lam**(m) E in closed form and the belief is the product o
 steps' matrices, computed by `propagate` (an exact batched recurrence while lam**d E still
 matters, then a batched matrix power). The belief after an update, b ∝ w_t L, is one-hot for
 0 < s < k, and with s = 0 (or k) only unsolved (solved) and partial are possible, so one float
-holds it: r = b1 + 2 b2, the expected state index, and b_j = max(0, 1 - |r - j|) (r = -1: never
+holds it: r = b1 + 2 b2, the expected state index, and b_j = max(0, 1 - abs(r - j)) (r = -1: never
 rolled out).
 
 Pooling (`pooling="cluster"|"global"`), which none of the references has: the prior of each
