@@ -6,7 +6,8 @@ fitted simulator's ablation (same arms, grid, seed), and set its answers beside 
 
 `--real` is the `summary.json` that `mpts report` wrote for the real ablation (per-run rollouts to
 target, effective ratio, final accuracy); `--uniform` are that ablation's uniform-arm run folders,
-one per seed (the fit sees only them). Writes, under --out: per seed the fitted config, its
+one per seed (the fit sees only them). Where the report was made with `--target-accuracy`, the
+simulated ablations use that target too. Writes, under --out: per seed the fitted config, its
 parameters and predictive check (`seed<N>/sim.yaml`, `.fit.json`, `.check.csv`) and the fitted
 simulator's ablation (`seed<N>/ablation/`); and `comparison.md` / `comparison.json`.
 
@@ -70,7 +71,9 @@ def recomputed_levels(run: Path, into: Path) -> Path | None:
 
 
 def fit_and_simulate(uniform: Path, out: Path, workers: int, recompute_levels: bool = False,
-                     use_levels: bool = True) -> tuple[int, dict]:
+                     use_levels: bool = True, target_accuracy: float | None = None) -> tuple[int, dict]:
+    """`target_accuracy`: the real report's target where it overrode the runs' own (`mpts report
+    --target-accuracy`), so real and simulated rollouts to target are to the same accuracy."""
     staged = out / f".levels-{uniform.name}.csv"
     clusters = recomputed_levels(uniform, staged) if recompute_levels else None
     data = read_fit_input(uniform, clusters, use_levels=use_levels)
@@ -83,6 +86,8 @@ def fit_and_simulate(uniform: Path, out: Path, workers: int, recompute_levels: b
     check, verdict = predictive_check(result, seed=seed)
     config = simulator_config(result, name=f"sim-of-{data.run_config.get('name', 'run')}-seed{seed}")
     config["ablation"] = {**config.get("ablation", {}), "seeds": [seed], "workers": workers}
+    if target_accuracy is not None:
+        config["target_accuracy"] = float(target_accuracy)
     write_outputs(result, check, verdict, config, folder / "sim.yaml", f"mpts fit-sim {uniform}")
     ablate(validate_config(config), folder / "ablation", workers=workers, show_progress=False)
     fitted = {"seconds": result.seconds, "parameters": result.parameters().to_dict(orient="records"),
@@ -140,9 +145,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     fits, simulated = {}, []
+    target = json.loads(args.real.read_text()).get("target_accuracy")  # null: each run's configured target
     for folder in args.uniform:
         seed, fitted = fit_and_simulate(folder, args.out, args.workers, args.recompute_levels,
-                                        use_levels=not args.one_cluster)
+                                        use_levels=not args.one_cluster, target_accuracy=target)
         fits[seed] = fitted
         simulated.append(simulated_runs(args.out / f"seed{seed}" / "ablation", seed))
     simulated = pd.concat(simulated, ignore_index=True)

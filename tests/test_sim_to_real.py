@@ -28,7 +28,8 @@ def test_the_fitted_simulator_predicts_a_simulated_ablation(tmp_path):
     config = tmp_path / "real.yaml"
     config.write_text(yaml.safe_dump(REAL))
     assert main(["ablate", str(config), "--out", str(tmp_path / "real")]) == 0
-    assert main(["report", str(tmp_path / "real"), "--out", str(tmp_path / "report")]) == 0
+    # a target other than the runs' own (0.45): the simulated ablations must use the report's
+    assert main(["report", str(tmp_path / "real"), "--out", str(tmp_path / "report"), "--target-accuracy", "0.4"]) == 0
     uniform = [str(tmp_path / "real" / "runs" / f"beta__uniform__seed{s}") for s in (0, 1)]
     out = tmp_path / "s2r"
     subprocess.run([sys.executable, str(SCRIPT), "--real", str(tmp_path / "report" / "summary.json"),
@@ -42,6 +43,8 @@ def test_the_fitted_simulator_predicts_a_simulated_ablation(tmp_path):
     for arm in arms.values():  # the simulator fitted to its own uniform runs predicts every arm
         assert arm["sim_effective_ratio"]["mean"] == pytest.approx(arm["real_effective_ratio"]["mean"], abs=0.1), arm
     assert set(result["fits"]) == {"0", "1"} and (out / "seed0" / "sim.yaml").is_file()
+    ran = out / "seed0" / "ablation" / "runs" / "beta__uniform__seed0" / "config.yaml"
+    assert yaml.safe_load(ran.read_text())["target_accuracy"] == 0.4
     assert (out / "comparison.md").read_text().startswith("| arm |")
 
 
