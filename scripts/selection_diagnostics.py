@@ -7,9 +7,12 @@ For each arm (runs grouped by folder name less `__seed<N>`), printed as markdown
   and over all rows: a predictor that only knows the level ranks well overall and not within one;
 - repeats: rolled-out prompts per distinct prompt, and the share of rollouts on a prompt the run
   had rolled out before;
-- the share of groups with 0 < s < k per level (where the arm found signal).
+- the share of groups with 0 < s < k per level (where the arm found signal);
+- with `--frontier L`: how fast level L moved for the signal spent on it: informative groups of
+  level L per step, and the first step at which held-out greedy accuracy on level L reached 0.5
+  (from each run's metrics; mean over the seeds that reach it, and how many did).
 
-    .venv/bin/python scripts/selection_diagnostics.py runs/lm_mixed-ablation
+    .venv/bin/python scripts/selection_diagnostics.py runs/lm_mixed-ablation7 --frontier 2
 """
 
 from __future__ import annotations
@@ -65,9 +68,37 @@ def arm_table(traces: list[pd.DataFrame]) -> dict[str, object]:
     return row
 
 
+FRONTIER_ACCURACY = 0.5  # "half the level solved greedily": a point every arm's curve passes in its steep phase
+
+
+def frontier_columns(ablation: Path, traces: list[pd.DataFrame], level: int) -> dict[str, object]:
+    """Informative groups of `level` per step and the steps until its held-out greedy accuracy
+    reached FRONTIER_ACCURACY, over an arm's runs (one trace per run)."""
+    column = f"eval_accuracy_greedy_level{level}"
+    per_step, reached = [], []
+    for trace in traces:
+        run = ablation / "runs" / trace["run"].iloc[0]
+        rows = trace[trace["level"] == level]
+        informative = ((rows["successes"] > 0) & (rows["successes"] < rows["trials"])).sum()
+        per_step.append(float(informative) / (int(trace["step"].max()) + 1))
+        metrics = pd.read_parquet(run / "metrics.parquet")
+        if column not in metrics:
+            raise ValueError(f"{run / 'metrics.parquet'} has no {column} (held-out accuracy by level: env.eval_by_level)")
+        evals = metrics[(metrics["step"] >= 0) & metrics[column].notna()]
+        hit = evals.loc[evals[column] >= FRONTIER_ACCURACY, "step"]
+        if len(hit):
+            reached.append(int(hit.iloc[0]))
+    return {f"informative L{level} groups per step": sum(per_step) / len(per_step),
+            f"steps to held-out L{level} greedy >= {FRONTIER_ACCURACY}": sum(reached) / len(reached) if reached else float("nan"),
+            "seeds reaching it": f"{len(reached)}/{len(traces)}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ablation", type=Path, help="an ablation folder (with runs/)")
+    parser.add_argument("--frontier", type=int, metavar="LEVEL",
+                        help="add how fast this level moved: its informative groups per step and steps to "
+                             f"held-out greedy accuracy {FRONTIER_ACCURACY} on it")
     args = parser.parse_args(argv)
     if not (args.ablation / "runs").is_dir():
         print(f"selection_diagnostics: {args.ablation} has no runs/ folder", file=sys.stderr)
@@ -80,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     if not arms:
         print(f"selection_diagnostics: {args.ablation} has no finished runs", file=sys.stderr)
         return 2
-    table = pd.DataFrame({arm: arm_table(traces) for arm, traces in arms.items()}).T
+    try:
+        table = pd.DataFrame({arm: {**arm_table(traces),
+                                    **(frontier_columns(args.ablation, traces, args.frontier)
+                                       if args.frontier is not None else {})}
+                              for arm, traces in arms.items()}).T
+    except ValueError as error:
+        print(f"selection_diagnostics: {error}", file=sys.stderr)
+        return 2
     print(markdown(table.rename_axis("arm").reset_index()))
     return 0
 

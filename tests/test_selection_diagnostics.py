@@ -48,3 +48,30 @@ def test_runs_without_levels_are_refused(tmp_path, capsys):
               steps=4)
     assert _module().main([str(tmp_path / "abl")]) == 2
     assert "prompt_levels.json" in capsys.readouterr().err
+
+
+def test_frontier_counts_the_levels_informative_groups_per_step_and_the_step_it_reached_half(tmp_path, capsys):
+    diagnostics = _module()
+    run = write_run(tmp_path / "abl" / "runs" / "beta__uniform__seed0", predictor="beta", acquisition="uniform",
+                    seed=0, steps=10, pool_size=300)
+    (run / LEVELS_FILE).write_text(json.dumps({"levels": [i % 2 for i in range(300)]}))
+    # held-out greedy accuracy on level 1 by step: below 0.5 until step 6, whatever level 0 does
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    before = metrics.iloc[:1].assign(step=-1)  # the LM loop's evaluation before the first step
+    metrics = pd.concat([before, metrics], ignore_index=True)
+    metrics["eval_accuracy_greedy_level1"] = [0.9 if s == -1 else (0.6 if s >= 6 else 0.2) for s in metrics["step"]]
+    metrics["eval_accuracy_greedy_level0"] = 1.0
+    metrics.to_parquet(run / "metrics.parquet")
+    trace = pd.read_parquet(run / "trace.parquet")
+    trace = trace[~trace["failed"]].assign(level=lambda t: t["prompt_id"] % 2, run=run.name)
+    row = diagnostics.frontier_columns(tmp_path / "abl", [trace], 1)
+    level1 = trace[trace["level"] == 1]
+    informative = ((level1["successes"] > 0) & (level1["successes"] < level1["trials"])).sum()
+    assert row["informative L1 groups per step"] == pytest.approx(informative / 10)
+    assert row["steps to held-out L1 greedy >= 0.5"] == 6  # the evaluation before step 0 does not count
+    assert row["seeds reaching it"] == "1/1"
+    assert diagnostics.main([str(tmp_path / "abl"), "--frontier", "1"]) == 0
+    assert "steps to held-out L1 greedy" in capsys.readouterr().out
+    metrics.drop(columns=["eval_accuracy_greedy_level1"]).to_parquet(run / "metrics.parquet")
+    assert diagnostics.main([str(tmp_path / "abl"), "--frontier", "1"]) == 2  # no per-level evaluations: one line
+    assert "eval_accuracy_greedy_level1" in capsys.readouterr().err
