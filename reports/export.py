@@ -264,6 +264,26 @@ def _posterior(report: _Report) -> Section | None:
     return Section("posterior", "SVI fit and posterior export", blocks) if blocks else None
 
 
+def evaluation_gaps(runs: list[Run]) -> list[float]:
+    """Per run, the median number of rollouts between consecutive evaluations: rollouts to target
+    is read at the first evaluation at or above the target, so this is its resolution."""
+    gaps = []
+    for run in runs:
+        evaluated = run.metrics.loc[run.metrics["eval_accuracy"].notna(), "cumulative_rollouts"]
+        between = evaluated.diff().dropna()
+        if len(between):
+            gaps.append(float(between.median()))
+    return gaps
+
+
+def _resolution(runs: list[Run]) -> str:
+    gaps = evaluation_gaps(runs)
+    if not gaps:
+        return "n/a (fewer than two evaluations per run)"
+    low, high = min(gaps), max(gaps)
+    return f"{low:,.0f}" if low == high else f"{low:,.0f}–{high:,.0f} (median per run)"
+
+
 def _document(report: _Report, sections: list[Section], warnings: list[str]) -> Document:
     runs, groups = report.runs, report.groups
     lengths = [len(r.metrics) for r in runs]
@@ -274,6 +294,7 @@ def _document(report: _Report, sections: list[Section], warnings: list[str]) -> 
                ("seeds per group", ", ".join(sorted({str(len(g['seeds'])) for g in groups}))),
                ("target accuracy", ", ".join(f"{t:g}" for t in report.targets)),
                ("steps", f"{min(lengths)}–{max(lengths)}" if min(lengths) != max(lengths) else str(max(lengths))),
+               ("rollouts between evaluations (the resolution of rollouts to target)", _resolution(runs)),
                ("calibration window", f"{report.window} steps"),
                ("predictions scored", f"{sum(int(r['rows']) for r in report.run_rows):,}")],
         sections=sections, warnings=warnings)

@@ -417,3 +417,12 @@ def test_hidden_folders_of_an_ablation_are_neither_runs_nor_skipped_runs(ablatio
     found, skipped = expand_run_dirs([copy])
     assert len(found) == len(list((ablation / "runs").iterdir()))
     assert [p.name for p in skipped] == ["beta__uniform__seed9"]
+
+
+def test_the_report_states_the_resolution_of_rollouts_to_target(report):
+    """Rollouts to target is read at the first evaluation at or above the target, so the report says
+    how many rollouts lie between evaluations: 16 prompts x k 8 x every 2 steps for the selecting
+    arms, twice that for dynamic sampling, which rolls out 32 prompts a step."""
+    out, _ = report
+    text = (out / "report.md").read_text()
+    assert "- rollouts between evaluations (the resolution of rollouts to target): **256–512 (median per run)**" in text
